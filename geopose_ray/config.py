@@ -1,0 +1,177 @@
+"""One typed config per run, built once from the flat dict that Tune samples (or a YAML file).
+
+Keys are flat and unique across sections, so a search space, a YAML file and a Tune trial's
+config all use the same names (`lr`, `encoder`, `agl_loss`, ...). `Config.from_dict` routes each
+key to its section and refuses unknown keys, so a typo in a search space fails at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = ""  # DrivenData layout root (train/, test/, csvs); "" = the embedded synthetic set
+    cache_dir: str = ""  # conversion cache; "" = <data_dir>/.geopose_cache
+    fold: int = 0  # validation fold
+    n_folds: int = 5
+    fold_mode: str = "city"  # "city" (StratifiedKFold by city) or "group" (leak-aware GroupKFold)
+    crop: int = 256  # random training crop, px
+    batch_size: int = 4  # per worker
+    val_batch_size: int = 1  # full tiles
+    val_crop: int = 0  # 0 = full tiles for validation; >0 = centre crop (fast search on big tiles)
+    loader_workers: int = 0  # DataLoader worker processes per Train worker
+    repeat: int = 1  # dataset repeats per epoch (1st place used 4)
+    geo_aug: str = "d4"  # geometric augmentation preset: none | d4 | affine | full
+    photo_aug: str = "light"  # photometric preset: none | light | medium | heavy
+    aug_prob: float = 0.5
+    rotate_limit: float = 22.0  # degrees, affine presets
+    zoom_limit: float = 0.1  # affine zoom s in [1 - z, 1 + z]
+    max_train_samples: int = 0  # 0 = all; >0 truncates (smoke runs)
+    max_val_samples: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "Unet"  # any smp architecture name (Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...)
+    encoder: str = "resnet34"  # any smp encoder name, timm through "tu-<name>"
+    encoder_weights: str | None = None  # None, or a local weights file (timm state dict / safetensors)
+    decoder_channels: int = 0  # 0 = the architecture's default width; >0 scales Unet-like decoders
+    scale_head: str = "lstsq"  # "lstsq" (parameter-free fit of MAG on AGL) | "learned"
+    use_gsd: bool = True  # GSD as an extra channel of the AGL head
+    use_city: bool = False  # city one-hot as extra input channels
+    head_dropout: float = 0.0  # direction/scale MLP dropout
+
+
+@dataclass
+class LossConfig:
+    agl_loss: str = "mse"  # mse | huber | focal_mse | r2_city
+    mag_loss: str = "mse"
+    huber_delta: float = 5.0  # metres, AGL huber
+    mag_huber_delta: float = 10.0  # pixels, MAG huber
+    focal_beta: float = 0.2  # focal_mse: (x-y)^2 * (2*sigmoid(beta*|x-y|) - 1)
+    agl_weight: float = 1.0
+    mag_weight: float = 2.0
+    dir_weight: float = 10.0
+    scale_weight: float = 10.0
+    dir_mse_lambda: float = 1.0  # direction loss = (1 - cos) + lambda * MSE
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # cosine (with warm-up) | plateau | onecycle | constant
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.05  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max grad norm; 0 = off
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    channels_last: bool = False
+    seed: int = 0
+    max_nonfinite: int = 5  # this many non-finite losses in a row stop the run
+    val_every: int = 1  # epochs
+    checkpoint_every: int = 1  # epochs
+    threads: int = 0  # torch intra-op threads per worker; 0 = leave torch's default
+    nan_inject_steps: str = ""  # test hook: comma-separated global steps whose loss becomes NaN
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, flat: dict[str, Any], strict: bool = True) -> Config:
+        """Build from flat keys; unknown keys raise ValueError unless `strict` is False."""
+        owner = key_owners()
+        parts: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        unknown = []
+        for key, value in flat.items():
+            if key in owner:
+                parts[owner[key]][key] = _coerce(SECTIONS[owner[key]], key, value)
+            else:
+                unknown.append(key)
+        if unknown and strict:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}; known: {sorted(owner)}")
+        return cls(**{name: SECTIONS[name](**vals) for name, vals in parts.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat dict (the inverse of from_dict)."""
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, name)))
+        return out
+
+    def replace(self, **flat: Any) -> Config:
+        return Config.from_dict({**self.to_dict(), **flat})
+
+
+def key_owners() -> dict[str, str]:
+    """Flat key -> section name."""
+    owner: dict[str, str] = {}
+    for name, section in SECTIONS.items():
+        for f in fields(section):
+            assert f.name not in owner, f"duplicate config key {f.name}"
+            owner[f.name] = name
+    return owner
+
+
+def _coerce(section: type, key: str, value: Any) -> Any:
+    """Cast YAML/Tune values to the field's type (Tune hands numpy scalars, YAML ints for floats)."""
+    default = next(f for f in fields(section) if f.name == key).default
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            return value.lower() in ("1", "true", "yes", "on")
+        return bool(value)
+    if isinstance(default, (int, float, str)):
+        return type(default)(value)
+    return value
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Flat config values from a YAML file: either plain `key: value` pairs, or a search-space
+    file, whose parameters' `default`s and `fixed` settings are used."""
+    from geopose_ray.errors import InputError
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(path, f"cannot read YAML config ({e.__class__.__name__})") from None
+    if not isinstance(doc, dict):
+        raise InputError(path, "a config file must hold a mapping of key: value")
+    if "parameters" in doc or "fixed" in doc:
+        flat = dict(doc.get("fixed") or {})
+        for name, spec in (doc.get("parameters") or {}).items():
+            if isinstance(spec, dict) and "default" in spec:
+                flat[name] = spec["default"]
+        return flat
+    return doc

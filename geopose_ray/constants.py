@@ -1,0 +1,15 @@
+"""Constants of the Overhead Geopose Challenge data contract (see GEOPOSE_SPEC sections 1-4)."""
+
+CITIES: tuple[str, ...] = ("ARG", "ATL", "JAX", "OMA")  # city index = position in this tuple
+AGL_NODATA: int = 65535  # uint16 cm placeholder for "no lidar return"
+AGL_MAX_CM: int = 65534  # submissions clip to [0, AGL_MAX_CM] before the uint16 cast
+CM_PER_M: float = 100.0
+SUBMISSION_ARCHIVE: str = "submission_compressed.tar.gz"
+
+
+def city_index(city: str) -> int:
+    """Index of `city` in CITIES; raises KeyError for an unknown city."""
+    try:
+        return CITIES.index(city)
+    except ValueError:
+        raise KeyError(city) from None
