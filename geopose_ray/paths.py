@@ -1,0 +1,28 @@
+"""Default locations, all under one home folder (env GEOPOSE_RAY_HOME, default ./runs).
+
+Every path can be overridden on the command line; these are only the embedded defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    return Path(os.environ.get("GEOPOSE_RAY_HOME", "runs")).expanduser().resolve()
+
+
+def default_data_dir() -> Path:
+    """Where the embedded synthetic data set is generated when no --data is given."""
+    return home() / "synthetic"
+
+
+def default_storage() -> Path:
+    """Ray Tune / Train storage_path for experiments."""
+    return home() / "experiments"
+
+
+def default_cache_dir(data_dir: str | Path) -> Path:
+    """Conversion cache beside the data unless --cache says otherwise."""
+    return Path(data_dir).resolve() / ".geopose_cache"
