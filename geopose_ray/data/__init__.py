@@ -1,0 +1,1 @@
+"""Data layer: DrivenData layout, file I/O, conversion cache, folds, torch dataset."""
