@@ -1,0 +1,160 @@
+"""Checkpoint folders: `state.pt` (weights, optimizer, scaler, scheduler, epoch, RNG, flat config)
+plus a readable `config.yaml`, both written atomically.
+
+A checkpoint folder is what Ray Train uploads, what `train.py` keeps as the best model and what
+the ensemble loads, so one format serves all three. No `ray` import here.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from geopose_ray.atomic import atomic_path, atomic_write_text
+from geopose_ray.config import Config
+from geopose_ray.errors import InputError
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Raised instead of writing a checkpoint whose weights hold NaN or inf."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from, as tensors and plain Python values, so that the
+    state loads with `weights_only=True` (no pickled numpy objects)."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy_key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+        "numpy_pos": int(np_state["state"]["pos"]),
+        "numpy_gauss": [int(np_state["has_gauss"]), float(np_state["gauss"])],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    has_gauss, gauss = state["numpy_gauss"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": state["numpy_pos"]},
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        }
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside a DistributedDataParallel (or similar) wrapper."""
+    return getattr(model, "module", model)
+
+
+def make_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler: Any,
+    epoch: int,
+    cfg: Config,
+    nonfinite_total: int = 0,
+) -> dict[str, Any]:
+    """The checkpoint state (ARCHITECTURE.md): `epoch` = completed epochs, model unwrapped."""
+    return {
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "rng": rng_state(),
+        "config": cfg.to_dict(),
+        "nonfinite_total": nonfinite_total,
+    }
+
+
+def restore_state(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler: Any,
+    cfg: Config,
+    rank: int = 0,
+) -> int:
+    """Load a checkpoint state; returns the number of completed epochs. Rank 0 restores the saved
+    RNG exactly; other ranks reseed by rank and epoch (the state holds rank 0's RNG only)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    scheduler.load_state_dict(state["scheduler"])
+    epoch = int(state["epoch"])
+    if rank == 0:
+        set_rng_state(state["rng"])
+    else:
+        seed = cfg.train.seed + 1000 * epoch + rank
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+    return epoch
+
+
+def _check_finite(weights: dict[str, torch.Tensor]) -> None:
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteWeightsError(f"refusing to save a checkpoint with non-finite weights: {bad[:5]}")
+
+
+def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Write `directory/state.pt` (and `config.yaml` when the state has a config) atomically.
+
+    Raises NonFiniteWeightsError, writing nothing, if any model weight is NaN or inf: a broken
+    checkpoint must never be picked as a run's best or resumed from.
+    """
+    directory = Path(directory)
+    _check_finite(state["model"])
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+    if "config" in state:
+        atomic_write_text(directory / CONFIG_FILE, yaml.safe_dump(dict(state["config"]), sort_keys=True))
+    return directory / STATE_FILE
+
+
+def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load `directory/state.pt` with `weights_only=True` (tensors and plain values only)."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise InputError(path, "checkpoint state file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise InputError(path, f"cannot load checkpoint ({e.__class__.__name__})") from None
+
+
+def load_model_from_checkpoint(
+    directory: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Config]:
+    """Rebuild the model from the checkpoint's own flat config, load its weights, set eval mode."""
+    from geopose_ray.models import build_model
+
+    state = load_state(directory, map_location)
+    cfg = Config.from_dict(state["config"], strict=False)
+    cfg.model.encoder_weights = None  # the checkpoint holds every weight; never fetch pretrained ones
+    model = build_model(cfg.model)
+    model.load_state_dict(state["model"])
+    return model.to(map_location).eval(), cfg

@@ -1,0 +1,419 @@
+"""The training core: optimizer and schedule by name, one epoch with AMP / accumulation / clipping /
+non-finite-loss guard, full-tile validation with the official score, and `fit`, the epoch loop.
+
+No `ray` import here or below: the Ray Train adapter (`tune/worker.py`) and the single-process CLI
+(`train.py`) both drive `fit` through its hooks (`reporter`, `wrap_model`, `wrap_loader`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from geopose_ray.checkpoint import make_state, restore_state
+from geopose_ray.config import Config, OptimConfig
+from geopose_ray.constants import CITIES
+from geopose_ray.metrics import GeoposeScore
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "plateau", "onecycle", "constant")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+Reporter = Callable[[dict[str, float], Callable[[], dict[str, Any]] | None], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run has diverged (GEOPOSE_SPEC section 8, AMP)."""
+
+
+# --- set-up -------------------------------------------------------------------------------------
+def setup_worker(cfg: Config, rank: int = 0) -> None:
+    """Seed every RNG (per rank, so DDP workers do not augment identically) and set threads."""
+    seed = cfg.train.seed + rank
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype, None = fp32; whether a GradScaler is needed) for a precision name.
+
+    fp16 needs loss scaling, which only CUDA supports; on CPU it falls back to bf16 autocast.
+    """
+    cuda = device.type == "cuda"
+    table = {
+        "auto": (torch.bfloat16 if cuda else None, False),
+        "bf16": (torch.bfloat16, False),
+        "fp16": (torch.float16 if cuda else torch.bfloat16, cuda),
+        "fp32": (None, False),
+    }
+    if precision not in table:
+        raise ValueError(f"unknown precision {precision!r}; known: {PRECISIONS}")
+    return table[precision]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# --- optimizer and schedule ---------------------------------------------------------------------
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Optimizer by name; weight decay only on weight matrices / kernels, never on norms or biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; known: {OPTIMIZERS}")
+
+
+def _cosine_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine from 1 down to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """Schedule by name. `plateau` steps once per epoch on the validation score (mode max); every
+    other schedule steps once per optimizer step (`steps_per_epoch` = optimizer steps)."""
+    sched = torch.optim.lr_scheduler
+    total = max(1, steps_per_epoch * epochs)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        return sched.LambdaLR(optimizer, lambda s: _cosine_factor(s, warmup, total, cfg.min_lr_ratio))
+    if cfg.schedule == "constant":
+        return sched.LambdaLR(optimizer, lambda s: 1.0)
+    if cfg.schedule == "plateau":
+        return sched.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
+    if cfg.schedule == "onecycle":
+        pct = min(0.5, warmup / total) if warmup > 0 else 0.3
+        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=pct)
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; known: {SCHEDULES}")
+
+
+def is_per_epoch(scheduler: Any) -> bool:
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+# --- one epoch ----------------------------------------------------------------------------------
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if channels_last:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _finite_on_all_ranks(loss: torch.Tensor) -> bool:
+    """One decision for every DDP rank, so that all of them skip (or run) the same backward."""
+    flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if _is_distributed():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def parse_steps(spec: str) -> set[int]:
+    """"3,4,5" -> {3, 4, 5} (the `nan_inject_steps` test hook)."""
+    return {int(s) for s in spec.replace(" ", "").split(",") if s}
+
+
+def _optimizer_step(model: nn.Module, optimizer, scaler, grad_clip: float) -> None:
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    criterion: Callable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    cfg: Config,
+    step_offset: int = 0,
+) -> dict[str, float]:
+    """One pass over `loader`; returns flat metrics (train_loss, train_<part>, lr, nonfinite_steps,
+    imgs_per_s, epoch_time_s).
+
+    `scheduler` is stepped after every optimizer step unless it is per-epoch (plateau). A
+    non-finite loss skips its backward and counts; `cfg.train.max_nonfinite` of them in a row raise
+    NonFiniteLossError. Batch i of this epoch is global step `step_offset + i` (0-based) for the
+    `nan_inject_steps` hook.
+    """
+    tcfg, ocfg = cfg.train, cfg.optim
+    model.train()
+    dtype, _ = autocast_dtype(tcfg.precision, device)
+    inject, accum, n = parse_steps(tcfg.nan_inject_steps), max(1, ocfg.grad_accum), len(loader)
+    sums: dict[str, float] = defaultdict(float)
+    finite_steps = nonfinite = streak = imgs = group_backwards = 0
+    optimizer.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    for i, batch in enumerate(loader):
+        batch = to_device(batch, device, tcfg.channels_last)
+        group = min(accum, n - (i - i % accum))  # micro-batches in this accumulation group
+        last = i % accum == group - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with _autocast(device, dtype):
+                pred = model(batch["image"], batch["gsd"], batch["city"])
+                loss, parts = criterion(pred, batch)
+            loss = loss.float()
+            if step_offset + i in inject:
+                loss = loss * float("nan")
+            imgs += batch["image"].shape[0]
+            if _finite_on_all_ranks(loss):
+                streak = 0
+                scaler.scale(loss / group).backward()
+                group_backwards += 1
+                finite_steps += 1
+                sums["train_loss"] += loss.item()
+                for k, v in parts.items():
+                    sums[f"train_{k}"] += float(v)
+            else:
+                nonfinite, streak = nonfinite + 1, streak + 1
+                if streak >= tcfg.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{streak} non-finite losses in a row (global step {step_offset + i}); "
+                        "lower the lr, use fp32 or bf16, or check the data"
+                    )
+        if last:
+            if group_backwards and streak == 0:
+                _optimizer_step(model, optimizer, scaler, ocfg.grad_clip)
+                if scheduler is not None and not is_per_epoch(scheduler):
+                    scheduler.step()
+            else:  # the syncing micro-batch was skipped: drop the unsynchronised group
+                optimizer.zero_grad(set_to_none=True)
+            group_backwards = 0
+    elapsed = time.perf_counter() - t0
+    metrics = {k: v / max(1, finite_steps) for k, v in sums.items()}
+    metrics.setdefault("train_loss", math.nan)
+    metrics.update(
+        lr=optimizer.param_groups[0]["lr"],
+        nonfinite_steps=float(nonfinite),
+        imgs_per_s=imgs / max(elapsed, 1e-9),
+        epoch_time_s=elapsed,
+    )
+    return metrics
+
+
+# --- validation ---------------------------------------------------------------------------------
+def dist_sum(array: np.ndarray) -> np.ndarray:
+    """Sum a float64 array over DDP ranks (identity when not distributed): validation's `reduce`."""
+    if not _is_distributed():
+        return array
+    t = torch.as_tensor(array, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().numpy()
+
+
+def _score_batch(score: GeoposeScore, batch: dict[str, Any], pred: dict[str, torch.Tensor]) -> None:
+    agl_t = batch["agl"][:, 0].float().cpu().numpy()  # (B, H, W) m NaN
+    agl_p = pred["agl"][:, 0].float().cpu().numpy()  # (B, H, W) m
+    dir_t = batch["direction"].float().cpu().numpy()  # (B, 2) (sin, cos)
+    dir_p = pred["direction"].float().cpu().numpy()
+    scale_t = batch["scale"].float().cpu().numpy().reshape(-1)  # (B,) px/m
+    scale_p = pred["scale"].float().cpu().numpy().reshape(-1)
+    for b, c in enumerate(batch["city"].reshape(-1).tolist()):
+        score.update(
+            CITIES[c], agl_t[b], agl_p[b],
+            float(scale_t[b]), math.atan2(dir_t[b, 0], dir_t[b, 1]),
+            float(scale_p[b]), math.atan2(dir_p[b, 0], dir_p[b, 1]),
+            nan_pred_fails=True,
+        )  # fmt: skip
+
+
+def score_metrics(score: GeoposeScore) -> dict[str, float]:
+    """Flat metrics from a score: `score` (mean over the cities present in the fold), score_<CITY>,
+    agl_r2 and vflow_r2 (means over the cities present)."""
+    res = score.compute()
+    out = {"score": float(res["final_present"])}
+    out.update({f"score_{c}": float(v) for c, v in res["cities"].items()})
+    for key in ("agl_r2", "vflow_r2"):
+        vals = [v for v in res[key].values() if not math.isnan(v)]
+        out[key] = float(np.mean(vals)) if vals else math.nan
+    return out
+
+
+@torch.inference_mode()
+def validate(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    criterion: Callable,
+    device: torch.device,
+    precision: str,
+    reduce: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict[str, float]:
+    """val_loss (per-image mean) and the official score on `loader` (full tiles).
+
+    Under DDP each rank passes its own disjoint shard and `reduce` (e.g. `dist_sum`) adds the
+    per-city sums, so no padded duplicate is counted. Pass the unwrapped model: no DDP collective
+    runs here, so ranks may see different numbers of batches.
+    """
+    model.eval()
+    dtype, _ = autocast_dtype(precision, device)
+    score, loss_sum, count = GeoposeScore(), 0.0, 0
+    for batch in loader:
+        batch = to_device(batch, device)
+        with _autocast(device, dtype):
+            pred = model(batch["image"], batch["gsd"], batch["city"])
+        pred = {k: v.float() for k, v in pred.items()}
+        loss, _ = criterion(pred, batch)
+        n = batch["image"].shape[0]
+        loss_sum, count = loss_sum + float(loss) * n, count + n
+        _score_batch(score, batch, pred)
+    totals = np.concatenate([score.to_array().ravel(), [loss_sum, count]])
+    if reduce is not None:
+        totals = reduce(totals)
+    metrics = score_metrics(GeoposeScore.from_array(totals[:-2]))
+    metrics["val_loss"] = float(totals[-2] / totals[-1]) if totals[-1] > 0 else math.nan
+    return metrics
+
+
+# --- fit ----------------------------------------------------------------------------------------
+def split_samples(cfg: Config) -> tuple[list, list]:
+    """(train, val) cached samples of the configured fold; builds the cache on first use."""
+    from geopose_ray.data.cache import ensure_cache, load_cache
+    from geopose_ray.data.folds import read_folds
+    from geopose_ray.errors import InputError
+    from geopose_ray.paths import default_data_dir
+
+    d = cfg.data
+    data_dir = d.data_dir or str(default_data_dir())
+    cache = ensure_cache(data_dir, d.cache_dir or None, n_folds=d.n_folds, seed=cfg.train.seed)
+    folds = read_folds(cache / "folds.csv")
+    samples = load_cache(cache, "train")
+    train = [s for s in samples if folds[s.id] != d.fold]
+    val = [s for s in samples if folds[s.id] == d.fold]
+    if d.max_train_samples:
+        train = train[: d.max_train_samples]
+    if d.max_val_samples:
+        val = val[: d.max_val_samples]
+    if not train or not val:
+        raise InputError(cache / "folds.csv", f"fold {d.fold} leaves {len(train)} train / {len(val)} val tiles")
+    return train, val
+
+
+def build_loaders(
+    cfg: Config, train: list, val: list, rank: int = 0, world_size: int = 1
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """Training loader (random crops + augmentation, shuffled; the caller may wrap it with a
+    DistributedSampler) and this rank's validation loader over its own shard `val[rank::world]`,
+    unpadded, so that summing over ranks counts every tile exactly once."""
+    from geopose_ray.data.dataset import GeoposeDataset, worker_init_fn
+    from geopose_ray.data.transforms import build_train_transform_from_config
+
+    d, seed = cfg.data, cfg.train.seed
+    train_ds = GeoposeDataset(
+        train, crop=d.crop, transform=build_train_transform_from_config(d), repeat=d.repeat, seed=seed + rank
+    )
+    val_ds = GeoposeDataset(val[rank::world_size], crop=d.val_crop, transform=None, repeat=1, seed=seed)
+    common = {"num_workers": d.loader_workers, "worker_init_fn": worker_init_fn, "pin_memory": torch.cuda.is_available()}
+    train_dl = torch.utils.data.DataLoader(
+        train_ds,
+        batch_size=d.batch_size,
+        shuffle=True,
+        drop_last=len(train_ds) >= d.batch_size * world_size,  # no 1-image batch for BatchNorm
+        persistent_workers=d.loader_workers > 0,
+        **common,
+    )
+    val_dl = torch.utils.data.DataLoader(val_ds, batch_size=d.val_batch_size, shuffle=False, **common)
+    return train_dl, val_dl
+
+
+def fit(
+    cfg: Config,
+    *,
+    reporter: Reporter | None = None,
+    start_state: dict[str, Any] | None = None,
+    wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m,
+    wrap_loader: Callable[[Any], Any] = lambda dl: dl,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Train `cfg.train.epochs` epochs (from `start_state` when given); returns the last metrics.
+
+    After every epoch `reporter(metrics, state_fn)` is called on every rank; `state_fn()` builds
+    the checkpoint state, and is None on epochs that `checkpoint_every` skips.
+    """
+    from geopose_ray.data.dataset import city_means
+    from geopose_ray.losses import build_criterion
+    from geopose_ray.models import build_model
+
+    setup_worker(cfg, rank)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train, val = split_samples(cfg)
+    train_dl, val_dl = build_loaders(cfg, train, val, rank, world_size)
+    train_dl = wrap_loader(train_dl)
+    criterion = build_criterion(cfg.loss, city_means(train))
+    model = build_model(cfg.model).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    steps_per_epoch = math.ceil(len(train_dl) / max(1, cfg.optim.grad_accum))
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg.train.precision, device)[1])
+    start, nonfinite_total = 0, 0
+    if start_state is not None:
+        start = restore_state(start_state, model, optimizer, scaler, scheduler, cfg, rank)
+        nonfinite_total = int(start_state.get("nonfinite_total", 0))
+    trained = wrap_model(model)
+    metrics: dict[str, float] = {}
+    val_metrics: dict[str, float] = {}
+    for epoch in range(start, cfg.train.epochs):
+        if hasattr(getattr(train_dl, "sampler", None), "set_epoch"):
+            train_dl.sampler.set_epoch(epoch)
+        tm = train_one_epoch(
+            trained, train_dl, criterion, optimizer, scheduler, scaler, device, cfg, epoch * len(train_dl)
+        )
+        done = epoch + 1
+        if not val_metrics or done % cfg.train.val_every == 0 or done == cfg.train.epochs:
+            val_metrics = validate(model, val_dl, criterion, device, cfg.train.precision, reduce=dist_sum)
+            if is_per_epoch(scheduler):
+                scheduler.step(val_metrics["score"] if math.isfinite(val_metrics["score"]) else -math.inf)
+        nonfinite_total += int(tm["nonfinite_steps"])
+        # epochs that skip validation (val_every) repeat the last validation metrics
+        metrics = {"epoch": float(done), **tm, **val_metrics, "nonfinite_total": float(nonfinite_total)}
+        is_ckpt = done % cfg.train.checkpoint_every == 0 or done == cfg.train.epochs
+
+        def state_fn(done: int = done, total: int = nonfinite_total) -> dict[str, Any]:
+            return make_state(model, optimizer, scaler, scheduler, done, cfg, total)
+
+        if reporter is not None:
+            reporter(metrics, state_fn if is_ckpt else None)
+    return metrics
