@@ -1,0 +1,168 @@
+"""Convert a DrivenData-layout data set into the tiled-GeoTIFF cache, as parallel Ray tasks.
+
+    python -m geopose_ray.convert DATA_DIR [--cache DIR] [--compress none|deflate]
+                                  [--folds K] [--seed S] [--fold-mode city|group] [--address ADDR]
+
+Every file of both splits is checked first (minutes, not hours): a bad file stops the command
+with exit code 2 and one line naming it before anything is converted. Then each tile is one Ray
+task (see `data/cache.py` for the cache layout and why re-runs and concurrent runs are safe),
+and finally `samples.csv` and `folds.csv` are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from geopose_ray import paths
+from geopose_ray.data import cache, folds, layout
+from geopose_ray.errors import InputError, run_cli
+
+LOCAL_CPUS = 4  # a local instance started just for conversion stays small
+
+
+def load_all(data_dir: Path) -> list[layout.Sample]:
+    """Both splits (test only when the data set ships one), every file validated."""
+    samples = layout.load_split(data_dir, "train")
+    if layout.has_split(data_dir, "test"):
+        samples += layout.load_split(data_dir, "test")
+    layout.validate_samples(samples)
+    return samples
+
+
+def convert(
+    data_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    compress: str = "none",
+    n_folds: int = 5,
+    seed: int = 0,
+    fold_mode: str = "city",
+    address: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Validate, convert every tile not yet in the cache, write samples.csv and folds.csv;
+    returns the cache folder. Uses the running Ray instance if there is one."""
+    data_dir = Path(data_dir).resolve()  # Ray workers need absolute paths
+    cache_dir = Path(cache_dir).resolve() if cache_dir else paths.default_cache_dir(data_dir)
+    samples = load_all(data_dir)
+    todo = [s for s in samples if not cache.is_converted(s, cache_dir)]
+    if todo:
+        _init_ray(address)
+        _run_tasks(todo, cache_dir, compress, progress)
+    cache.write_samples_csv(samples, cache_dir)
+    write_cache_folds(cache_dir, n_folds, seed, fold_mode)
+    return cache_dir
+
+
+def write_cache_folds(cache_dir: Path, n_folds: int, seed: int, fold_mode: str = "city") -> Path:
+    """(Re)write folds.csv for the cached training samples."""
+    train = cache.load_cache(cache_dir, "train")
+    assignment = folds.make_folds(train, n_folds, seed, fold_mode)
+    return folds.write_folds(cache_dir / cache.FOLDS_CSV, train, assignment)
+
+
+def ensure_cache(
+    data_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    n_folds: int = 5,
+    seed: int = 0,
+    fold_mode: str = "city",
+) -> Path:
+    """The cache for `data_dir`, converting only when it is missing or incomplete (a listed
+    tile not converted, or the data set gained or lost tiles); folds.csv is rewritten if the
+    requested folds differ from the stored ones."""
+    data_dir = Path(data_dir)
+    cache_dir = Path(cache_dir) if cache_dir else paths.default_cache_dir(data_dir)
+    if not _cache_current(data_dir, cache_dir):
+        return convert(data_dir, cache_dir, n_folds=n_folds, seed=seed, fold_mode=fold_mode)
+    wanted = folds.make_folds(cache.load_cache(cache_dir, "train"), n_folds, seed, fold_mode)
+    stored_path = cache_dir / cache.FOLDS_CSV
+    if not stored_path.is_file() or folds.read_folds(stored_path) != wanted:
+        write_cache_folds(cache_dir, n_folds, seed, fold_mode)
+    return cache_dir
+
+
+def _cache_current(data_dir: Path, cache_dir: Path) -> bool:
+    """Cheap check (CSV tables and file existence, no decoding)."""
+    if not (cache_dir / cache.SAMPLES_CSV).is_file():
+        return False
+    samples = layout.load_split(data_dir, "train")
+    if layout.has_split(data_dir, "test"):
+        samples += layout.load_split(data_dir, "test")
+    listed = {(s.split, s.id) for s in cache.load_cache(cache_dir, None)}
+    return listed == {(s.split, s.id) for s in samples} and all(
+        cache.is_converted(s, cache_dir) for s in samples
+    )
+
+
+def _init_ray(address: str | None) -> None:
+    """Join the given cluster, or start a small local instance (never a stale one, RAY_NOTES 0)."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs = (
+        {"num_cpus": min(LOCAL_CPUS, os.cpu_count() or 1), "include_dashboard": False}
+        if address == "local"
+        else {}
+    )
+    ray.init(address=address, log_to_driver=False, **kwargs)
+
+
+@ray.remote(num_cpus=1)
+def _convert_task(sample: layout.Sample, cache_dir: Path, compress: str) -> int:
+    return cache.convert_sample(sample, cache_dir, compress)
+
+
+def _run_tasks(samples: Sequence[layout.Sample], cache_dir: Path, compress: str, progress: bool) -> None:
+    """One task per tile; an InputError inside a task (a file that passed the cheap checks but
+    does not decode) ends the command like any other bad input."""
+    pending = [_convert_task.remote(s, cache_dir, compress) for s in samples]
+    started = time.perf_counter()
+    with tqdm(total=len(pending), unit="tile", desc="convert", disable=not progress, file=sys.stderr) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=min(len(pending), 8), timeout=5.0)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, InputError):
+                        raise InputError(e.cause.path, e.cause.problem) from None
+                    raise
+            bar.update(len(done))
+    if progress:
+        per_tile = (time.perf_counter() - started) / max(1, len(samples))
+        print(f"converted {len(samples)} tiles, {per_tile:.3f} s/tile", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m geopose_ray.convert", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("data_dir", type=Path, help="DrivenData layout root (train/, test/, CSV files)")
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="cache folder (default DATA_DIR/.geopose_cache)"
+    )
+    parser.add_argument(
+        "--compress", choices=("none", "deflate"), default="none", help="cache tif compression"
+    )
+    parser.add_argument("--folds", type=int, default=5, help="number of cross-validation folds")
+    parser.add_argument("--seed", type=int, default=0, help="fold assignment seed")
+    parser.add_argument("--fold-mode", choices=folds.FOLD_MODES, default="city")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
+    args = parser.parse_args(argv)
+    out = convert(
+        args.data_dir, args.cache, args.compress, args.folds, args.seed, args.fold_mode, args.address
+    )
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,136 @@
+"""The conversion cache: every tile once as tiled GeoTIFF, plus one `samples.csv` index.
+
+JPEG 2000 decoding takes ~1 s per 2048 px tile and a 512 px window still ~0.6 s (LIBS_NOTES
+section 1); a tiled, uncompressed GeoTIFF reads the same window in under a millisecond. So
+`convert` decodes each tile once into
+
+    CACHE/train/{stem}_RGB.tif   (H, W, 3) uint8, 256 px blocks
+    CACHE/train/{stem}_AGL.tif   (H, W) uint16 cm, 65535 = no data (the original values)
+    CACHE/test/{stem}_RGB.tif
+    CACHE/samples.csv            id, city, gsd, split, rgb, agl, scale px/m, angle rad, group
+    CACHE/folds.csv              id, city, fold
+
+Each file is written under a temporary name and renamed, so a file under its final name is
+always complete: a re-run skips it, and two conversions running at once only ever replace a
+complete file with an identical one. This module does no parallelism (no `ray`): `convert.py`
+fans `convert_sample` out as Ray tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from geopose_ray.atomic import atomic_path
+from geopose_ray.data import io
+from geopose_ray.data.layout import Sample
+from geopose_ray.errors import InputError
+
+SAMPLES_CSV = "samples.csv"
+FOLDS_CSV = "folds.csv"
+SAMPLES_COLUMNS = ("id", "city", "gsd", "split", "rgb", "agl", "scale", "angle", "group")
+
+
+@dataclass(frozen=True)
+class CachedSample:
+    id: str
+    city: str
+    gsd: float  # m/px
+    split: str  # "train" | "test"
+    rgb: Path  # tiled GeoTIFF, (H, W, 3) uint8
+    agl: Path | None  # tiled GeoTIFF, (H, W) uint16 cm; None for test tiles
+    scale: float  # px/m; NaN for test tiles
+    angle: float  # rad; NaN for test tiles
+    group: str = ""  # scene key for leak-aware folds ("" = none given)
+
+
+def cache_paths(sample: Sample, cache_dir: Path) -> tuple[Path, Path | None]:
+    """Where a sample's converted RGB and AGL live in the cache."""
+    folder = cache_dir / sample.split
+    agl = folder / f"{sample.stem}_AGL.tif" if sample.agl is not None else None
+    return folder / f"{sample.stem}_RGB.tif", agl
+
+
+def convert_sample(sample: Sample, cache_dir: str | Path, compress: str = "none") -> int:
+    """Convert one tile's RGB (and AGL) into the cache; finished files are skipped.
+    Returns the number of files written (0 when everything was already there)."""
+    rgb_out, agl_out = cache_paths(sample, Path(cache_dir))
+    written = 0
+    if not rgb_out.is_file():
+        io.write_rgb_tiled(rgb_out, io.read_rgb(sample.rgb), compress=compress)
+        written += 1
+    if sample.agl is not None and agl_out is not None and not agl_out.is_file():
+        io.write_agl_tiled(agl_out, io.read_agl_cm(sample.agl), compress=compress)
+        written += 1
+    return written
+
+
+def is_converted(sample: Sample, cache_dir: str | Path) -> bool:
+    rgb_out, agl_out = cache_paths(sample, Path(cache_dir))
+    return rgb_out.is_file() and (agl_out is None or agl_out.is_file())
+
+
+def cached_record(sample: Sample, cache_dir: Path) -> dict[str, object]:
+    """One samples.csv row; reads the tile's VFLOW json (scale px/m, angle rad)."""
+    rgb_out, agl_out = cache_paths(sample, cache_dir)
+    vflow = io.read_vflow(sample.vflow) if sample.vflow is not None else io.VFlow(math.nan, math.nan)
+    return {
+        "id": sample.id,
+        "city": sample.city,
+        "gsd": sample.gsd,
+        "split": sample.split,
+        "rgb": rgb_out.relative_to(cache_dir).as_posix(),
+        "agl": agl_out.relative_to(cache_dir).as_posix() if agl_out is not None else "",
+        "scale": vflow.scale,
+        "angle": vflow.angle,
+        "group": sample.group,
+    }
+
+
+def write_samples_csv(samples: list[Sample], cache_dir: str | Path) -> Path:
+    """Write the cache index atomically (rows in id order, so two runs give the same bytes)."""
+    cache_dir = Path(cache_dir)
+    rows = [cached_record(s, cache_dir) for s in sorted(samples, key=lambda s: (s.split, s.id))]
+    path = cache_dir / SAMPLES_CSV
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows, columns=list(SAMPLES_COLUMNS)).to_csv(tmp, index=False, float_format="%.17g")
+    return path
+
+
+def load_cache(cache_dir: str | Path, split: str | None = "train") -> list[CachedSample]:
+    """The cached samples of `split` ("train" | "test"; None = both) with absolute paths."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / SAMPLES_CSV
+    if not path.is_file():
+        raise InputError(path, "conversion cache not found: run python -m geopose_ray.convert first")
+    try:
+        df = pd.read_csv(
+            path,
+            dtype={"id": str, "group": str},
+            keep_default_na=False,
+            na_values={"scale": ["NaN", "nan", ""], "angle": ["NaN", "nan", ""]},
+        )
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise InputError(path, f"cannot parse CSV ({e.__class__.__name__})") from None
+    missing = [c for c in SAMPLES_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(path, f"missing column(s) {missing}: re-run python -m geopose_ray.convert")
+    if split is not None:
+        df = df[df["split"] == split]
+    return [
+        CachedSample(
+            id=r.id,
+            city=r.city,
+            gsd=float(r.gsd),
+            split=r.split,
+            rgb=cache_dir / r.rgb,
+            agl=cache_dir / r.agl if r.agl else None,
+            scale=float(r.scale),
+            angle=float(r.angle),
+            group=r.group,
+        )
+        for r in df.itertuples(index=False)
+    ]

@@ -1,0 +1,156 @@
+"""Torch dataset over the conversion cache: random (or centre) crops read as rasterio windows.
+
+Reading a window from the cache's 256 px tiled GeoTIFFs decodes only the blocks it touches, so
+a 512 px crop of a 2048 px tile costs about a millisecond instead of a full decode.
+
+Randomness: crops use the dataset's own numpy Generator. DataLoader workers are forked copies of
+the dataset, so without reseeding they would all draw the same crops and augmentations (the
+baseline's bug, GEOPOSE_SPEC section 8): pass `worker_init_fn` to the DataLoader.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+from torch.utils.data import Dataset, get_worker_info
+
+from geopose_ray.constants import city_index
+from geopose_ray.data import io
+from geopose_ray.data.cache import CachedSample
+
+Transform = Callable[..., dict[str, Any]]
+
+
+class GeoposeDataset(Dataset):
+    """Items: image (3, H, W) float32 [0, 1]; agl (1, H, W) m NaN; mag (1, H, W) px NaN;
+    scale () px/m; direction (2,) (sin a, cos a); gsd () m/px; city () int64; id str.
+
+    crop: training crop in px (None, or >= the tile size: the full tile). random_crop=False
+    takes the centre crop instead (fast validation on big tiles). `transform(image=, agl=,
+    vflow=np.array([angle, scale, gsd]))` returns the same keys; mag is computed after it.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[CachedSample],
+        crop: int | None,
+        transform: Transform | None = None,
+        repeat: int = 1,
+        seed: int = 0,
+        random_crop: bool = True,
+    ):
+        if not samples:
+            raise ValueError("GeoposeDataset needs at least one sample")
+        self.samples = list(samples)
+        self.crop = crop
+        self.transform = transform
+        self.repeat = max(1, int(repeat))
+        self.seed = seed
+        self.random_crop = random_crop
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.repeat
+
+    def reseed(self, seed: int) -> None:
+        """New crop (and augmentation, if the transform can be seeded) stream."""
+        self.rng = np.random.default_rng(seed)
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)  # albumentations Compose
+
+    def window(self, height: int, width: int) -> Window:
+        """The crop window of a (height, width) tile."""
+        ch = height if self.crop is None else min(self.crop, height)
+        cw = width if self.crop is None else min(self.crop, width)
+        if self.random_crop:
+            row = int(self.rng.integers(0, height - ch + 1))
+            col = int(self.rng.integers(0, width - cw + 1))
+        else:
+            row, col = (height - ch) // 2, (width - cw) // 2
+        return Window(col, row, cw, ch)
+
+    def read(self, sample: CachedSample) -> tuple[np.ndarray, np.ndarray]:
+        """(h, w, 3) uint8 RGB and (h, w) float32 m AGL of one crop (AGL all NaN for test tiles)."""
+        with io.open_raster(sample.rgb) as ds:
+            io.check_rgb(ds, sample.rgb)
+            window = self.window(ds.height, ds.width)
+            rgb = io.read_window(ds, sample.rgb, window).transpose(1, 2, 0)
+        if sample.agl is None:
+            agl = np.full(rgb.shape[:2], np.nan, dtype=np.float32)
+        else:
+            agl = io.read_agl(sample.agl, window)
+        return np.ascontiguousarray(rgb), agl
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index % len(self.samples)]
+        rgb, agl = self.read(sample)  # (h, w, 3) uint8, (h, w) m
+        vflow = np.array([sample.angle, sample.scale, sample.gsd], dtype=np.float64)
+        if self.transform is not None:
+            out = self.transform(image=rgb, agl=agl, vflow=vflow)
+            rgb, agl, vflow = out["image"], out["agl"], np.asarray(out["vflow"], dtype=np.float64)
+        angle, scale, gsd = (float(v) for v in vflow)
+        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+        image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+        agl_t = torch.from_numpy(np.ascontiguousarray(agl, dtype=np.float32))[None]  # (1, h, w) m
+        return {
+            "image": image,  # (3, h, w) [0, 1]
+            "agl": agl_t,
+            "mag": agl_t * scale,  # (1, h, w) px
+            "scale": torch.tensor(scale, dtype=torch.float32),  # px/m
+            "direction": torch.tensor([math.sin(angle), math.cos(angle)], dtype=torch.float32),
+            "gsd": torch.tensor(gsd, dtype=torch.float32),  # m/px
+            "city": torch.tensor(city_index(sample.city), dtype=torch.int64),
+            "id": sample.id,
+        }
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """DataLoader hook: give each worker its own stream. torch.initial_seed() differs per worker
+    and per epoch (the loader draws a new base seed each epoch) and follows torch.manual_seed."""
+    info = get_worker_info()
+    seed = torch.initial_seed() % 2**63
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    if info is None:
+        return
+    for ds in _datasets(info.dataset):
+        ds.reseed(int(np.random.SeedSequence([ds.seed % 2**63, seed]).generate_state(1)[0]))
+
+
+def _datasets(ds: Any) -> list[GeoposeDataset]:
+    """GeoposeDatasets inside Subset / ConcatDataset wrappers."""
+    if isinstance(ds, GeoposeDataset):
+        return [ds]
+    inner = getattr(ds, "datasets", None) or ([ds.dataset] if hasattr(ds, "dataset") else [])
+    return [d for x in inner for d in _datasets(x)]
+
+
+def city_means(samples: Sequence[CachedSample], max_per_city: int = 0) -> dict[str, tuple[float, float]]:
+    """city -> (mean AGL m, mean MAG px) over the valid pixels of the given training tiles
+    (the targets' means of the 1st place's per-city R² loss). max_per_city > 0 uses only the
+    first tiles by id of each city (1st place used 20), to bound the reading time."""
+    by_city: dict[str, list[CachedSample]] = defaultdict(list)
+    for s in sorted(samples, key=lambda s: s.id):
+        if s.agl is not None and math.isfinite(s.scale):
+            by_city[s.city].append(s)
+    means: dict[str, tuple[float, float]] = {}
+    for city, tiles in sorted(by_city.items()):
+        total_agl = total_mag = 0.0
+        count = 0
+        for s in tiles[:max_per_city] if max_per_city > 0 else tiles:
+            agl = io.read_agl(s.agl).astype(np.float64)
+            valid = np.isfinite(agl)
+            tile_sum = float(agl[valid].sum())
+            total_agl += tile_sum
+            total_mag += tile_sum * s.scale
+            count += int(valid.sum())
+        if count:
+            means[city] = (total_agl / count, total_mag / count)
+    return means

@@ -1,0 +1,102 @@
+"""Cross-validation folds: `make_folds(samples, n_folds, seed, mode) -> {id: fold}`.
+
+mode "city": StratifiedKFold on the city, so every fold holds each city in proportion (the
+metric weights cities equally, a fold without JAX would score a different task).
+
+mode "group": StratifiedGroupKFold, city-stratified but keeping a whole group in one fold.
+Test tiles overlap train tiles and scenes repeat ~20x with small gsd/angle changes
+(GEOPOSE_SPEC section 8), so random folds are optimistic. The group key is
+  1. metadata.csv's `group` column when the data set has one (e.g. an offline clustering of
+     scenes, or the synthetic set's scene id), else
+  2. city + gsd rounded to 1 cm. A tile's gsd is set by its satellite collect, so this keeps
+     the tiles of one acquisition (one view angle, one scale, one date) together: validation
+     then measures angle/scale on collects the model never saw. It cannot see that two
+     collects show the same place; that needs image matching (1st place) and is out of scope.
+
+Splits are deterministic by seed and independent of input order (samples are sorted by id).
+When a city has fewer tiles (or groups) than folds, StratifiedKFold cannot stratify: then a
+shuffled KFold, resp. the city mode, is used instead, with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
+
+from geopose_ray.atomic import atomic_path
+from geopose_ray.errors import InputError
+
+FOLD_MODES = ("city", "group")
+
+
+class HasCity(Protocol):
+    id: str
+    city: str
+    gsd: float
+
+
+def group_key(sample: HasCity) -> str:
+    """The scene key used by mode "group" (see the module docstring)."""
+    given = getattr(sample, "group", "")
+    return f"{sample.city}/{given}" if given else f"{sample.city}/gsd{round(sample.gsd * 100):d}"
+
+
+def make_folds(samples: Sequence[HasCity], n_folds: int, seed: int = 0, mode: str = "city") -> dict[str, int]:
+    """id -> fold in [0, n_folds)."""
+    if mode not in FOLD_MODES:
+        raise ValueError(f"fold mode must be one of {FOLD_MODES}, got {mode!r}")
+    ordered = sorted(samples, key=lambda s: s.id)
+    if n_folds < 2 or n_folds > len(ordered):
+        raise ValueError(f"n_folds={n_folds} needs 2 <= n_folds <= number of samples ({len(ordered)})")
+    cities = np.array([s.city for s in ordered])
+    index = np.zeros((len(ordered), 1))  # sklearn splitters only need the length
+    if mode == "group":
+        groups = np.array([group_key(s) for s in ordered])
+        if len(set(groups)) >= n_folds:
+            splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "least populated class" note
+                return _assign(ordered, splitter.split(index, cities, groups))
+        warnings.warn(f"only {len(set(groups))} groups for {n_folds} folds: using city folds", stacklevel=2)
+    if max(Counter(cities).values()) >= n_folds:
+        splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return _assign(ordered, splitter.split(index, cities))
+    warnings.warn(f"every city has fewer than {n_folds} tiles: using unstratified KFold", stacklevel=2)
+    return _assign(ordered, KFold(n_folds, shuffle=True, random_state=seed).split(index))
+
+
+def _assign(ordered: Sequence[HasCity], splits) -> dict[str, int]:
+    folds: dict[str, int] = {}
+    for fold, (_, val_idx) in enumerate(splits):
+        for i in val_idx:
+            folds[ordered[i].id] = fold
+    return folds
+
+
+def write_folds(path: str | Path, samples: Sequence[HasCity], folds: dict[str, int]) -> Path:
+    """folds.csv (id, city, fold), rows in id order, written atomically."""
+    rows = [(s.id, s.city, folds[s.id]) for s in sorted(samples, key=lambda s: s.id) if s.id in folds]
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows, columns=["id", "city", "fold"]).to_csv(tmp, index=False)
+    return Path(path)
+
+
+def read_folds(path: str | Path) -> dict[str, int]:
+    """id -> fold from a folds.csv."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "folds file not found: run python -m geopose_ray.convert first")
+    try:
+        df = pd.read_csv(path, dtype={"id": str, "city": str})
+        return {str(i): int(f) for i, f in zip(df["id"], df["fold"])}
+    except (KeyError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise InputError(path, f"cannot read folds ({e.__class__.__name__}: {e})") from None
