@@ -57,7 +57,9 @@ def blend_predictions(preds: Sequence[Prediction], weights: Sequence[float] | No
     return Prediction(agl=agl.astype(np.float32), scale=scale, direction=direction)
 
 
-def load_member(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
+def load_member(
+    checkpoint_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Config]:
     """A checkpoint folder (`state.pt`) -> (model in eval mode on `device`, its Config)."""
     from geopose_ray.checkpoint import load_model_from_checkpoint
 
@@ -207,7 +209,9 @@ def predict_tile(
     preds = []
     for model in models:
         if max_tile and max(x.shape[-2:]) > max_tile:
-            preds.append(_predict_tiled(model, x, gsd, city, views, precision, per_view_loop, max_tile, overlap))
+            preds.append(
+                _predict_tiled(model, x, gsd, city, views, precision, per_view_loop, max_tile, overlap)
+            )
         else:
             a, s, d = _predict_views(model, x, gsd, city, views, precision, per_view_loop)
             preds.append(Prediction(agl=a.cpu().numpy(), scale=s, direction=d))
