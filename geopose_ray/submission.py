@@ -112,8 +112,8 @@ def pack(out_dir: str | Path, archive_path: str | Path | None = None) -> Path:
 def opened_predictions(path: str | Path) -> Iterator[Path]:
     """Yield a folder holding the predictions: `path` itself, or a .tar.gz extracted to a temp dir.
 
-    Extraction uses tarfile's "data" filter, which refuses absolute paths, `..`, links leaving
-    the folder and device files, so a hostile archive cannot write outside the temp dir.
+    Absolute member names and `..` are refused outright; tarfile's "data" filter also refuses
+    links leaving the folder and device files, so an archive cannot write outside the temp dir.
     """
     path = Path(path)
     if path.is_dir():
@@ -124,6 +124,9 @@ def opened_predictions(path: str | Path) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="geopose-sub-") as tmp:
         try:
             with tarfile.open(path, "r:*") as tar:
+                for m in tar.getmembers():
+                    if m.name.startswith(("/", "\\")) or ".." in Path(m.name).parts:
+                        raise tarfile.FilterError(f"{m.name!r} points outside the archive")
                 tar.extractall(tmp, filter="data")
         except tarfile.FilterError as e:
             raise InputError(path, f"refusing unsafe archive member ({e})") from None
