@@ -13,6 +13,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,9 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from geopose_ray import paths
 from geopose_ray.checkpoint import make_state, restore_state
 from geopose_ray.config import Config, OptimConfig
 from geopose_ray.constants import CITIES
+from geopose_ray.data import cache, folds, layout
+from geopose_ray.data.dataset import GeoposeDataset, city_means, worker_init_fn
+from geopose_ray.data.transforms import build_train_transform_from_config
+from geopose_ray.errors import InputError
 from geopose_ray.metrics import GeoposeScore
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -305,26 +311,56 @@ def validate(
 
 
 # --- fit ----------------------------------------------------------------------------------------
-def split_samples(cfg: Config) -> tuple[list, list]:
-    """(train, val) cached samples of the configured fold; builds the cache on first use."""
-    from geopose_ray.data.cache import ensure_cache, load_cache
-    from geopose_ray.data.folds import read_folds
-    from geopose_ray.errors import InputError
-    from geopose_ray.paths import default_data_dir
+FOLD_SEED = 0  # folds must not move with the training seed, or trials would validate on each other's tiles
 
+
+def prepare_cache(cfg: Config) -> Path:
+    """The conversion cache of `cfg.data`, converted here, serially, when it does not exist yet.
+
+    No Ray here (the core runs where Ray is not installed); `python -m geopose_ray.convert`
+    converts a big data set in parallel beforehand. Concurrent ranks are safe: every cache
+    file is written atomically.
+    """
     d = cfg.data
-    data_dir = d.data_dir or str(default_data_dir())
-    cache = ensure_cache(data_dir, d.cache_dir or None, n_folds=d.n_folds, seed=cfg.train.seed)
-    folds = read_folds(cache / "folds.csv")
-    samples = load_cache(cache, "train")
-    train = [s for s in samples if folds[s.id] != d.fold]
-    val = [s for s in samples if folds[s.id] == d.fold]
-    if d.max_train_samples:
-        train = train[: d.max_train_samples]
-    if d.max_val_samples:
-        val = val[: d.max_val_samples]
+    data_dir = Path(d.data_dir) if d.data_dir else paths.default_data_dir()
+    cache_dir = Path(d.cache_dir) if d.cache_dir else paths.default_cache_dir(data_dir)
+    if not (cache_dir / cache.SAMPLES_CSV).is_file():
+        samples = layout.load_split(data_dir, "train")
+        if layout.has_split(data_dir, "test"):
+            samples += layout.load_split(data_dir, "test")
+        layout.validate_samples(samples)
+        for s in samples:
+            cache.convert_sample(s, cache_dir)
+        cache.write_samples_csv(samples, cache_dir)
+    return cache_dir
+
+
+def fold_assignment(cfg: Config, train: list[cache.CachedSample], cache_dir: Path) -> dict[str, int]:
+    """id -> fold: the cache's folds.csv when it covers exactly these tiles with `n_folds` folds
+    (as `convert` or the search driver wrote it, shared with the ensemble's out-of-fold step),
+    else `make_folds(fold_mode, FOLD_SEED)`, then written there."""
+    path, n = cache_dir / cache.FOLDS_CSV, cfg.data.n_folds
+    if path.is_file():
+        stored = folds.read_folds(path)
+        if set(stored) == {s.id for s in train} and set(stored.values()) == set(range(n)):
+            return stored
+    assignment = folds.make_folds(train, n, FOLD_SEED, cfg.data.fold_mode)
+    folds.write_folds(path, train, assignment)
+    return assignment
+
+
+def split_samples(cfg: Config) -> tuple[list[cache.CachedSample], list[cache.CachedSample]]:
+    """(train, val) cached samples: val = fold `cfg.data.fold`, optionally truncated."""
+    d = cfg.data
+    cache_dir = prepare_cache(cfg)
+    samples = cache.load_cache(cache_dir, "train")
+    assignment = fold_assignment(cfg, samples, cache_dir)
+    train = [s for s in samples if assignment[s.id] != d.fold]
+    val = [s for s in samples if assignment[s.id] == d.fold]
+    train = train[: d.max_train_samples] if d.max_train_samples else train
+    val = val[: d.max_val_samples] if d.max_val_samples else val
     if not train or not val:
-        raise InputError(cache / "folds.csv", f"fold {d.fold} leaves {len(train)} train / {len(val)} val tiles")
+        raise InputError(cache_dir / cache.FOLDS_CSV, f"fold {d.fold} leaves {len(train)} train / {len(val)} val tiles")
     return train, val
 
 
@@ -334,14 +370,11 @@ def build_loaders(
     """Training loader (random crops + augmentation, shuffled; the caller may wrap it with a
     DistributedSampler) and this rank's validation loader over its own shard `val[rank::world]`,
     unpadded, so that summing over ranks counts every tile exactly once."""
-    from geopose_ray.data.dataset import GeoposeDataset, worker_init_fn
-    from geopose_ray.data.transforms import build_train_transform_from_config
-
     d, seed = cfg.data, cfg.train.seed
     train_ds = GeoposeDataset(
         train, crop=d.crop, transform=build_train_transform_from_config(d), repeat=d.repeat, seed=seed + rank
     )
-    val_ds = GeoposeDataset(val[rank::world_size], crop=d.val_crop, transform=None, repeat=1, seed=seed)
+    val_ds = GeoposeDataset(val[rank::world_size], crop=d.val_crop or None, random_crop=False, seed=seed)
     common = {"num_workers": d.loader_workers, "worker_init_fn": worker_init_fn, "pin_memory": torch.cuda.is_available()}
     train_dl = torch.utils.data.DataLoader(
         train_ds,
@@ -353,6 +386,16 @@ def build_loaders(
     )
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=d.val_batch_size, shuffle=False, **common)
     return train_dl, val_dl
+
+
+def _start_epoch(loader: Any, seed: int, rank: int, epoch: int) -> None:
+    """Per-epoch shuffling and crop/augmentation streams that depend only on (seed, rank, epoch),
+    so a resumed run draws what an uninterrupted one would (DataLoader workers reseed
+    themselves from the torch RNG instead, see `worker_init_fn`)."""
+    if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+        loader.sampler.set_epoch(epoch)  # DistributedSampler
+    if hasattr(loader.dataset, "reseed"):
+        loader.dataset.reseed(int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]))
 
 
 def fit(
@@ -371,7 +414,6 @@ def fit(
     After every epoch `reporter(metrics, state_fn)` is called on every rank; `state_fn()` builds
     the checkpoint state, and is None on epochs that `checkpoint_every` skips.
     """
-    from geopose_ray.data.dataset import city_means
     from geopose_ray.losses import build_criterion
     from geopose_ray.models import build_model
 
@@ -396,8 +438,7 @@ def fit(
     metrics: dict[str, float] = {}
     val_metrics: dict[str, float] = {}
     for epoch in range(start, cfg.train.epochs):
-        if hasattr(getattr(train_dl, "sampler", None), "set_epoch"):
-            train_dl.sampler.set_epoch(epoch)
+        _start_epoch(train_dl, cfg.train.seed, rank, epoch)
         tm = train_one_epoch(
             trained, train_dl, criterion, optimizer, scheduler, scaler, device, cfg, epoch * len(train_dl)
         )
