@@ -18,7 +18,8 @@ D4_ELEMENTS: tuple[str, ...] = ("e", "r90", "r180", "r270", "v", "hvt", "h", "t"
 
 def wrap_angle(angle: float) -> float:
     """Angle in [0, 2*pi) (only sin/cos matter, but one branch keeps logs and tests readable)."""
-    return float(np.mod(angle, TWO_PI))
+    wrapped = float(np.mod(angle, TWO_PI))
+    return 0.0 if wrapped >= TWO_PI else wrapped  # np.mod(-1e-17, 2*pi) rounds to 2*pi
 
 
 def direction(angle: float) -> np.ndarray:

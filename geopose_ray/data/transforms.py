@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import albumentations as A
 import cv2
@@ -134,36 +134,51 @@ GEO_PRESETS: dict[str, Callable[[float, float, float], list[A.BasicTransform]]] 
     "full": _geo_full,
 }
 
-# Photometric strengths per level; 0 / None switches an op off. Image-only ops (and CoarseDropout
-# with fill_mask=None) never touch agl or vflow.
-PHOTO_PRESETS: dict[str, dict[str, Any]] = {
-    "none": {"bc": 0.0, "gamma": 0, "clahe": 0.0, "noise": None, "hsv": 0, "fog": None, "holes": 0},
-    "light": {"bc": 0.1, "gamma": 10, "clahe": 0.0, "noise": None, "hsv": 0, "fog": None, "holes": 0},
-    "medium": {"bc": 0.2, "gamma": 20, "clahe": 2.0, "noise": (0.01, 0.03), "hsv": 10, "fog": None, "holes": 0},
-    "heavy": {"bc": 0.3, "gamma": 30, "clahe": 4.0, "noise": (0.02, 0.06), "hsv": 20, "fog": (0.1, 0.3), "holes": 4},
+
+class PhotoLevel(NamedTuple):
+    """Strengths of one photometric preset; 0 / None switches an op off. Image-only ops (and
+    CoarseDropout with fill_mask=None) never touch agl or vflow."""
+
+    brightness_contrast: float  # +- fraction
+    gamma: int  # +- percent around 100
+    clahe: float  # upper clip limit
+    noise: tuple[float, float] | None  # GaussNoise std range, fraction of 255
+    hsv: int  # saturation shift; hue and value shift half of it
+    fog: tuple[float, float] | None  # RandomFog coefficient range
+    holes: int  # at most this many CoarseDropout holes, 5-15 % of the side each
+
+
+PHOTO_PRESETS: dict[str, PhotoLevel] = {
+    "none": PhotoLevel(0.0, 0, 0.0, None, 0, None, 0),
+    "light": PhotoLevel(0.1, 10, 0.0, None, 0, None, 0),
+    "medium": PhotoLevel(0.2, 20, 2.0, (0.01, 0.03), 10, None, 0),
+    "heavy": PhotoLevel(0.3, 30, 4.0, (0.02, 0.06), 20, (0.1, 0.3), 4),
 }
 
 
-def _photometric(level: dict[str, Any], p: float) -> list[A.BasicTransform]:
-    """The ops a PHOTO_PRESETS level switches on, each applied with probability p."""
+def _photometric(level: PhotoLevel, p: float) -> list[A.BasicTransform]:
+    """The ops a preset switches on, each applied with probability p."""
     ops: list[A.BasicTransform] = []
-    if level["bc"]:
-        ops.append(A.RandomBrightnessContrast(brightness_limit=level["bc"], contrast_limit=level["bc"], p=p))
-    if level["gamma"]:
-        ops.append(A.RandomGamma(gamma_limit=(100 - level["gamma"], 100 + level["gamma"]), p=p))
-    if level["clahe"]:
-        ops.append(A.CLAHE(clip_limit=(1.0, level["clahe"]), p=p))
-    if level["noise"]:
-        ops.append(A.GaussNoise(std_range=level["noise"], p=p))
-    if level["hsv"]:
-        h = level["hsv"]
-        ops.append(A.HueSaturationValue(hue_shift_limit=h // 2, sat_shift_limit=h, val_shift_limit=h // 2, p=p))
-    if level["fog"]:
-        ops.append(A.RandomFog(fog_coef_range=level["fog"], alpha_coef=0.08, p=p))
-    if level["holes"]:
+    if level.brightness_contrast:
+        bc = level.brightness_contrast
+        ops.append(A.RandomBrightnessContrast(brightness_limit=bc, contrast_limit=bc, p=p))
+    if level.gamma:
+        ops.append(A.RandomGamma(gamma_limit=(100 - level.gamma, 100 + level.gamma), p=p))
+    if level.clahe:
+        ops.append(A.CLAHE(clip_limit=(1.0, level.clahe), p=p))
+    if level.noise:
+        ops.append(A.GaussNoise(std_range=level.noise, p=p))
+    if level.hsv:
+        h = level.hsv
+        ops.append(
+            A.HueSaturationValue(hue_shift_limit=h // 2, sat_shift_limit=h, val_shift_limit=h // 2, p=p)
+        )
+    if level.fog:
+        ops.append(A.RandomFog(fog_coef_range=level.fog, alpha_coef=0.08, p=p))
+    if level.holes:
         ops.append(
             A.CoarseDropout(
-                num_holes_range=(1, level["holes"]),
+                num_holes_range=(1, level.holes),
                 hole_height_range=(0.05, 0.15),
                 hole_width_range=(0.05, 0.15),
                 fill=0,
