@@ -1,0 +1,136 @@
+"""Search-space YAML: loading, validation, conditionals and defaults (fast, no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from geopose_ray.config import Config
+from geopose_ray.errors import InputError
+from geopose_ray.tune.space import SpaceSampler, load_space
+
+SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+
+GOOD = """
+num_samples: 5
+scheduler: {max_epochs: 4, grace_period: 1, reduction_factor: 2}
+fixed: {crop: 64, optimizer: adamw}
+parameters:
+  encoder: {type: choice, values: [resnet18, efficientnet-b0], default: resnet18}
+  agl_loss: {type: choice, values: [mse, huber, focal_mse], default: mse}
+  huber_delta: {type: uniform, low: 1.0, high: 10.0, default: 5.0, when: {agl_loss: huber}}
+  focal_beta: {type: uniform, low: 0.1, high: 0.4, default: 0.2, when: {agl_loss: [focal_mse]}}
+  lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2, default: 1.0e-3}
+  batch_size: {type: int, low: 2, high: 8, step: 2, default: 4}
+  decoder_channels: {type: choice, values: [0, 128], default: 0, when: {encoder: resnet18, optimizer: adamw}}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_spaces_exist():
+    names = {p.stem for p in SPACES}
+    assert {"smoke", "baseline", "architectures", "losses", "finetune"} <= names
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
+def test_shipped_space_loads_and_defaults_build_a_config(path: Path):
+    space = load_space(path)
+    cfg = Config.from_dict(space.defaults())
+    assert cfg.train.epochs == space.scheduler.max_epochs
+    for key, value in space.fixed.items():
+        assert cfg.to_dict()[key] == value
+    assert space.num_samples >= 1
+
+
+def test_smoke_space_is_small_enough_for_cpu():
+    space = load_space(next(p for p in SPACES if p.stem == "smoke"))
+    cfg = Config.from_dict(space.defaults())
+    assert cfg.data.crop <= 128 and cfg.model.encoder_weights is None
+    assert space.scheduler.max_epochs <= 4
+
+
+def test_defaults_skip_inactive_conditionals(tmp_path):
+    space = load_space(write(tmp_path, GOOD))
+    point = space.default_point()
+    assert point == {
+        "encoder": "resnet18",
+        "agl_loss": "mse",
+        "lr": 1e-3,
+        "batch_size": 4,
+        "decoder_channels": 0,
+    }
+    assert space.defaults() == {"crop": 64, "optimizer": "adamw", **point, "epochs": 4}
+
+
+def test_conditionals_follow_the_chosen_values(tmp_path):
+    sampler = SpaceSampler(load_space(write(tmp_path, GOOD)))
+    base = {"encoder": "efficientnet-b0", "lr": 1e-3, "batch_size": 2}
+    huber = optuna.trial.FixedTrial({**base, "agl_loss": "huber", "huber_delta": 2.0})
+    returned = sampler(huber)
+    assert huber.params == {**base, "agl_loss": "huber", "huber_delta": 2.0}
+    assert returned == {"crop": 64, "optimizer": "adamw", "epochs": 4}
+    mse = optuna.trial.FixedTrial({**base, "agl_loss": "mse", "huber_delta": 2.0, "decoder_channels": 128})
+    sampler(mse)
+    assert "huber_delta" not in mse.params and "decoder_channels" not in mse.params
+
+
+def test_sampled_values_stay_in_range(tmp_path):
+    space = load_space(write(tmp_path, GOOD))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    study.optimize(lambda t: (space.sample(t), 0.0)[1], n_trials=40)
+    seen_losses = set()
+    for t in study.trials:
+        p = t.params
+        seen_losses.add(p["agl_loss"])
+        assert 1e-4 <= p["lr"] <= 1e-2 and p["batch_size"] in (2, 4, 6, 8)
+        assert ("huber_delta" in p) == (p["agl_loss"] == "huber")
+        assert ("focal_beta" in p) == (p["agl_loss"] == "focal_mse")
+        assert ("decoder_channels" in p) == (p["encoder"] == "resnet18")
+        Config.from_dict({**space.fixed, **p})
+    assert seen_losses == {"mse", "huber", "focal_mse"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("lr: {type: loguniform", "lrr: {type: loguniform"), "not a Config key"),
+        (("default: 1.0e-3}", "}"), "missing 'default'"),
+        (("type: loguniform", "type: gaussian"), "type must be one of"),
+        (("default: 1.0e-3", "default: 0.5"), "outside"),
+        (("default: 1.0e-3", "default: 1e-3"), "outside"),  # PyYAML: a string
+        (("values: [mse, huber, focal_mse], default: mse", "values: [mse], default: l1"), "not one of"),
+        (("low: 1.0e-4, high", "low: 0.0, high"), "log scale"),
+        (("fixed: {crop: 64,", "fixed: {epochs: 3, crop: 64,"), "scheduler.max_epochs"),
+        (("fixed: {crop: 64,", "fixed: {fold: 1, crop: 64,"), "set by the run"),
+        (("when: {agl_loss: huber}", "when: {lr: 0.1}"), "unknown key"),  # lr comes later
+        (("when: {agl_loss: huber}", "when: {agl_loss: l1}"), "never takes"),
+        (("num_samples: 5", "num_samples: 5\nsamples: 3"), "unknown key"),
+        (("num_samples: 5", "num_samples: 0"), "positive integer"),
+        (("max_epochs: 4, grace_period: 1", "max_epochs: 4, grace_period: 9"), "grace_period"),
+        (("fixed: {crop: 64,", "fixed: {crop: many,"), "valid Config"),
+    ],
+)
+def test_bad_space_raises_input_error_naming_the_file(tmp_path, edit, message):
+    old, new = edit
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(InputError) as err:
+        load_space(path)
+    assert err.value.path == str(path)
+    assert message in err.value.problem
+
+
+def test_unreadable_space(tmp_path):
+    with pytest.raises(InputError, match="cannot read"):
+        load_space(tmp_path / "missing.yaml")
+    with pytest.raises(InputError, match="cannot read"):
+        load_space(write(tmp_path, "parameters: [unclosed"))
+    with pytest.raises(InputError, match="mapping"):
+        load_space(write(tmp_path, "- a list"))
