@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 
 from geopose_ray.constants import AGL_MAX_CM, SUBMISSION_ARCHIVE
 from geopose_ray.data import io
@@ -58,6 +59,13 @@ def _perfect(truth: Path, out: Path) -> SubmissionWriter:
         agl = np.nan_to_num(io.read_agl(truth / f"{stem}_AGL.tif"), nan=0.0)
         writer.write(stem, agl, flow.scale, flow.angle)
     return writer
+
+
+def _write_tif(path: Path, chw: np.ndarray) -> None:
+    """A GeoTIFF of any dtype / band count, to fake what the writer would never produce."""
+    c, h, w = chw.shape
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=c, dtype=chw.dtype) as ds:
+        ds.write(chw)
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -133,9 +141,9 @@ def test_checker_refuses_bad_files(dataset, tmp_path, spoil):
     if spoil == "wrong_shape":
         write_prediction(pred, "ATL_a00002", np.ones((16, 16)), 1.0, 0.0)  # its RGB is 16 x 24
     elif spoil == "float32":
-        io._write(agl, np.ones((1, 16, 24), np.float32), driver="GTiff")
+        _write_tif(agl, np.ones((1, 16, 24), np.float32))
     elif spoil == "two_bands":
-        io._write(agl, np.ones((2, 16, 24), np.uint16), driver="GTiff")
+        _write_tif(agl, np.ones((2, 16, 24), np.uint16))
     elif spoil == "nan_json":
         js.write_text('{"scale": 0.01, "angle": NaN}')
     elif spoil == "not_json":
@@ -218,7 +226,7 @@ def test_nodata_in_a_prediction_is_a_warning(dataset, tmp_path):
     _perfect(truth, pred)
     cm = io.read_agl_cm(pred / "ARG_a00001_AGL.tif")
     cm[3, 4] = 65535
-    io._write(pred / "ARG_a00001_AGL.tif", cm[None], driver="GTiff", compress="deflate")
+    _write_tif(pred / "ARG_a00001_AGL.tif", cm[None])
     report = inspect_submission(pack(pred), data)
     assert report.problems == []
     assert len(report.warnings) == 1 and report.warnings[0].startswith("ARG_a00001_AGL.tif")
