@@ -284,6 +284,22 @@ def test_children_draw_independently():
     assert len(combos) == 4
 
 
+def test_preset_set_random_seed_keeps_children_independent():
+    """The dataset may call albumentations' own `set_random_seed`; with plain A.Compose every child
+    would get the same seed, so equal-p ops decide alike on the first call (all or none)."""
+    t = T.build_train_transform("d4", "light", p=0.5, rotate_limit=0, zoom_limit=0)
+    t.save_applied_params = True
+    img, agl, _ = _labelled()
+
+    def first_call(seed: int) -> int:
+        t.set_random_seed(seed)
+        return len(t(image=img, agl=agl)["applied_transforms"])
+
+    fired = [first_call(seed) for seed in range(60)]  # 3 ops with p = 0.5 each
+    assert fired == [first_call(seed) for seed in range(60)]  # reproducible
+    assert sum(0 < n < 3 for n in fired) > 20  # some but not all fired: the decisions are independent
+
+
 def test_unknown_preset_names_list_valid_ones():
     with pytest.raises(ValueError, match="'affine'"):
         T.build_train_transform("spin", "light", 0.5, 10, 0.1)

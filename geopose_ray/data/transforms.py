@@ -195,6 +195,15 @@ def _lookup(registry: dict[str, Any], name: str, kind: str) -> Any:
     return registry[name]
 
 
+class SharedRngCompose(A.Compose):
+    """A.Compose whose `set_random_seed` (the albumentations API a dataset may call) gives all
+    children one shared generator pair, as `reseed` does."""
+
+    def set_random_seed(self, seed: int | None) -> None:
+        super().set_random_seed(seed)
+        reseed(self, seed)
+
+
 def reseed(transform: A.BaseCompose | A.BasicTransform, seed: int | None) -> None:
     """Give `transform` (and all its children) ONE fresh numpy + python generator pair.
 
@@ -213,7 +222,7 @@ def build_train_transform(
     rotate_limit: float,
     zoom_limit: float,
     seed: int | None = None,
-) -> A.Compose:
+) -> SharedRngCompose:
     """Train-time Compose: geometric preset, then photometric preset.
 
     Call it as `t(image=(H, W, 3) uint8, agl=(H, W) float32 m, vflow=[angle, scale, gsd])`;
@@ -226,12 +235,10 @@ def build_train_transform(
     ops = _lookup(GEO_PRESETS, geo, "geometric")(p, rotate_limit, zoom_limit)
     ops += _photometric(_lookup(PHOTO_PRESETS, photo, "photometric"), p)
     # strict=False (the default) lets `vflow` pass untouched through ops that do not declare it.
-    compose = A.Compose(ops, additional_targets=dict(ADDITIONAL_TARGETS), strict=False)
-    reseed(compose, seed)
-    return compose
+    return SharedRngCompose(ops, additional_targets=dict(ADDITIONAL_TARGETS), strict=False, seed=seed)
 
 
-def build_train_transform_from_config(cfg: DataConfig, seed: int | None = None) -> A.Compose:
+def build_train_transform_from_config(cfg: DataConfig, seed: int | None = None) -> SharedRngCompose:
     """`build_train_transform` from the data section of a run config."""
     return build_train_transform(
         geo=cfg.geo_aug,
