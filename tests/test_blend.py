@@ -1,0 +1,170 @@
+"""Blending and the OOF blend fit: the statistics-based score equals the official score of the
+blended maps, and each fitted refinement helps exactly when the data says it should."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from geopose_ray.constants import CITIES
+from geopose_ray.ensemble.blend import (
+    BlendParams,
+    OofTable,
+    ScaleModel,
+    fit_blend,
+    fit_city_multipliers,
+    fit_weights,
+    tile_stats,
+)
+from geopose_ray.metrics import GeoposeScore
+from geopose_ray.predict import Prediction
+
+
+def _direction(a: float) -> np.ndarray:
+    return np.array([math.sin(a), math.cos(a)])
+
+
+def _tiles(n=24, noise=(1.0, 3.0, 6.0), angle_noise=0.2, under=None, gsd_scale=False, seed=0, size=16):
+    """Synthetic OOF tiles: truth, per-member predictions of decreasing quality, 3 folds.
+    `under` = {city: f} makes every member predict f x the true height in that city;
+    `gsd_scale` makes the true scale an exact function of gsd (what ScaleModel can learn)."""
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for i in range(n):
+        city, gsd = CITIES[i % 4], rng.uniform(0.3, 0.6)
+        y = rng.gamma(2.0, 3.0, (size, size))
+        y[rng.random((size, size)) < 0.1] = np.nan  # no-data pixels
+        st = 0.2 + 0.25 / gsd if gsd_scale else rng.uniform(0.6, 1.1)
+        at = rng.uniform(-math.pi, math.pi)
+        f = (under or {}).get(city, 1.0)
+        preds = [
+            Prediction(
+                np.clip(f * np.nan_to_num(y, nan=1.0) + rng.normal(0, s, y.shape), 0, None).astype(
+                    np.float32
+                ),
+                st * (1 + rng.normal(0, 0.15)),
+                _direction(at + rng.normal(0, angle_noise * (k + 1))),
+            )
+            for k, s in enumerate(noise)
+        ]
+        tiles.append(
+            {
+                "id": f"t{i:03d}",
+                "city": city,
+                "fold": i % 3,
+                "gsd": gsd,
+                "y": y,
+                "st": st,
+                "at": at,
+                "preds": preds,
+            }
+        )
+    return tiles
+
+
+def _table(tiles) -> OofTable:
+    return OofTable.from_records(
+        [
+            {
+                **tile_stats(t["preds"], t["y"], t["st"], t["at"]),
+                **{k: t[k] for k in ("id", "city", "fold", "gsd")},
+            }
+            for t in tiles
+        ]
+    )
+
+
+def _official(tiles, params: BlendParams) -> float:
+    score = GeoposeScore()
+    for t in tiles:
+        b = params.apply(t["preds"], t["gsd"], t["city"])
+        score.update(t["city"], t["y"], b.agl, t["st"], t["at"], b.scale, b.angle)
+    return score.compute()["final"]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        BlendParams([1 / 3] * 3),
+        BlendParams([0.2, 0.5, 0.3], agl_mult={"ARG": 1.15, "OMA": 0.9}),
+        BlendParams([0.0, 0.0, 1.0], scale_model=ScaleModel({"ATL": (0.1, 0.3)}, pooled=(0.5, 0.1))),
+    ],
+    ids=["mean", "weights+mult", "member+scale_model"],
+)
+def test_statistics_score_equals_official_score_of_blended_maps(params):
+    tiles = _tiles()
+    assert params.score(_table(tiles))["final"] == pytest.approx(_official(tiles, params), abs=1e-6)
+
+
+def test_fitted_weights_beat_or_equal_plain_mean_out_of_fold():
+    tiles = _tiles()
+    table = _table(tiles)
+    w = fit_weights(table)
+    assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
+    plain = _official(tiles, BlendParams([1 / 3] * 3))
+    fitted = _official(tiles, BlendParams(list(w)))
+    assert fitted >= plain
+    assert fitted > plain + 0.05  # member 0 is far better than member 2: the fit must find it
+    assert w[0] > w[2]
+
+
+def test_identical_members_keep_the_plain_mean():
+    tiles = _tiles(noise=(2.0,))
+    for t in tiles:
+        t["preds"] = t["preds"] * 3
+    params, report = fit_blend(_table(tiles), refinements=("weights",))
+    assert report["kept"] == [] and params.weights == pytest.approx([1 / 3] * 3)
+    assert report["blend"] == pytest.approx(report["plain_mean"])
+
+
+def test_city_multiplier_undoes_a_height_bias_and_is_kept():
+    tiles = _tiles(noise=(0.5, 1.0), angle_noise=0.05, under={"ARG": 1 / 1.2, "JAX": 1 / 1.05})
+    table = _table(tiles)
+    mult = fit_city_multipliers(table, np.array([0.5, 0.5]))
+    assert mult["ARG"] == pytest.approx(1.2, rel=0.03)
+    assert mult["JAX"] == pytest.approx(1.05, rel=0.03)
+    assert mult["ATL"] == pytest.approx(1.0, rel=0.03)
+    params, report = fit_blend(table)
+    assert "agl_mult" in report["kept"]
+    assert report["blend"] > report["plain_mean"]
+    assert _official(tiles, params) == pytest.approx(report["blend"], abs=1e-6)
+
+
+def test_scale_model_kept_only_when_metadata_predicts_scale():
+    informative = _tiles(gsd_scale=True, angle_noise=0.05)
+    _, report = fit_blend(_table(informative), refinements=("scale_model",))
+    assert report["kept"] == ["scale_model"]
+    uninformative = _tiles(gsd_scale=False, angle_noise=0.05)
+    _, report = fit_blend(_table(uninformative), refinements=("scale_model",))
+    assert report["kept"] == []
+
+
+def test_scale_model_recovers_the_line_and_falls_back_for_unseen_cities():
+    gsd = np.array([0.3, 0.4, 0.5, 0.6, 0.35, 0.45])
+    city = np.array([0, 0, 0, 0, 1, 1])
+    scale = 0.2 + 0.25 / gsd
+    model = ScaleModel.fit(city, gsd, scale)
+    np.testing.assert_allclose(
+        model.predict(np.array([0, 1, 3]), np.array([0.33, 0.5, 0.4])),
+        0.2 + 0.25 / np.array([0.33, 0.5, 0.4]),
+    )
+
+
+def test_blend_params_apply_uses_circular_mean_and_city_factor():
+    agl = np.full((2, 2), 10.0, np.float32)
+    preds = [Prediction(agl, 1.0, _direction(math.radians(a))) for a in (179.0, -179.0)]
+    out = BlendParams([0.5, 0.5], agl_mult={"JAX": 1.1}).apply(preds, 0.5, "JAX")
+    assert abs(math.remainder(out.angle - math.pi, 2 * math.pi)) < 1e-9
+    np.testing.assert_allclose(out.agl, 11.0, rtol=1e-6)
+    assert BlendParams([0.5, 0.5]).apply(preds, 0.5, "ARG").agl == pytest.approx(agl)
+
+
+def test_report_lists_members_and_rejects_unknown_refinements():
+    table = _table(_tiles(n=12))
+    _, report = fit_blend(table)
+    assert len(report["members"]) == 3 and report["members"][0] > report["members"][2]
+    assert report["validation"].startswith("cross-fitted") and report["folds"] == 3
+    with pytest.raises(ValueError, match="unknown refinements"):
+        fit_blend(table, refinements=("stacking",))
