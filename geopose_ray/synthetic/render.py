@@ -47,17 +47,23 @@ def render_oblique(
     shade = _shading(height, scale, direction)
     g, zw, tw = point[win], z[win], top[win]
     agl[pixel] = zw
-    factor = np.where(tw, shade.roof.ravel()[g], _facade_factor(shade.facade.ravel()[g], zw, height.ravel()[g]))
+    factor = np.where(
+        tw, shade.roof.ravel()[g], _facade_factor(shade.facade.ravel()[g], zw, height.ravel()[g])
+    )
     colour[pixel] = albedo.reshape(-1, 3)[g] * factor[:, None]
     rgb = np.clip(np.rint(colour * 255.0), 0, 255).astype(np.uint8).reshape(hh, ww, 3)
     return rgb, agl.reshape(hh, ww)
 
 
-def _check(height: np.ndarray, albedo: np.ndarray, scale: float, angle: float) -> tuple[np.ndarray, np.ndarray]:
+def _check(
+    height: np.ndarray, albedo: np.ndarray, scale: float, angle: float
+) -> tuple[np.ndarray, np.ndarray]:
     height = np.asarray(height, dtype=np.float32)
     albedo = np.asarray(albedo, dtype=np.float32)
     if height.ndim != 2 or albedo.shape != (*height.shape, 3):
-        raise ValueError(f"height (H, W) and albedo (H, W, 3) expected, got {height.shape} and {albedo.shape}")
+        raise ValueError(
+            f"height (H, W) and albedo (H, W, 3) expected, got {height.shape} and {albedo.shape}"
+        )
     if not np.isfinite(height).all() or (height < 0).any():
         raise ValueError("height must be finite and >= 0 m")
     if not (np.isfinite(scale) and scale > 0 and np.isfinite(angle)):
@@ -84,12 +90,14 @@ def _splats(height: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, n
 
 
 def _highest(target: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the highest splat per target pixel, and those pixels (one sort, no ufunc.at)."""
-    frac = z / (z.max(initial=0.0) + 1.0)  # in [0, 1): pixel index dominates, z breaks ties
-    order = np.argsort(target + frac, kind="stable")
-    sorted_t = target[order]
-    last = np.flatnonzero(np.r_[sorted_t[1:] != sorted_t[:-1], True])
-    return order[last], sorted_t[last]
+    """Index of the highest splat per target pixel, and those pixels (ties: the last splat)."""
+    zbuf = np.full(int(target.max(initial=0)) + 1, -np.inf)
+    np.maximum.at(zbuf, target, z)
+    best = np.flatnonzero(z == zbuf[target])
+    winner = np.full(zbuf.size, -1, np.int64)
+    np.maximum.at(winner, target[best], best)
+    pixel = np.flatnonzero(winner >= 0)
+    return winner[pixel], pixel
 
 
 class _Shade:
@@ -102,7 +110,9 @@ def _shading(height: np.ndarray, scale: float, direction: np.ndarray) -> _Shade:
     """Headlight shading: surfaces that face the camera (+d) are brighter; facades darker."""
     # Roof slope by minmod (0 at box edges, so flat roofs stay flat up to the rim), px of
     # displacement per px: domes (trees) get rounded shading, boxes a uniform roof.
-    sx = _minmod(np.diff(height, axis=1, prepend=height[:, :1]), np.diff(height, axis=1, append=height[:, -1:]))
+    sx = _minmod(
+        np.diff(height, axis=1, prepend=height[:, :1]), np.diff(height, axis=1, append=height[:, -1:])
+    )
     sy = _minmod(np.diff(height, axis=0, prepend=height[:1]), np.diff(height, axis=0, append=height[-1:]))
     sx, sy = sx * scale, sy * scale
     view = np.array([direction[0] * VIEW_TILT, direction[1] * VIEW_TILT, 1.0])

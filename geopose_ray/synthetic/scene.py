@@ -40,32 +40,76 @@ class CityStyle:
 
 STYLES: dict[str, CityStyle] = {
     "ARG": CityStyle(
-        scale=(0.65, 1.05), gsd=(0.31, 0.41), height_median=4.5, height_sigma=0.3, tower_frac=0.03,
-        tower=(8.0, 12.0), height_max=12.0, footprint=(7.0, 16.0), density=0.38, trees=25,
-        tree_height=(3.0, 7.0), tree_radius=(2.5, 5.0),
+        scale=(0.65, 1.05),
+        gsd=(0.31, 0.41),
+        height_median=4.5,
+        height_sigma=0.3,
+        tower_frac=0.03,
+        tower=(8.0, 12.0),
+        height_max=12.0,
+        footprint=(7.0, 16.0),
+        density=0.38,
+        trees=25,
+        tree_height=(3.0, 7.0),
+        tree_radius=(2.5, 5.0),
         roofs=((0.72, 0.36, 0.24), (0.80, 0.50, 0.30), (0.62, 0.56, 0.46), (0.55, 0.30, 0.22)),
-        ground=((0.52, 0.45, 0.36), (0.46, 0.42, 0.33)), road=(0.36, 0.33, 0.30), tree=(0.30, 0.38, 0.20),
+        ground=((0.52, 0.45, 0.36), (0.46, 0.42, 0.33)),
+        road=(0.36, 0.33, 0.30),
+        tree=(0.30, 0.38, 0.20),
     ),
     "ATL": CityStyle(
-        scale=(0.60, 0.95), gsd=(0.47, 0.59), height_median=7.0, height_sigma=0.45, tower_frac=0.22,
-        tower=(14.0, 24.0), height_max=24.0, footprint=(14.0, 36.0), density=0.22, trees=70,
-        tree_height=(5.0, 12.0), tree_radius=(3.0, 6.5),
+        scale=(0.60, 0.95),
+        gsd=(0.47, 0.59),
+        height_median=7.0,
+        height_sigma=0.45,
+        tower_frac=0.22,
+        tower=(14.0, 24.0),
+        height_max=24.0,
+        footprint=(14.0, 36.0),
+        density=0.22,
+        trees=70,
+        tree_height=(5.0, 12.0),
+        tree_radius=(3.0, 6.5),
         roofs=((0.78, 0.78, 0.80), (0.45, 0.46, 0.50), (0.90, 0.90, 0.88), (0.30, 0.31, 0.34)),
-        ground=((0.40, 0.45, 0.36), (0.44, 0.44, 0.40)), road=(0.42, 0.42, 0.43), tree=(0.12, 0.30, 0.12),
+        ground=((0.40, 0.45, 0.36), (0.44, 0.44, 0.40)),
+        road=(0.42, 0.42, 0.43),
+        tree=(0.12, 0.30, 0.12),
     ),
     "JAX": CityStyle(
-        scale=(0.70, 1.10), gsd=(0.31, 0.39), height_median=5.0, height_sigma=0.4, tower_frac=0.10,
-        tower=(10.0, 18.0), height_max=18.0, footprint=(10.0, 26.0), density=0.26, trees=45,
-        tree_height=(4.0, 9.0), tree_radius=(2.5, 5.5),
+        scale=(0.70, 1.10),
+        gsd=(0.31, 0.39),
+        height_median=5.0,
+        height_sigma=0.4,
+        tower_frac=0.10,
+        tower=(10.0, 18.0),
+        height_max=18.0,
+        footprint=(10.0, 26.0),
+        density=0.26,
+        trees=45,
+        tree_height=(4.0, 9.0),
+        tree_radius=(2.5, 5.5),
         roofs=((0.88, 0.84, 0.74), (0.92, 0.92, 0.92), (0.66, 0.74, 0.80), (0.80, 0.70, 0.58)),
-        ground=((0.70, 0.64, 0.50), (0.62, 0.60, 0.48)), road=(0.58, 0.58, 0.56), tree=(0.22, 0.45, 0.20),
+        ground=((0.70, 0.64, 0.50), (0.62, 0.60, 0.48)),
+        road=(0.58, 0.58, 0.56),
+        tree=(0.22, 0.45, 0.20),
     ),
     "OMA": CityStyle(
-        scale=(0.60, 1.00), gsd=(0.31, 0.36), height_median=5.5, height_sigma=0.4, tower_frac=0.08,
-        tower=(10.0, 20.0), height_max=20.0, footprint=(9.0, 24.0), density=0.28, trees=55,
-        tree_height=(4.0, 10.0), tree_radius=(3.0, 6.0),
+        scale=(0.60, 1.00),
+        gsd=(0.31, 0.36),
+        height_median=5.5,
+        height_sigma=0.4,
+        tower_frac=0.08,
+        tower=(10.0, 20.0),
+        height_max=20.0,
+        footprint=(9.0, 24.0),
+        density=0.28,
+        trees=55,
+        tree_height=(4.0, 10.0),
+        tree_radius=(3.0, 6.0),
         roofs=((0.35, 0.30, 0.28), (0.42, 0.42, 0.44), (0.50, 0.38, 0.30), (0.26, 0.27, 0.30)),
-        ground=((0.36, 0.50, 0.28), (0.40, 0.48, 0.32)), road=(0.48, 0.48, 0.47), tree=(0.18, 0.36, 0.14),
+        ground=((0.36, 0.50, 0.28), (0.40, 0.48, 0.32)),
+        road=(0.48, 0.48, 0.47),
+        tree=(0.18, 0.36, 0.14),
     ),
 }
 
@@ -84,23 +128,32 @@ def zoom_for(size: int) -> float:
 def make_scene(rng: np.random.Generator, style: CityStyle, n_px: int, gsd: float, zoom: float) -> Scene:
     """A square patch of city `n_px` wide: ground, a rotated road grid, buildings, trees."""
     ground = np.asarray(style.ground[rng.integers(len(style.ground))], np.float32)
-    albedo = ground + _texture(rng, n_px, sigma=8.0 * zoom, amp=0.06) + _texture(rng, n_px, 0.0, 0.02)
+    grain = _grain(rng, n_px)  # shared fine noise: the masks below are disjoint
+    albedo = ground + _blotches(rng, n_px, sigma=8.0 * zoom, amp=0.06) + 0.02 * grain
     height = np.zeros((n_px, n_px), np.float32)
     grid_angle = rng.uniform(0, np.pi / 2)
     road = _roads(rng, n_px, grid_angle, zoom)
-    albedo[road] = np.asarray(style.road, np.float32) + _texture(rng, n_px, 0.0, 0.015)[road]
+    albedo[road] = np.asarray(style.road, np.float32) + 0.015 * grain[road]
     _add_buildings(rng, style, (height, albedo), road, grid_angle, zoom, zoom * REFERENCE_GSD / gsd)
-    _add_trees(rng, style, (height, albedo), road, zoom)
+    _add_trees(rng, style, (height, albedo), road, zoom, 0.035 * grain)
     return Scene(height=height, albedo=np.clip(albedo, 0.0, 1.0))
 
 
-def _texture(rng: np.random.Generator, n_px: int, sigma: float, amp: float) -> np.ndarray:
-    """(N, N, 3) zero-mean colour noise, mostly brightness; sigma > 0 makes it blotchy (lawns, soil)."""
-    noise = rng.standard_normal((n_px, n_px, 4)).astype(np.float32)
-    if sigma > 0:
-        noise = ndimage.gaussian_filter(noise, (sigma, sigma, 0))
-        noise /= noise.std() + 1e-6
-    return amp * (noise[..., :1] + 0.3 * noise[..., 1:])
+def _grain(rng: np.random.Generator, n_px: int) -> np.ndarray:
+    """(N, N, 3) unit per-pixel noise, mostly brightness with a little colour."""
+    noise = rng.standard_normal((n_px, n_px, 4), dtype=np.float32)
+    return noise[..., :1] + 0.3 * noise[..., 1:]
+
+
+def _blotches(rng: np.random.Generator, n_px: int, sigma: float, amp: float) -> np.ndarray:
+    """(N, N, 3) smooth colour noise (lawns, soil) of std ~`amp`, built on a coarse grid: cheap."""
+    step = max(1, int(sigma // 2))
+    coarse = ndimage.gaussian_filter(
+        rng.standard_normal((n_px // step + 2, n_px // step + 2, 4)), (sigma / step, sigma / step, 0)
+    )
+    fine = ndimage.zoom(coarse, (step, step, 1), order=1)[:n_px, :n_px].astype(np.float32)
+    fine /= fine.std() + 1e-6
+    return amp * (fine[..., :1] + 0.3 * fine[..., 1:])
 
 
 def _rotated(n_px: int, angle: float) -> tuple[np.ndarray, np.ndarray]:
@@ -189,14 +242,16 @@ def _add_trees(
     layers: tuple[np.ndarray, np.ndarray],
     road: np.ndarray,
     zoom: float,
+    leaf: np.ndarray,
 ) -> None:
-    """Dome-shaped green canopies on open ground (never on roads or roofs); edits `layers`."""
+    """Dome-shaped green canopies on open ground (never on roads or roofs); edits `layers`.
+
+    `leaf` (N, N, 3) is the canopy texture added to the tree colour."""
     height, albedo = layers
     n_px = height.shape[0]
     count = rng.poisson(style.trees * (n_px / REFERENCE_SIZE) ** 2)
     free = ~road & (height == 0)
     y, x = np.mgrid[0:n_px, 0:n_px].astype(np.float32)
-    leaf = _texture(rng, n_px, 0.0, 0.035)
     for _ in range(count):
         cx, cy = rng.uniform(0, n_px, 2)
         if not free[int(cy), int(cx)]:
