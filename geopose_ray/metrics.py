@@ -67,26 +67,36 @@ def image_sums(
     NaN in `agl_true` drops the pixel everywhere; NaN in `agl_pred` drops it from the SSE only
     (the official quirk for a predicted 65535), because the official code uses nansum.
     """
-    t = np.asarray(agl_true, dtype=np.float64)  # (H, W) m, NaN = no data
-    p = np.asarray(agl_pred, dtype=np.float64)  # (H, W) m
+    t, p = np.asarray(agl_true), np.asarray(agl_pred)  # (H, W) m, NaN = no data; any float dtype
     if t.shape != p.shape:
         raise ValueError(f"agl_pred shape {p.shape} != agl_true shape {t.shape}")
     valid = np.isfinite(t)
-    tv = t[valid]
+    # (n,) float64 pixels with truth (NaN truth never counts); gather first, then widen: cheaper
+    tv, pv = (t[valid], p[valid]) if not valid.all() else (t.ravel(), p.ravel())
+    tv, pv = tv.astype(np.float64), pv.astype(np.float64)
+    gx, gy = _vflow(tv * float(scale_true), float(angle_true))  # (n,) px each, finite
+    keep = ~np.isnan(pv)  # nansum semantics: a NaN term leaves the SSE, an inf one stays
+    if not keep.all():
+        tk, pk, gxk, gyk = tv[keep], pv[keep], gx[keep], gy[keep]
+    else:
+        tk, pk, gxk, gyk = tv, pv, gx, gy
+    px, py = _vflow(pk * float(scale_pred), float(angle_pred))
     out = np.zeros(N_FIELDS)
     out[_COL["images"]] = 1.0
     out[_COL["agl_n"]] = tv.size
     out[_COL["agl_sum"]] = tv.sum()
-    out[_COL["agl_sumsq"]] = np.dot(tv, tv)
-    out[_COL["agl_sse"]] = np.nansum(np.square(p[valid] - tv))
-
-    gx, gy = _vflow(tv * float(scale_true), float(angle_true))  # (n,) px each
-    px, py = _vflow(p[valid] * float(scale_pred), float(angle_pred))
-    out[_COL["vflow_n"]] = np.isfinite(gx).sum() + np.isfinite(gy).sum()
-    out[_COL["vflow_sum"]] = np.nansum(gx) + np.nansum(gy)
-    out[_COL["vflow_sumsq"]] = np.nansum(np.square(gx)) + np.nansum(np.square(gy))
-    out[_COL["vflow_sse"]] = np.nansum(np.square(px - gx)) + np.nansum(np.square(py - gy))
+    out[_COL["agl_sumsq"]] = _sumsq(tv)
+    out[_COL["agl_sse"]] = _sumsq(pk - tk)
+    out[_COL["vflow_n"]] = 2 * tv.size  # both components of every valid pixel
+    out[_COL["vflow_sum"]] = gx.sum() + gy.sum()
+    out[_COL["vflow_sumsq"]] = _sumsq(gx) + _sumsq(gy)
+    out[_COL["vflow_sse"]] = _sumsq(px - gxk) + _sumsq(py - gyk)
     return out
+
+
+def _sumsq(x: np.ndarray) -> float:
+    """sum(x²) of a 1-D float64 array (BLAS dot: no temporary)."""
+    return float(np.dot(x, x))
 
 
 def _r2(n: float, s: float, sumsq: float, sse: float) -> float:
