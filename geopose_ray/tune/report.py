@@ -1,0 +1,236 @@
+"""What a finished (or interrupted) experiment shows a user, rebuilt from Tune's files on disk:
+`leaderboard.csv` (+ the same table printed), `best_config.yaml`, Optuna parameter importances
+and PNG plots, all written atomically into the experiment folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from geopose_ray.atomic import atomic_path, atomic_write_text
+from geopose_ray.tune.driver import METRIC, trial_train_config
+from geopose_ray.tune.space import SearchSpace
+
+LEADERBOARD = "leaderboard.csv"
+BEST_CONFIG = "best_config.yaml"
+IMPORTANCES = "param_importances.json"
+SCORE_VS_EPOCH = "score_vs_epoch.png"
+SCORE_BY_PARAM = "score_by_param.png"
+RUN_KEYS = ("data_dir", "cache_dir", "fold")  # not part of a config's identity
+
+
+@dataclass
+class TrialRecord:
+    """One Tune trial as read back from disk: its config, status and per-epoch history."""
+
+    trial_id: str
+    status: str  # TERMINATED | ERROR | RUNNING | PENDING | PAUSED
+    config: dict[str, Any]  # Tune's trial config (search: flat; refit: refit_configs + member)
+    history: pd.DataFrame  # one row per report: epoch, score, val_loss, node_id, ...
+    path: str
+
+    @property
+    def train_config(self) -> dict[str, Any]:
+        return trial_train_config(self.config)
+
+    def best(self) -> tuple[float, int]:
+        """(best score, its epoch); (nan, 0) when no finite score was reported."""
+        if METRIC not in self.history or self.history[METRIC].isna().all():
+            return math.nan, 0
+        row = self.history.loc[self.history[METRIC].idxmax()]
+        return float(row[METRIC]), int(row.get("epoch", 0))
+
+    def epochs_run(self) -> int:
+        return int(self.history["epoch"].max()) if "epoch" in self.history and len(self.history) else 0
+
+    def last(self, key: str) -> Any:
+        if key not in self.history or self.history[key].dropna().empty:
+            return None
+        return self.history[key].dropna().iloc[-1]
+
+
+def config_id(train_config: dict[str, Any]) -> str:
+    """Short stable hash of a config without its run keys: the same config on two folds shares it."""
+    ident = {k: v for k, v in sorted(train_config.items()) if k not in RUN_KEYS}
+    return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def load_trials(experiment_dir: str | Path) -> list[TrialRecord]:
+    """Every trial of a Tune experiment folder, finished or not (no running Ray needed)."""
+    from ray import tune
+
+    ea = tune.ExperimentAnalysis(str(experiment_dir))
+    frames = ea.trial_dataframes
+    records = []
+    for t in ea.trials:
+        df = frames.get(t.trial_id, pd.DataFrame())
+        if "epoch" in df:
+            # a resumed trial re-reports the epochs after its last checkpoint: keep the latest
+            df = df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
+        records.append(
+            TrialRecord(t.trial_id, str(t.status), dict(t.config), df.reset_index(drop=True), t.path)
+        )
+    return records
+
+
+def leaderboard(records: list[TrialRecord], space: SearchSpace) -> pd.DataFrame:
+    """One row per trial, best score first: where and how long it ran, and its searched values."""
+    max_epochs = space.scheduler.max_epochs
+    rows = []
+    for r in records:
+        cfg = r.train_config
+        score, best_epoch = r.best()
+        epochs = r.epochs_run()
+        row: dict[str, Any] = {
+            "trial_id": r.trial_id,
+            "fold": cfg.get("fold"),
+            "score": score,
+            "best_epoch": best_epoch,
+            "epochs_run": epochs,
+            "stopped_early": r.status == "TERMINATED" and epochs < max_epochs,
+            "status": r.status,
+            "node_id": r.last("node_id"),
+            "worker_node_ids": r.last("worker_node_ids"),
+            "config_id": config_id(cfg),
+        }
+        if "member" in r.config:
+            row["config_rank"] = r.config["member"]["config_rank"]
+        row.update({name: cfg.get(name) for name in space.searched()})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    return df.sort_values("score", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def format_table(board: pd.DataFrame) -> str:
+    """The leaderboard as printed at the end of a run (short ids, no node columns)."""
+    if board.empty:
+        return "(no trials)"
+    shown = board.drop(columns=[c for c in ("worker_node_ids", "config_id") if c in board])
+    if "node_id" in shown:
+        shown = shown.assign(node_id=shown["node_id"].map(lambda n: str(n)[:8] if isinstance(n, str) else n))
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format
+    ):
+        return shown.to_string(index=False)
+
+
+def param_importances(records: list[TrialRecord], space: SearchSpace) -> dict[str, Any]:
+    """Optuna's importances on a study rebuilt from the finished trials (best score each)."""
+    import optuna
+
+    dists = {p.name: p.distribution() for p in space.parameters}
+    study = optuna.create_study(direction="maximize")
+    for r in records:
+        score, _ = r.best()
+        if not math.isfinite(score):
+            continue
+        params = {k: v for k, v in r.train_config.items() if k in dists}
+        try:
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=params, distributions={k: dists[k] for k in params}, value=score
+                )
+            )
+        except ValueError:  # a value outside today's space (the file changed since the run)
+            continue
+    try:
+        importances = optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError) as e:
+        return {"importances": {}, "trials": len(study.trials), "note": f"not computable: {e}"}
+    return {"importances": {k: float(v) for k, v in importances.items()}, "trials": len(study.trials)}
+
+
+def plot_score_vs_epoch(records: list[TrialRecord], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for r in records:
+        if METRIC in r.history and "epoch" in r.history:
+            ax.plot(r.history["epoch"], r.history[METRIC], marker="o", label=r.trial_id)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation score (official metric)")
+    if len(records) <= 12:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_score_by_param(board: pd.DataFrame, space: SearchSpace, path: Path) -> None:
+    """Best score of every trial against each searched parameter's value (categories as strips)."""
+    from matplotlib.figure import Figure
+
+    names = [n for n in space.searched() if n in board and board[n].notna().any()] or ["(none)"]
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(4 * cols, 3.2 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    params = {p.name: p for p in space.parameters}
+    for ax, name in zip(axes, names):
+        if name in params:
+            data = board[[name, "score"]].dropna()
+            p = params[name]
+            if p.type == "choice":
+                cats = [str(v) for v in p.values]
+                x = data[name].astype(str).map({c: i for i, c in enumerate(cats)})
+                ax.set_xticks(range(len(cats)), cats, rotation=30, fontsize=7)
+            else:
+                x = data[name].astype(float)
+                if p.log or p.type == "loguniform":
+                    ax.set_xscale("log")
+            ax.scatter(x, data["score"], alpha=0.7)
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("best score")
+    for ax in axes[len(names) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+
+
+def best_config(board: pd.DataFrame, records: list[TrialRecord]) -> dict[str, Any] | None:
+    """Flat config of the best trial (None when no trial reported a finite score)."""
+    if board.empty or not math.isfinite(board["score"].iloc[0]):
+        return None
+    best_id = board["trial_id"].iloc[0]
+    return next(r.train_config for r in records if r.trial_id == best_id)
+
+
+def write_report(experiment_dir: str | Path, space: SearchSpace, importances: bool = True) -> pd.DataFrame:
+    """Write every report file into `experiment_dir`; returns the leaderboard. `importances`
+    off for refits, whose configs were picked, not sampled."""
+    exp = Path(experiment_dir)
+    records = load_trials(exp)
+    board = leaderboard(records, space)
+    with atomic_path(exp / LEADERBOARD) as tmp:
+        board.to_csv(tmp, index=False)
+    best = best_config(board, records)
+    if best is not None:
+        header = f"# best trial {board['trial_id'].iloc[0]}: score {board['score'].iloc[0]:.5f}\n"
+        body = yaml.safe_dump({k: plain(v) for k, v in best.items()}, sort_keys=False)
+        atomic_write_text(exp / BEST_CONFIG, header + body)
+    if space.parameters and importances:
+        atomic_write_text(exp / IMPORTANCES, json.dumps(param_importances(records, space), indent=2) + "\n")
+        plot_score_by_param(board, space, exp / SCORE_BY_PARAM)
+    plot_score_vs_epoch(records, exp / SCORE_VS_EPOCH)
+    return board
+
+
+def plain(v: Any) -> Any:
+    """numpy scalars -> Python, so YAML stays readable."""
+    return v.item() if isinstance(v, np.generic) else v

@@ -1,0 +1,249 @@
+"""Layer 1: the Tuner. OptunaSearch (TPE, seeded, the space's defaults first) proposes configs,
+ASHA stops weak ones by epoch, every trial is one Ray Train run (`driver.py`); then the report,
+and optionally the fold refit of the best configs (`refit.py`).
+
+Needs a connected Ray (`ray.init`) — the CLI `run_search.py` does that and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from geopose_ray import paths
+from geopose_ray.atomic import atomic_write_text
+from geopose_ray.errors import InputError
+from geopose_ray.tune.driver import METRIC, MODE, DriverSettings, TrialResources, make_trainable
+from geopose_ray.tune.space import SearchSpace, SpaceSampler, load_space
+
+DEFAULT_WORKERS = 2
+DEFAULT_CPUS_PER_WORKER = 1.0
+OPTIONS_FILE = "search_options.json"
+
+
+@dataclass
+class SearchOptions:
+    """Everything `run_search.py` accepts (None = from the space's hints, then the defaults)."""
+
+    space: str
+    data: str | None = None  # None: the embedded synthetic set (generated when missing)
+    cache: str | None = None
+    storage: str | None = None  # None: paths.default_storage()
+    name: str | None = None  # None: the space file's stem
+    num_samples: int | None = None
+    workers_per_trial: int | None = None
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_worker: float | None = None
+    fold: int = 0
+    folds: tuple[int, ...] | None = None  # refit folds; None: range(refit fold count) = (0, 1)
+    refit_top: int = 0
+    resume: bool = False
+    seed: int = 0
+    max_epochs: int | None = None
+    num_to_keep: int = 2  # best Train checkpoints kept per trial (plus the latest)
+    max_failures: int = 1  # Train worker-group restarts per trial
+    train_fn: Callable[[dict], None] | None = field(default=None, repr=False)  # tests: stand-in worker
+
+
+@dataclass
+class SearchResult:
+    experiment_dir: Path
+    leaderboard: pd.DataFrame
+    best_config: dict[str, Any] | None
+    trials: int
+    epochs_run: int  # summed over trials
+    epochs_budget: int  # trials x max_epochs
+    wall_s: float
+    members: list[dict[str, Any]] = field(default_factory=list)
+    members_path: Path | None = None
+    refit_leaderboard: pd.DataFrame | None = None
+
+
+def resolve_space(opts: SearchOptions, data_dir: str) -> SearchSpace:
+    """The space with this run's settings folded in: data, fold and the epoch budget."""
+    space = load_space(opts.space)
+    sched = space.scheduler
+    if opts.max_epochs is not None:
+        if opts.max_epochs < 1:
+            raise InputError("--max-epochs", f"must be >= 1, got {opts.max_epochs}")
+        sched = dataclasses.replace(
+            sched, max_epochs=opts.max_epochs, grace_period=min(sched.grace_period, opts.max_epochs)
+        )
+    run = {
+        "data_dir": data_dir,
+        "fold": opts.fold,
+        **({"cache_dir": str(Path(opts.cache).resolve())} if opts.cache else {}),
+    }
+    n_folds = int(space.fixed.get("n_folds", 5))
+    if not 0 <= opts.fold < n_folds:
+        raise InputError(space.path, f"--fold {opts.fold} is not in 0..{n_folds - 1} (n_folds {n_folds})")
+    return dataclasses.replace(
+        space,
+        fixed={**space.fixed, **run},
+        scheduler=sched,
+        num_samples=opts.num_samples or space.num_samples,
+    )
+
+
+def resolve_resources(opts: SearchOptions, space: SearchSpace, cluster: dict[str, float]) -> TrialResources:
+    """Command line > the space's `resources` hints > defaults; refuses a trial that cannot fit."""
+    hint = space.resources
+    gpus = opts.gpus_per_worker
+    if gpus is None:
+        gpus = hint.get("gpus_per_worker", 1.0) if cluster.get("GPU", 0) > 0 else 0.0
+    res = TrialResources(
+        workers_per_trial=int(opts.workers_per_trial or hint.get("workers_per_trial", DEFAULT_WORKERS)),
+        cpus_per_worker=float(
+            opts.cpus_per_worker
+            if opts.cpus_per_worker is not None
+            else hint.get("cpus_per_worker", DEFAULT_CPUS_PER_WORKER)
+        ),
+        gpus_per_worker=float(gpus),
+    )
+    if not res.fits(cluster):
+        have = {k: cluster.get(k, 0) for k in ("CPU", "GPU")}
+        raise InputError(
+            space.path,
+            f"one trial needs {res.workers_per_trial} workers x {res.per_worker()} (+ a driver), the cluster "
+            f"has {have}: lower --workers-per-trial / --cpus-per-worker / --gpus-per-worker",
+        )
+    return res
+
+
+def resolve_data(opts: SearchOptions) -> str:
+    if opts.data is None:
+        from geopose_ray.train import ensure_default_data
+
+        return str(ensure_default_data(paths.default_data_dir()))
+    data = Path(opts.data).resolve()
+    if not data.is_dir():
+        raise InputError(data, "data folder not found")
+    return str(data)
+
+
+def build_tuner(
+    space: SearchSpace, trainable: Any, name: str, storage: str, max_concurrent: int, seed: int
+) -> Any:
+    """OptunaSearch + ASHA over `trainable` (the driver, or any function reporting `epoch` and
+    `score`). Metric and mode live on both, not on TuneConfig: rank results with them explicitly."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(
+        space=SpaceSampler(space),
+        metric=METRIC,
+        mode=MODE,
+        points_to_evaluate=[space.default_point()],
+        sampler=optuna.samplers.TPESampler(seed=seed),
+    )
+    sched = space.scheduler
+    scheduler = ASHAScheduler(
+        metric=METRIC,
+        mode=MODE,
+        time_attr="epoch",  # not training_iteration: that restarts at 1 after a restore
+        max_t=sched.max_epochs,
+        grace_period=sched.grace_period,
+        reduction_factor=sched.reduction_factor,
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=space.num_samples,
+            max_concurrent_trials=max_concurrent,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage),
+    )
+
+
+def fit_or_resume(make_tuner: Callable[[], Any], experiment_dir: Path, trainable: Any, resume: bool) -> Any:
+    """A new experiment, or (`resume`) the one in `experiment_dir` restored with its errored
+    trials retried; the Train runs of unfinished trials resume from their latest checkpoints."""
+    from ray import tune
+
+    exists = tune.Tuner.can_restore(str(experiment_dir))
+    if resume:
+        if not exists:
+            raise InputError(experiment_dir, "no experiment to resume here")
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+    else:
+        if exists:
+            raise InputError(
+                experiment_dir, "experiment exists: pass --resume to finish it, or choose another --name"
+            )
+        tuner = make_tuner()
+    return tuner.fit()
+
+
+def run_search(opts: SearchOptions) -> SearchResult:
+    """Search one fold, report, and optionally refit the top configs on every fold."""
+    import ray
+
+    from geopose_ray.tune import refit, report
+
+    start = time.monotonic()
+    data_dir = resolve_data(opts)
+    space = resolve_space(opts, data_dir)
+    cluster = ray.cluster_resources()
+    resources = resolve_resources(opts, space, cluster)
+    storage = Path(opts.storage).resolve() if opts.storage else paths.default_storage()
+    name = opts.name or space.name
+    exp_dir = storage / name
+    settings = DriverSettings(
+        experiment=name,
+        storage_path=str(storage),
+        resources=resources,
+        num_to_keep=opts.num_to_keep,
+        max_failures=opts.max_failures,
+        train_fn=opts.train_fn,
+    )
+    concurrent = resources.max_concurrent(cluster)
+    trainable = make_trainable(settings)
+    fit_or_resume(
+        lambda: build_tuner(space, trainable, name, str(storage), concurrent, opts.seed),
+        exp_dir,
+        trainable,
+        opts.resume,
+    )
+    _write_options(exp_dir, opts, space, resources, concurrent)
+    board = report.write_report(exp_dir, space)
+    result = SearchResult(
+        experiment_dir=exp_dir,
+        leaderboard=board,
+        best_config=report.best_config(board, report.load_trials(exp_dir)),
+        trials=len(board),
+        epochs_run=int(board["epochs_run"].sum()) if len(board) else 0,
+        epochs_budget=len(board) * space.scheduler.max_epochs,
+        wall_s=0.0,
+    )
+    if opts.refit_top > 0:
+        folds = opts.folds if opts.folds is not None else (0, 1)
+        out = refit.run_refit(exp_dir, space, settings, opts.refit_top, folds, concurrent, opts.resume)
+        result.members, result.members_path, result.refit_leaderboard = out
+    result.wall_s = time.monotonic() - start
+    return result
+
+
+def _write_options(
+    exp_dir: Path, opts: SearchOptions, space: SearchSpace, res: TrialResources, conc: int
+) -> None:
+    """The resolved settings beside the results (what exactly ran, for a later reader)."""
+    doc = {k: v for k, v in dataclasses.asdict(opts).items() if k != "train_fn"}
+    doc.update(
+        space_file=str(Path(space.path).resolve()),
+        resources=dataclasses.asdict(res),
+        max_concurrent_trials=conc,
+        max_epochs=space.scheduler.max_epochs,
+        fixed=space.fixed,
+    )
+    atomic_write_text(exp_dir / OPTIONS_FILE, json.dumps(doc, indent=2, default=str) + "\n")
