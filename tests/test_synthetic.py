@@ -4,12 +4,14 @@ of the oblique renderer (GEOPOSE_SPEC section 2: a point of height h appears at 
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import math
 import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from geopose_ray.data.io import read_agl, read_rgb, read_vflow
 from geopose_ray.errors import InputError
 from geopose_ray.synthetic import generate, plan, render_oblique
 from geopose_ray.synthetic.__main__ import main
+from geopose_ray.synthetic.build import LOCK
 
 GSD_RANGES = {
     "ARG": (0.31, 0.41),
@@ -146,6 +149,19 @@ def test_complete_set_is_kept_changed_parameters_regenerate(tmp_path: Path):
     assert {p.name for p in (out / "train").iterdir()} == listed
     assert not (out / "test").exists() and not (out / "truth").exists()
     assert json.loads((out / "synthetic.json").read_text())["seed"] == 5
+
+
+def test_generate_waits_for_a_concurrent_writer_of_the_same_folder(tmp_path: Path):
+    out = tmp_path / "shared"
+    out.mkdir()
+    with open(out / LOCK, "a") as held, ThreadPoolExecutor(1) as pool:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process is writing this folder
+        job = pool.submit(generate, out, size=32, per_city=1, test_per_city=0)
+        time.sleep(1.0)
+        assert not job.done() and not (out / "synthetic.json").exists()
+        fcntl.flock(held, fcntl.LOCK_UN)
+        assert job.result(timeout=60) == out
+    assert (out / "synthetic.json").is_file()
 
 
 def test_refuses_to_overwrite_a_foreign_data_set(tmp_path: Path):

@@ -11,10 +11,13 @@ Train tiles come in pairs of acquisitions (different angle, scale and crop) of o
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import shutil
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from geopose_ray.synthetic.render import render_oblique
 from geopose_ray.synthetic.scene import STYLES, Scene, make_scene, zoom_for
 
 MANIFEST = "synthetic.json"
+LOCK = ".synthetic.lock"  # concurrent generate() calls on one folder wait for each other
 FORMAT_VERSION = 1  # bump when the generator's output changes, so old sets are regenerated
 VIEWS_PER_SCENE = 2  # train acquisitions per scene (test tiles: one scene each)
 ID_ALPHABET = string.ascii_letters + string.digits
@@ -142,18 +146,31 @@ def generate(
     }
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")
-    if _complete(out, params):
-        return out
-    _clear_previous(out)
-    tiles = plan(per_city, test_per_city, seed)
-    scene, scene_seed = None, None
-    for tile in tiles:  # the acquisitions of one scene are consecutive: build each scene once
-        if tile.scene_seed != scene_seed:
-            scene, scene_seed = scene_for(tile, size), tile.scene_seed
-        _write_tile(out, tile, *render_tile(tile, size, scene))
-    _write_tables(out, tiles)
-    atomic_write_text(out / MANIFEST, json.dumps({**params, "tiles": len(tiles)}, indent=1))
+    _refuse_foreign(out)
+    with _locked(out):
+        if _complete(out, params):
+            return out
+        _clear_previous(out)
+        tiles = plan(per_city, test_per_city, seed)
+        scene, scene_seed = None, None
+        for tile in tiles:  # the acquisitions of one scene are consecutive: build each scene once
+            if tile.scene_seed != scene_seed:
+                scene, scene_seed = scene_for(tile, size), tile.scene_seed
+            _write_tile(out, tile, *render_tile(tile, size, scene))
+        _write_tables(out, tiles)
+        atomic_write_text(out / MANIFEST, json.dumps({**params, "tiles": len(tiles)}, indent=1))
     return out
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_tile(out: Path, tile: TilePlan, rgb: np.ndarray, agl: np.ndarray) -> None:
@@ -208,13 +225,15 @@ def _files_of(tile: TilePlan) -> list[tuple[str, str]]:
     return [(tile.split, "RGB.j2k"), (labels, "AGL.tif"), (labels, "VFLOW.json")]
 
 
+def _refuse_foreign(out: Path) -> None:
+    """Never write over a data set this module did not make (e.g. the real one)."""
+    if not (out / MANIFEST).is_file() and ((out / "geopose_train.csv").exists() or (out / "train").exists()):
+        raise InputError(out, f"holds a data set without {MANIFEST}; refusing to overwrite it")
+
+
 def _clear_previous(out: Path) -> None:
-    """Remove an older synthetic set; refuse to write over a data set this module did not make."""
-    if not (out / MANIFEST).is_file():
-        if (out / "geopose_train.csv").exists() or (out / "train").exists():
-            raise InputError(out, f"holds a data set without {MANIFEST}; refusing to overwrite it")
-        return
-    (out / MANIFEST).unlink()  # first: an interrupted rewrite must never look complete
+    """Remove an older synthetic set (manifest first: an interrupted rewrite never looks complete)."""
+    (out / MANIFEST).unlink(missing_ok=True)
     for folder in ("train", "test", "truth"):
         shutil.rmtree(out / folder, ignore_errors=True)
     for name in ("geopose_train.csv", "geopose_test.csv", "metadata.csv"):
