@@ -19,9 +19,9 @@ import pytest
 import rasterio
 
 from geopose_ray.constants import AGL_NODATA, CITIES
-from geopose_ray.data.io import read_agl, read_rgb, read_vflow
+from geopose_ray.data.io import read_agl, read_rgb, read_vflow, write_vflow
 from geopose_ray.errors import InputError
-from geopose_ray.synthetic import generate, plan, render_oblique
+from geopose_ray.synthetic import build, generate, plan, render_oblique
 from geopose_ray.synthetic.__main__ import main
 from geopose_ray.synthetic.build import LOCK
 
@@ -162,6 +162,25 @@ def test_generate_waits_for_a_concurrent_writer_of_the_same_folder(tmp_path: Pat
         fcntl.flock(held, fcntl.LOCK_UN)
         assert job.result(timeout=60) == out
     assert (out / "synthetic.json").is_file()
+
+
+def test_an_interrupted_run_is_redone_on_the_next_call(tmp_path: Path, monkeypatch):
+    calls = []
+
+    def crash_on_third(path, vflow):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        write_vflow(path, vflow)
+
+    monkeypatch.setattr(build, "write_vflow", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path, size=32, per_city=1, test_per_city=1)
+    assert any((tmp_path / "train").iterdir()) and not (tmp_path / "geopose_train.csv").exists()
+    monkeypatch.setattr(build, "write_vflow", write_vflow)
+    generate(tmp_path, size=32, per_city=1, test_per_city=1)
+    _, train = rows(tmp_path / "geopose_train.csv")
+    assert all((tmp_path / "train" / r["json"]).is_file() for r in train) and len(train) == len(CITIES)
 
 
 def test_refuses_to_overwrite_a_foreign_data_set(tmp_path: Path):

@@ -3,7 +3,7 @@
     OUT/train/{CITY}_{id}_RGB.j2k, _AGL.tif, _VFLOW.json     OUT/geopose_train.csv (id, agl, json, rgb)
     OUT/test/{CITY}_{id}_RGB.j2k                              OUT/geopose_test.csv  (id, rgb)
     OUT/truth/{CITY}_{id}_AGL.tif, _VFLOW.json (test tiles)   OUT/metadata.csv      (id, city, gsd, group)
-    OUT/synthetic.json                                        parameters; written last = set complete
+    OUT/synthetic.json                                        parameters; "complete": true comes last
 
 Train tiles come in pairs of acquisitions (different angle, scale and crop) of one scene; the
 `group` column names the scene so leak-aware folds can keep both in one fold.
@@ -150,7 +150,7 @@ def generate(
     with _locked(out):
         if _complete(out, params):
             return out
-        _clear_previous(out)
+        _clear_previous(out, params)
         tiles = plan(per_city, test_per_city, seed)
         scene, scene_seed = None, None
         for tile in tiles:  # the acquisitions of one scene are consecutive: build each scene once
@@ -158,7 +158,7 @@ def generate(
                 scene, scene_seed = scene_for(tile, size), tile.scene_seed
             _write_tile(out, tile, *render_tile(tile, size, scene))
         _write_tables(out, tiles)
-        atomic_write_text(out / MANIFEST, json.dumps({**params, "tiles": len(tiles)}, indent=1))
+        _write_manifest(out, params, complete=True)
     return out
 
 
@@ -211,7 +211,9 @@ def _complete(out: Path, params: dict[str, int]) -> bool:
         manifest = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(manifest, dict) or {k: manifest.get(k) for k in params} != params:
+    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+        return False
+    if {k: manifest.get(k) for k in params} != params:
         return False
     tables = ["geopose_train.csv", "metadata.csv"] + (["geopose_test.csv"] if params["test_per_city"] else [])
     tiles = plan(params["per_city"], params["test_per_city"], params["seed"])
@@ -231,10 +233,15 @@ def _refuse_foreign(out: Path) -> None:
         raise InputError(out, f"holds a data set without {MANIFEST}; refusing to overwrite it")
 
 
-def _clear_previous(out: Path) -> None:
-    """Remove an older synthetic set (manifest first: an interrupted rewrite never looks complete)."""
-    (out / MANIFEST).unlink(missing_ok=True)
+def _clear_previous(out: Path, params: dict[str, int]) -> None:
+    """Remove an older synthetic set. The manifest goes first, marked incomplete: an interrupted
+    rewrite never looks complete, yet the folder stays recognisably ours."""
+    _write_manifest(out, params, complete=False)
     for folder in ("train", "test", "truth"):
         shutil.rmtree(out / folder, ignore_errors=True)
     for name in ("geopose_train.csv", "geopose_test.csv", "metadata.csv"):
         (out / name).unlink(missing_ok=True)
+
+
+def _write_manifest(out: Path, params: dict[str, int], complete: bool) -> None:
+    atomic_write_text(out / MANIFEST, json.dumps({**params, "complete": complete}, indent=1))
