@@ -18,7 +18,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import ray
 from tqdm import tqdm
 
 from geopose_ray import paths
@@ -104,6 +103,8 @@ def _cache_current(data_dir: Path, cache_dir: Path) -> bool:
 
 def _init_ray(address: str | None) -> None:
     """Join the given cluster, or start a small local instance (never a stale one, RAY_NOTES 0)."""
+    import ray  # here, not at the top: a bad-input run ends in under a second
+
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -115,26 +116,30 @@ def _init_ray(address: str | None) -> None:
     ray.init(address=address, log_to_driver=False, **kwargs)
 
 
-@ray.remote(num_cpus=1)
-def _convert_task(sample: layout.Sample, cache_dir: Path, compress: str) -> int:
-    return cache.convert_sample(sample, cache_dir, compress)
+def _convert_or_report(sample: layout.Sample, cache_dir: Path, compress: str) -> tuple[str, str] | None:
+    """The Ray task: an InputError comes back as (path, problem), as InputError(path, problem)
+    does not survive pickling (Exception pickles only its message)."""
+    try:
+        cache.convert_sample(sample, cache_dir, compress)
+    except InputError as e:
+        return e.path, e.problem
+    return None
 
 
 def _run_tasks(samples: Sequence[layout.Sample], cache_dir: Path, compress: str, progress: bool) -> None:
     """One task per tile; an InputError inside a task (a file that passed the cheap checks but
     does not decode) ends the command like any other bad input."""
-    pending = [_convert_task.remote(s, cache_dir, compress) for s in samples]
+    import ray
+
+    task = ray.remote(num_cpus=1)(_convert_or_report)
+    pending = [task.remote(s, cache_dir, compress) for s in samples]
     started = time.perf_counter()
     with tqdm(total=len(pending), unit="tile", desc="convert", disable=not progress, file=sys.stderr) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=min(len(pending), 8), timeout=5.0)
-            for ref in done:
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    if isinstance(e.cause, InputError):
-                        raise InputError(e.cause.path, e.cause.problem) from None
-                    raise
+            for bad in ray.get(done):
+                if bad is not None:
+                    raise InputError(*bad)
             bar.update(len(done))
     if progress:
         per_tile = (time.perf_counter() - started) / max(1, len(samples))

@@ -28,7 +28,6 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 
 from geopose_ray.atomic import atomic_path
 from geopose_ray.errors import InputError
@@ -50,6 +49,8 @@ def group_key(sample: HasCity) -> str:
 
 def make_folds(samples: Sequence[HasCity], n_folds: int, seed: int = 0, mode: str = "city") -> dict[str, int]:
     """id -> fold in [0, n_folds)."""
+    from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold  # 1-2 s import
+
     if mode not in FOLD_MODES:
         raise ValueError(f"fold mode must be one of {FOLD_MODES}, got {mode!r}")
     ordered = sorted(samples, key=lambda s: s.id)

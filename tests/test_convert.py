@@ -1,0 +1,238 @@
+"""convert + data.cache: bad input stops the CLI before anything is converted (exit 2, one line
+naming the file); the cache holds the exact data; re-runs skip, crashes and concurrent runs are safe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning
+from test_layout import make_layout
+
+from geopose_ray.convert import convert, ensure_cache
+from geopose_ray.data import cache, folds, io, layout
+from geopose_ray.errors import InputError
+
+pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "geopose_ray.convert", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+
+
+def _first(data: Path, split: str = "train") -> layout.Sample:
+    return layout.load_split(data, split)[0]
+
+
+def _edit_csv(path: Path, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> Path:
+    edit(pd.read_csv(path, dtype=str, keep_default_na=False)).to_csv(path, index=False)
+    return path
+
+
+def _write_raster(path: Path, array: np.ndarray) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        profile = {"driver": "GTiff", "width": array.shape[-1], "height": array.shape[-2]}
+        with rasterio.open(path, "w", count=array.shape[0], dtype=array.dtype, **profile) as ds:
+            ds.write(array)
+    return path
+
+
+def _rm(path: Path) -> Path:
+    path.unlink()
+    return path
+
+
+def _garbage_header(path: Path) -> Path:
+    path.write_bytes(bytes(64) + path.read_bytes()[64:])
+    return path
+
+
+def _truncate(path: Path) -> Path:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    return path
+
+
+def _json(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _empty(data: Path) -> Path:
+    for p in sorted(data.rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    return data
+
+
+def _rm_tree(data: Path) -> Path:
+    _empty(data).rmdir()
+    return data
+
+
+# each case damages a valid layout and returns the file the error line must name
+BAD_INPUTS: dict[str, Callable[[Path], Path]] = {
+    "missing_rgb": lambda d: _rm(_first(d).rgb),
+    "missing_test_rgb": lambda d: _rm(_first(d, "test").rgb),
+    "missing_agl": lambda d: _rm(_first(d).agl),
+    "corrupt_j2k": lambda d: _garbage_header(_first(d, "test").rgb),
+    "truncated_j2k": lambda d: _truncate(_first(d).rgb),
+    "truncated_tif": lambda d: _truncate(_first(d).agl),
+    "agl_shape": lambda d: _write_raster(_first(d).agl, np.zeros((1, 32, 64), np.uint16)),
+    "agl_wrong_dtype": lambda d: _write_raster(_first(d).agl, np.zeros((1, 64, 64), np.float32)),
+    "rgb_wrong_dtype": lambda d: _write_raster(_first(d).rgb, np.zeros((3, 64, 64), np.uint16)),
+    "vflow_nan": lambda d: _json(_first(d).vflow, '{"scale": NaN, "angle": 0.5}'),
+    "vflow_missing_key": lambda d: _json(_first(d).vflow, '{"angle": 0.5}'),
+    "id_missing_from_metadata": lambda d: _edit_csv(d / "metadata.csv", lambda m: m[m["id"] != _first(d).id]),
+    "unknown_city": lambda d: _edit_csv(d / "metadata.csv", lambda m: m.assign(city=["XYZ", *m["city"][1:]])),
+    "nan_gsd": lambda d: _edit_csv(d / "metadata.csv", lambda m: m.assign(gsd=["nan", *m["gsd"][1:]])),
+    "duplicate_id": lambda d: _edit_csv(d / "geopose_train.csv", lambda t: pd.concat([t, t.iloc[[1]]])),
+    "missing_metadata": lambda d: _rm(d / "metadata.csv"),
+    "empty_data_folder": _empty,
+    "missing_data_folder": lambda d: _rm_tree(d),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_naming_the_file(tmp_path, case):
+    data = make_layout(tmp_path / "data")
+    bad = BAD_INPUTS[case](data)
+    result = _cli(str(data), "--cache", str(tmp_path / "cache"))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert str(bad) in lines[0]
+    assert not (tmp_path / "cache").exists()  # validation precedes any conversion
+
+
+def _cache_state(cache_dir: Path) -> dict[str, object]:
+    """Everything a consumer sees: the CSV texts and each tile's decoded pixels."""
+    state: dict[str, object] = {name: (cache_dir / name).read_text() for name in ("samples.csv", "folds.csv")}
+    for path in sorted(cache_dir.rglob("[!.]*.tif")):  # not a crashed run's temporary files
+        state[path.relative_to(cache_dir).as_posix()] = (
+            io.read_rgb(path) if "_RGB" in path.name else io.read_agl_cm(path)
+        )
+    return state
+
+
+def _assert_same(a: dict[str, object], b: dict[str, object]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], np.ndarray):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.ray
+def test_cache_holds_the_exact_data(tmp_path, ray_session):
+    data = make_layout(tmp_path / "data")
+    out = convert(data, tmp_path / "cache", n_folds=3, progress=False)
+    assert out == (tmp_path / "cache").resolve()
+    train, test = cache.load_cache(out, "train"), cache.load_cache(out, "test")
+    sources = {s.id: s for s in layout.load_split(data, "train") + layout.load_split(data, "test")}
+    assert {s.id for s in train + test} == set(sources) and len(test) == 4
+    for c in train + test:
+        src = sources[c.id]
+        assert (c.city, c.gsd, c.split) == (src.city, src.gsd, src.split)
+        np.testing.assert_array_equal(io.read_rgb(c.rgb), io.read_rgb(src.rgb))
+        with rasterio.open(c.rgb) as ds:
+            assert ds.block_shapes[0] == (256, 256) and ds.compression is None
+    for c in train:
+        src = sources[c.id]
+        np.testing.assert_array_equal(io.read_agl_cm(c.agl), io.read_agl_cm(src.agl))
+        doc = json.loads(src.vflow.read_text())
+        assert c.scale == pytest.approx(doc["scale"] * 100, rel=1e-12) and c.angle == doc["angle"]
+    assert all(c.agl is None and np.isnan(c.scale) and np.isnan(c.angle) for c in test)
+    stored = folds.read_folds(out / "folds.csv")
+    assert stored == folds.make_folds(train, 3, 0) and set(stored.values()) == {0, 1, 2}
+
+
+@pytest.mark.ray
+def test_rerun_skips_finished_files_and_repairs_a_crashed_run(tmp_path, ray_session):
+    data = make_layout(tmp_path / "data")
+    out = convert(data, tmp_path / "cache", n_folds=3, progress=False)
+    reference = _cache_state(out)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.tif")}
+    lost = sorted(stamps)[3]
+    lost.unlink()  # as if the run had crashed before this file
+    (lost.parent / f".tmp-deadbeef-{lost.name}").write_bytes(b"half a file")
+    (out / "samples.csv").unlink()
+    convert(data, out, n_folds=3, progress=False)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != lost)  # skipped
+    _assert_same(_cache_state(out), reference)
+
+
+@pytest.mark.ray
+def test_file_that_fails_to_decode_during_conversion_names_it(tmp_path, ray_session):
+    """A corrupt block that the cheap checks do not read still ends in InputError, not a crash."""
+    data = make_layout(tmp_path / "data", size=256)
+    agl = _first(data).agl
+    cm = io.read_agl_cm(agl)[None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        profile = {"driver": "GTiff", "width": 256, "height": 256, "count": 1, "dtype": "uint16"}
+        with rasterio.open(
+            agl, "w", tiled=True, blockxsize=64, blockysize=64, compress="deflate", **profile
+        ) as ds:
+            ds.write(cm)
+    with rasterio.open(agl) as ds:
+        start = int(ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+    raw = bytearray(agl.read_bytes())
+    raw[start : start + 1000] = bytes(1000)  # the first block's deflate stream
+    agl.write_bytes(bytes(raw))
+    layout.validate_samples([_first(data)])  # passes: it reads only the last block row
+    with pytest.raises(InputError) as e:
+        convert(data, tmp_path / "cache", n_folds=3, progress=False)
+    assert e.value.path == str(agl)
+
+
+@pytest.mark.ray
+def test_ensure_cache_converts_only_when_needed(tmp_path, ray_session):
+    data = make_layout(tmp_path / "data")
+    out = ensure_cache(data, tmp_path / "cache", n_folds=3)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert ensure_cache(data, out, n_folds=3) == out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+    ensure_cache(data, out, n_folds=4)  # only the folds change
+    assert set(folds.read_folds(out / "folds.csv").values()) == {0, 1, 2, 3}
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.suffix == ".tif")
+    train_csv = pd.read_csv(data / "geopose_train.csv", dtype=str)
+    train_csv.iloc[1:].to_csv(data / "geopose_train.csv", index=False)  # the data set changed
+    ensure_cache(data, out, n_folds=3)
+    assert {s.id for s in cache.load_cache(out, "train")} == set(train_csv["id"][1:])
+
+
+def test_load_cache_without_conversion_names_samples_csv(tmp_path):
+    with pytest.raises(InputError) as e:
+        cache.load_cache(tmp_path, "train")
+    assert e.value.path == str(tmp_path / "samples.csv") and "geopose_ray.convert" in e.value.problem
+
+
+@pytest.mark.ray
+def test_two_concurrent_conversions_give_identical_complete_caches(tmp_path, ray_session):
+    data = make_layout(tmp_path / "data", per_city=6)
+    reference = _cache_state(convert(data, tmp_path / "reference", n_folds=3, progress=False))
+    address = ray_session.get_runtime_context().gcs_address
+    shared = tmp_path / "shared"
+    cmd = [sys.executable, "-m", "geopose_ray.convert", str(data), "--cache", str(shared), "--folds", "3"]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--address", address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    _assert_same(_cache_state(shared), reference)
+    assert not list(shared.rglob(".tmp-*"))
