@@ -14,8 +14,9 @@ Test tiles overlap train tiles and scenes repeat ~20x with small gsd/angle chang
      collects show the same place; that needs image matching (1st place) and is out of scope.
 
 Splits are deterministic by seed and independent of input order (samples are sorted by id).
-When a city has fewer tiles (or groups) than folds, StratifiedKFold cannot stratify: then a
-shuffled KFold, resp. the city mode, is used instead, with a warning.
+When every city has fewer tiles than folds, sklearn cannot stratify: a shuffled KFold
+(GroupKFold in group mode) is used instead; with fewer groups than folds, group mode falls back
+to city folds. Both with a warning.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def group_key(sample: HasCity) -> str:
 
 def make_folds(samples: Sequence[HasCity], n_folds: int, seed: int = 0, mode: str = "city") -> dict[str, int]:
     """id -> fold in [0, n_folds)."""
-    from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold  # 1-2 s import
+    from sklearn import model_selection as ms  # 1-2 s import: not at module import
 
     if mode not in FOLD_MODES:
         raise ValueError(f"fold mode must be one of {FOLD_MODES}, got {mode!r}")
@@ -58,28 +59,30 @@ def make_folds(samples: Sequence[HasCity], n_folds: int, seed: int = 0, mode: st
         raise ValueError(f"n_folds={n_folds} needs 2 <= n_folds <= number of samples ({len(ordered)})")
     cities = np.array([s.city for s in ordered])
     index = np.zeros((len(ordered), 1))  # sklearn splitters only need the length
+    # sklearn's stratified splitters need at least one city with n_folds tiles
+    stratify = max(Counter(cities).values()) >= n_folds
+    if not stratify:
+        warnings.warn(f"every city has fewer than {n_folds} tiles: folds are not stratified", stacklevel=2)
     if mode == "group":
         groups = np.array([group_key(s) for s in ordered])
         if len(set(groups)) >= n_folds:
-            splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "least populated class" note
-                return _assign(ordered, splitter.split(index, cities, groups))
+            kind = ms.StratifiedGroupKFold if stratify else ms.GroupKFold
+            splitter = kind(n_folds, shuffle=True, random_state=seed)
+            return _assign(ordered, splitter.split(index, cities, groups))
         warnings.warn(f"only {len(set(groups))} groups for {n_folds} folds: using city folds", stacklevel=2)
-    if max(Counter(cities).values()) >= n_folds:
-        splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return _assign(ordered, splitter.split(index, cities))
-    warnings.warn(f"every city has fewer than {n_folds} tiles: using unstratified KFold", stacklevel=2)
-    return _assign(ordered, KFold(n_folds, shuffle=True, random_state=seed).split(index))
+    if stratify:
+        splitter = ms.StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+        return _assign(ordered, splitter.split(index, cities))
+    return _assign(ordered, ms.KFold(n_folds, shuffle=True, random_state=seed).split(index))
 
 
 def _assign(ordered: Sequence[HasCity], splits) -> dict[str, int]:
     folds: dict[str, int] = {}
-    for fold, (_, val_idx) in enumerate(splits):
-        for i in val_idx:
-            folds[ordered[i].id] = fold
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sklearn's "least populated class" note
+        for fold, (_, val_idx) in enumerate(splits):
+            for i in val_idx:
+                folds[ordered[i].id] = fold
     return folds
 
 

@@ -1,0 +1,134 @@
+"""data.folds: deterministic, city-stratified folds; group mode keeps a scene in one fold."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from geopose_ray.constants import CITIES
+from geopose_ray.data import folds
+from geopose_ray.data.cache import CachedSample
+from geopose_ray.errors import InputError
+
+
+def _samples(per_city: int | dict[str, int], seed: int = 0, groups: int = 0) -> list[CachedSample]:
+    """Fake cached samples (files are never opened); `groups` > 0 sets a group column."""
+    rng = np.random.default_rng(seed)
+    counts = per_city if isinstance(per_city, dict) else dict.fromkeys(CITIES, per_city)
+    out = []
+    for city, n in counts.items():
+        for i in range(n):
+            group = f"g{rng.integers(groups)}" if groups else ""
+            gsd = float(rng.choice([0.31, 0.35, 0.4, 0.45, 0.5, 0.55]))
+            out.append(
+                CachedSample(f"{city[:2]}{i:04d}", city, gsd, "train", Path("x"), Path("y"), 1.0, 0.0, group)
+            )
+    return out
+
+
+def test_every_sample_gets_one_fold_and_cities_are_stratified():
+    samples = _samples({"ARG": 40, "ATL": 12, "JAX": 21, "OMA": 30})
+    assignment = folds.make_folds(samples, 5, seed=0)
+    assert set(assignment) == {s.id for s in samples} and set(assignment.values()) == set(range(5))
+    per_city_fold = Counter((s.city, assignment[s.id]) for s in samples)
+    for city in Counter(s.city for s in samples):
+        counts = [per_city_fold[(city, f)] for f in range(5)]
+        assert max(counts) - min(counts) <= 1, (city, counts)
+
+
+def test_deterministic_by_seed_and_independent_of_input_order():
+    samples = _samples(25)
+    a = folds.make_folds(samples, 5, seed=3)
+    assert folds.make_folds(list(reversed(samples)), 5, seed=3) == a
+    assert folds.make_folds(samples, 5, seed=4) != a
+
+
+@pytest.mark.parametrize("mode", ["city", "group"])
+@pytest.mark.parametrize("n_folds", [2, 3, 4, 5])
+def test_three_tiles_per_city_work_for_2_to_5_folds(n_folds, mode):
+    samples = _samples(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fallback notes
+        assignment = folds.make_folds(samples, n_folds, seed=0, mode=mode)
+    assert set(assignment) == {s.id for s in samples}
+    sizes = Counter(assignment.values())
+    assert set(sizes) == set(range(n_folds))
+    if mode == "city":
+        assert max(sizes.values()) - min(sizes.values()) <= 1
+
+
+def test_too_many_folds_or_bad_mode_are_refused():
+    with pytest.raises(ValueError):
+        folds.make_folds(_samples(1), 5, seed=0)
+    with pytest.raises(ValueError):
+        folds.make_folds(_samples(3), 1, seed=0)
+    with pytest.raises(ValueError):
+        folds.make_folds(_samples(3), 3, seed=0, mode="random")
+
+
+def test_group_mode_keeps_each_given_group_in_one_fold():
+    samples = _samples(30, groups=12)
+    assignment = folds.make_folds(samples, 4, seed=0, mode="group")
+    fold_of_group: dict[tuple[str, str], set[int]] = {}
+    for s in samples:
+        fold_of_group.setdefault((s.city, s.group), set()).add(assignment[s.id])
+    assert all(len(f) == 1 for f in fold_of_group.values())
+    assert set(assignment.values()) == set(range(4))
+    # plain city folds would split these groups: the test can tell the modes apart
+    city_folds = folds.make_folds(samples, 4, seed=0, mode="city")
+    assert any(
+        len({city_folds[s.id] for s in samples if (s.city, s.group) == key}) > 1 for key in fold_of_group
+    )
+
+
+def test_group_mode_without_group_column_groups_by_city_and_gsd():
+    samples = _samples(30)
+    assignment = folds.make_folds(samples, 3, seed=1, mode="group")
+    by_key: dict[tuple[str, int], set[int]] = {}
+    for s in samples:
+        by_key.setdefault((s.city, round(s.gsd * 100)), set()).add(assignment[s.id])
+    assert all(len(f) == 1 for f in by_key.values())
+    assert len(set(assignment.values())) == 3
+
+
+def test_group_mode_with_too_few_groups_falls_back_with_a_warning():
+    samples = [s for s in _samples(3) if s.city == "ARG"]
+    samples = [
+        CachedSample(s.id, s.city, 0.5, *[getattr(s, k) for k in ("split", "rgb", "agl", "scale", "angle")])
+        for s in samples
+    ]
+    with pytest.warns(UserWarning):
+        assignment = folds.make_folds(samples, 3, seed=0, mode="group")
+    assert sorted(assignment.values()) == [0, 1, 2]
+
+
+def test_write_and_read_round_trip(tmp_path):
+    samples = _samples(5)
+    assignment = folds.make_folds(samples, 3, seed=0)
+    path = folds.write_folds(tmp_path / "folds.csv", samples, assignment)
+    assert folds.read_folds(path) == assignment
+    header = path.read_text().splitlines()[0]
+    assert header == "id,city,fold"
+
+
+def test_read_folds_missing_or_malformed_names_the_file(tmp_path):
+    with pytest.raises(InputError) as e:
+        folds.read_folds(tmp_path / "folds.csv")
+    assert e.value.path == str(tmp_path / "folds.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,city\nab,ARG\n")
+    with pytest.raises(InputError) as e:
+        folds.read_folds(bad)
+    assert e.value.path == str(bad)
+
+
+def test_group_key_rounds_gsd_to_centimetres():
+    a, b, c = (
+        CachedSample("a", "ARG", g, "train", Path(), None, math.nan, math.nan) for g in (0.351, 0.349, 0.36)
+    )
+    assert folds.group_key(a) == folds.group_key(b) != folds.group_key(c)
