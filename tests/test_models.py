@@ -127,6 +127,9 @@ def test_unknown_names_raise_value_error():
         build_model(ModelConfig(arch="Unet", encoder="resnet18", scale_head="magic"))
     with pytest.raises(ValueError, match="NoSuchArch"):
         build_model(ModelConfig(arch="NoSuchArch", encoder="resnet18"))
+    for encoder in ("resnet1800", "tu-resnet1800"):
+        with pytest.raises(ValueError, match="resnet1800"):
+            build_model(ModelConfig(arch="Unet", encoder=encoder))
 
 
 @pytest.mark.parametrize("arch", ["Unet", "FPN", "DeepLabV3Plus"])

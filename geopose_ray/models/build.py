@@ -200,7 +200,9 @@ def build_model(cfg: ModelConfig) -> GeoposeModel:
             classes=1,
             **width_kwargs(cfg.arch, cfg.decoder_channels),
         )
-    except KeyError as e:
+    except (KeyError, RuntimeError) as e:  # unknown arch / smp encoder (KeyError), timm name (RuntimeError)
+        if isinstance(e, RuntimeError) and "Unknown model" not in str(e):
+            raise
         raise ValueError(f"cannot build {cfg.arch} with encoder {cfg.encoder}: {e}") from None
     if cfg.encoder_weights:
         load_encoder_weights(net.encoder, cfg.encoder_weights)
