@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     from geopose_ray.tune.refit import parse_folds
     from geopose_ray.tune.report import format_table
     from geopose_ray.tune.search import SearchOptions, run_search
+    from geopose_ray.tune.space import load_space
 
+    load_space(args.space)  # a bad space fails in a second, before any cluster starts
     embedded = args.space == parse_args([]).space
     opts = SearchOptions(
         space=args.space,

@@ -134,6 +134,11 @@ def train_driver_fn(config: dict[str, Any], settings: DriverSettings) -> None:
     trainer.fit()
 
 
+def trial_dirname(trial: Any) -> str:
+    """Tune trial folder `trial_<id>`: the default embeds every sampled value (and the data path)."""
+    return f"trial_{trial.trial_id}"
+
+
 def make_trainable(settings: DriverSettings) -> Any:
     """The Tune trainable for `settings` (the same call rebuilds it for `Tuner.restore`)."""
     fn = tune.with_parameters(train_driver_fn, settings=settings)

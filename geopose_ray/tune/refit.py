@@ -28,6 +28,7 @@ from geopose_ray.tune.driver import (
     DriverSettings,
     make_trainable,
     train_run_name,
+    trial_dirname,
 )
 from geopose_ray.tune.space import SearchSpace
 
@@ -89,7 +90,9 @@ def build_refit_tuner(
             REFIT_CONFIGS: configs,
             "member": tune.grid_search([{"config_rank": r, "fold": f} for r, f in jobs]),
         },
-        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=conc),  # FIFO: no early stop
+        tune_config=tune.TuneConfig(  # FIFO scheduler: no early stopping
+            num_samples=1, max_concurrent_trials=conc, trial_dirname_creator=trial_dirname
+        ),
         run_config=tune.RunConfig(name=settings.experiment, storage_path=settings.storage_path),
     )
 
@@ -101,7 +104,13 @@ def best_checkpoint(storage: str, experiment: str, trial_id: str) -> tuple[str |
     run_dir = Path(storage) / train_run_name(experiment, trial_id)
     if not run_dir.is_dir():
         return None, math.nan
-    result = ray.train.Result.from_path(str(run_dir))
+    quiet = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # loading a snapshot logs a long "resuming" notice
+    try:
+        result = ray.train.Result.from_path(str(run_dir))
+    finally:
+        quiet.setLevel(level)
     ckpt = result.get_best_checkpoint(METRIC, MODE)
     if ckpt is None:
         return None, math.nan

@@ -130,7 +130,12 @@ def param_importances(records: list[TrialRecord], space: SearchSpace) -> dict[st
     import optuna
 
     dists = {p.name: p.distribution() for p in space.parameters}
-    study = optuna.create_study(direction="maximize")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line in the report
+    try:
+        study = optuna.create_study(direction="maximize")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     for r in records:
         score, _ = r.best()
         if not math.isfinite(score):
@@ -151,16 +156,32 @@ def param_importances(records: list[TrialRecord], space: SearchSpace) -> dict[st
     return {"importances": {k: float(v) for k, v in importances.items()}, "trials": len(study.trials)}
 
 
+def score_floor(scores: Any) -> float | None:
+    """Lower plot limit: R² scores of diverged trials reach -1e8 and would flatten the others,
+    so scores below -1 are drawn at -1 (when any trial did better than that)."""
+    finite = np.asarray(scores, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size and finite.max() > -1.0 and finite.min() < -1.0:
+        return -1.0
+    return None
+
+
 def plot_score_vs_epoch(records: list[TrialRecord], path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for r in records:
-        if METRIC in r.history and "epoch" in r.history:
-            ax.plot(r.history["epoch"], r.history[METRIC], marker="o", label=r.trial_id)
+    has = [r for r in records if METRIC in r.history and "epoch" in r.history]
+    floor = score_floor(np.concatenate([r.history[METRIC].to_numpy(float) for r in has]) if has else [])
+    for r in has:
+        y = r.history[METRIC].to_numpy(float)
+        ax.plot(
+            r.history["epoch"], y if floor is None else np.maximum(y, floor), marker="o", label=r.trial_id
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation score (official metric)")
+    ax.set_ylabel("validation score" + ("" if floor is None else " (below -1 drawn at -1)"))
     if len(records) <= 12:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -189,7 +210,9 @@ def plot_score_by_param(board: pd.DataFrame, space: SearchSpace, path: Path) -> 
                 x = data[name].astype(float)
                 if p.log or p.type == "loguniform":
                     ax.set_xscale("log")
-            ax.scatter(x, data["score"], alpha=0.7)
+            floor = score_floor(data["score"])
+            y = data["score"] if floor is None else data["score"].clip(lower=floor)
+            ax.scatter(x, y, alpha=0.7)
         ax.set_title(name, fontsize=9)
         ax.set_ylabel("best score")
     for ax in axes[len(names) :]:

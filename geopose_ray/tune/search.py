@@ -20,7 +20,14 @@ import pandas as pd
 from geopose_ray import paths
 from geopose_ray.atomic import atomic_write_text
 from geopose_ray.errors import InputError
-from geopose_ray.tune.driver import METRIC, MODE, DriverSettings, TrialResources, make_trainable
+from geopose_ray.tune.driver import (
+    METRIC,
+    MODE,
+    DriverSettings,
+    TrialResources,
+    make_trainable,
+    trial_dirname,
+)
 from geopose_ray.tune.space import SearchSpace, SpaceSampler, load_space
 
 DEFAULT_WORKERS = 2
@@ -161,6 +168,7 @@ def build_tuner(
             scheduler=scheduler,
             num_samples=space.num_samples,
             max_concurrent_trials=max_concurrent,
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage),
     )

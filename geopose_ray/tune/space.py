@@ -49,7 +49,9 @@ class Param:
         if self.type == "choice":
             return trial.suggest_categorical(self.name, list(self.values))
         if self.type == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+            return trial.suggest_int(
+                self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
         log = self.log or self.type == "loguniform"
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=log)
 
@@ -61,7 +63,9 @@ class Param:
             return od.CategoricalDistribution(list(self.values))
         if self.type == "int":
             return od.IntDistribution(int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return od.FloatDistribution(self.low, self.high, step=self.step, log=self.log or self.type == "loguniform")
+        return od.FloatDistribution(
+            self.low, self.high, step=self.step, log=self.log or self.type == "loguniform"
+        )
 
 
 @dataclass(frozen=True)
