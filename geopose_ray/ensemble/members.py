@@ -1,0 +1,151 @@
+"""Which checkpoints form the ensemble: the top configs of a search (`members.json`, all their
+fold checkpoints) or explicit checkpoint folders, grouped into configs with one member per fold.
+
+A config is what gets a blend weight; its fold members split the train tiles between them, so
+config k's out-of-fold prediction of a tile in fold f comes from member (k, f). No `ray` import.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from geopose_ray.checkpoint import CONFIG_FILE, STATE_FILE
+from geopose_ray.config import Config
+from geopose_ray.errors import InputError
+
+MEMBERS_JSON = "members.json"
+REQUIRED_KEYS = ("rank", "config_id", "fold", "checkpoint", "config")
+
+
+@dataclass(frozen=True)
+class Member:
+    config_id: str
+    fold: int  # the validation fold this member did not train on
+    checkpoint: Path  # folder holding state.pt
+    rank: int = 0  # the config's place in the search (0 = best)
+    score: float = math.nan
+    trial_id: str = ""
+    config: dict[str, Any] = field(default_factory=dict, compare=False)  # flat Config keys
+
+    def cfg(self) -> Config:
+        return Config.from_dict(self.config, strict=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "checkpoint": str(self.checkpoint)}
+
+
+def _reject_constant(token: str) -> float:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def _load_json(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        return json.loads(path.read_text(), parse_constant=_reject_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(path, f"cannot parse JSON ({str(e).splitlines()[0][:120]})") from None
+
+
+def _checkpoint_dir(value: Any, base: Path, source: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise InputError(source, f"checkpoint must be a folder path, got {value!r}")
+    folder = Path(value) if Path(value).is_absolute() else base / value
+    if not (folder / STATE_FILE).is_file():
+        raise InputError(folder, f"no {STATE_FILE} in this checkpoint folder (listed in {source.name})")
+    return folder
+
+
+def _member(entry: Any, i: int, path: Path) -> Member:
+    if not isinstance(entry, dict):
+        raise InputError(path, f"entry {i} must be an object with keys {list(REQUIRED_KEYS)}")
+    if missing := [k for k in REQUIRED_KEYS if k not in entry]:
+        raise InputError(path, f"entry {i} lacks key(s) {missing}")
+    try:
+        rank, fold = int(entry["rank"]), int(entry["fold"])
+        score = math.nan if entry.get("score") is None else float(entry["score"])
+    except (TypeError, ValueError):
+        raise InputError(path, f"entry {i}: rank and fold must be integers, score a number") from None
+    if not isinstance(entry["config"], dict):
+        raise InputError(path, f"entry {i}: config must be a flat object of config keys")
+    return Member(
+        config_id=str(entry["config_id"]),
+        fold=fold,
+        checkpoint=_checkpoint_dir(entry["checkpoint"], path.parent, path),
+        rank=rank,
+        score=score,
+        trial_id=str(entry.get("trial_id", "")),
+        config=dict(entry["config"]),
+    )
+
+
+def read_members(storage: str | Path, name: str, top_k: int) -> list[Member]:
+    """The members of the `top_k` best-ranked configs in `<storage>/<name>/members.json`."""
+    path = Path(storage) / name / MEMBERS_JSON
+    doc = _load_json(path)
+    if not isinstance(doc, list) or not doc:
+        raise InputError(path, "expected a non-empty JSON list of members")
+    members = [_member(e, i, path) for i, e in enumerate(doc)]
+    best_rank: dict[str, int] = {}
+    for m in members:
+        best_rank[m.config_id] = min(best_rank.get(m.config_id, m.rank), m.rank)
+    keep = sorted(best_rank, key=lambda c: (best_rank[c], c))[: max(1, top_k)]
+    return [m for m in members if m.config_id in keep]
+
+
+def latest_experiment(storage: str | Path) -> str:
+    """Name of the most recently written experiment in `storage` that has a members.json."""
+    storage = Path(storage)
+    found = (
+        sorted(storage.glob(f"*/{MEMBERS_JSON}"), key=lambda p: p.stat().st_mtime) if storage.is_dir() else []
+    )
+    if not found:
+        raise InputError(storage, f"no experiment with {MEMBERS_JSON} here: run run_search.py first")
+    return found[-1].parent.name
+
+
+def _checkpoint_config(folder: Path) -> dict[str, Any]:
+    """The flat config of a checkpoint folder, from its config.yaml (no weights loaded)."""
+    if not (folder / STATE_FILE).is_file():
+        raise InputError(folder, f"not a checkpoint folder (no {STATE_FILE})")
+    path = folder / CONFIG_FILE
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "file not found (every checkpoint folder has one)") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(path, f"cannot read YAML ({e.__class__.__name__})") from None
+    if not isinstance(doc, dict):
+        raise InputError(path, "expected a mapping of config keys")
+    return doc
+
+
+def members_from_checkpoints(folders: list[str | Path]) -> list[Member]:
+    """Explicit checkpoint folders as members; folders whose configs differ only in the fold
+    form one config (their order of appearance gives the config's rank)."""
+    members, ids = [], {}
+    for folder in map(Path, folders):
+        config = _checkpoint_config(folder)
+        key = json.dumps({k: v for k, v in sorted(config.items()) if k != "fold"}, default=str)
+        config_id = ids.setdefault(key, f"config{len(ids)}")
+        fold = int(Config.from_dict(config, strict=False).data.fold)
+        members.append(Member(config_id, fold, folder, rank=int(config_id[6:]), config=config))
+    seen = [(m.config_id, m.fold) for m in members]
+    if len(set(seen)) != len(seen):
+        dup = next(s for s in seen if seen.count(s) > 1)
+        raise InputError(folders[seen.index(dup)], f"two checkpoints of {dup[0]} for the same fold {dup[1]}")
+    return members
+
+
+def group_by_config(members: list[Member]) -> list[tuple[str, dict[int, Member]]]:
+    """[(config_id, {fold: member})] in rank order."""
+    groups: dict[str, dict[int, Member]] = {}
+    for m in sorted(members, key=lambda m: (m.rank, m.config_id, m.fold)):
+        groups.setdefault(m.config_id, {})[m.fold] = m
+    return list(groups.items())

@@ -1,0 +1,85 @@
+"""Blend the best checkpoints of a search into a validated submission (Ray Data inference).
+
+    python run_ensemble.py                               # latest experiment, synthetic data
+    python run_ensemble.py --data DIR --name NAME --top-k 3 --tta d4 --address auto
+    python run_ensemble.py --data DIR --checkpoints CKPT_DIR ...   # explicit members
+
+Prints the out-of-fold score of every member config, of the plain mean and of the fitted blend,
+then the archive path (only once `check_submission` accepted it; exit 1 otherwise) and, when the
+data has a truth/ folder (the synthetic set), the submission's official score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from geopose_ray import paths
+from geopose_ray.errors import InputError, run_cli
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=None, help="DrivenData layout (default: the synthetic set)")
+    ap.add_argument("--storage", type=Path, default=None, help="experiments folder (default: paths.default_storage())")
+    ap.add_argument("--name", default=None, help="experiment (default: the latest one with members.json)")
+    ap.add_argument("--top-k", type=int, default=2, help="member configs to blend, each with all its folds")
+    ap.add_argument("--tta", choices=("none", "flip", "d4"), default="flip")
+    ap.add_argument("--out", type=Path, default=None, help="default: <storage>/<name>/ensemble")
+    ap.add_argument("--address", default=None, help="Ray cluster to join (default: a new local instance)")
+    ap.add_argument("--checkpoints", nargs="+", type=Path, default=None, help="explicit member folders")
+    ap.add_argument("--max-tile", type=int, default=None, help="predict larger tiles in overlapping windows")
+    ap.add_argument("--actors", type=int, default=None, help="inference actors (default: one per GPU)")
+    args = ap.parse_args(argv)
+    if args.top_k < 1:
+        ap.error("--top-k must be >= 1")
+    return args
+
+
+def _init_ray(address: str | None) -> None:
+    """Join `address`, or start a fresh local instance (never a stale one, RAY_NOTES section 0)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=True if address == "local" else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from geopose_ray.ensemble import members as ms
+
+    data = (args.data or paths.default_data_dir()).resolve()
+    if not data.is_dir():
+        raise InputError(data, "data folder not found (run run_search.py first, or pass --data)")
+    storage = args.storage or paths.default_storage()
+    if args.checkpoints:
+        members, name = ms.members_from_checkpoints(args.checkpoints), args.name or "checkpoints"
+    else:
+        name = args.name or ms.latest_experiment(storage)
+        members = ms.read_members(storage, name, args.top_k)
+    out = args.out or storage / name / "ensemble"
+    _init_ray(args.address)
+    from geopose_ray.ensemble.job import REPORT_JSON, run_ensemble
+
+    report = run_ensemble(members, data, out, tta=args.tta, max_tile=args.max_tile, num_actors=args.actors)
+    fit = report["oof"]
+    print(f"out-of-fold ({fit.get('tiles', 0)} tiles, {fit.get('validation', '-')}):")
+    for row in report["configs"]:
+        print(f"  {row['config_id']:<24} folds {row['folds']}  OOF {row['oof']}")
+    print(f"  plain mean {fit.get('plain_mean')}  fitted blend {fit.get('blend')}  kept {fit.get('kept')}")
+    print(f"report: {out / REPORT_JSON}")
+    if not report["valid"]:
+        print("submission INVALID:", *report["problems"], sep="\n  ")
+        return 1
+    print(f"submission: {report['archive']}")
+    if report["test_score"] is not None:
+        print(f"official score on the synthetic test truth: {report['test_score']['final']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
