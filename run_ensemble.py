@@ -22,7 +22,7 @@ from geopose_ray.errors import InputError, run_cli
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=None, help="DrivenData layout (default: the synthetic set)")
-    ap.add_argument("--storage", type=Path, default=None, help="experiments folder (default: paths.default_storage())")
+    ap.add_argument("--storage", type=Path, default=None, help="experiments (default: runs/experiments)")
     ap.add_argument("--name", default=None, help="experiment (default: the latest one with members.json)")
     ap.add_argument("--top-k", type=int, default=2, help="member configs to blend, each with all its folds")
     ap.add_argument("--tta", choices=("none", "flip", "d4"), default="flip")
