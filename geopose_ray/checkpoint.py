@@ -7,6 +7,7 @@ the ensemble loads, so one format serves all three. No `ray` import here.
 
 from __future__ import annotations
 
+import copy
 import pickle
 import random
 from pathlib import Path
@@ -74,12 +75,15 @@ def make_state(
     cfg: Config,
     nonfinite_total: int = 0,
 ) -> dict[str, Any]:
-    """The checkpoint state (ARCHITECTURE.md): `epoch` = completed epochs, model unwrapped."""
+    """The checkpoint state (ARCHITECTURE.md): `epoch` = completed epochs, model unwrapped.
+
+    A snapshot: every tensor is copied, since training updates weights and moments in place.
+    """
     return {
-        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "model": {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "scaler": copy.deepcopy(scaler.state_dict()),
+        "scheduler": copy.deepcopy(scheduler.state_dict()),
         "epoch": epoch,
         "rng": rng_state(),
         "config": cfg.to_dict(),

@@ -18,15 +18,11 @@ from typing import Any
 import torch
 
 from geopose_ray import paths
-from geopose_ray.atomic import atomic_path
 from geopose_ray.checkpoint import save_state
 from geopose_ray.config import Config, load_yaml_config
 from geopose_ray.data.transforms import build_train_transform_from_config
 from geopose_ray.errors import InputError, run_cli
 from geopose_ray.train_loop import NonFiniteLossError, autocast_dtype, build_optimizer, build_scheduler, fit
-
-# The embedded default set: small enough to generate and train on a laptop CPU in minutes.
-DEFAULT_SYNTHETIC = {"size": 128, "per_city": 8, "test_per_city": 2, "seed": 0}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,14 +36,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def ensure_default_data(data_dir: Path) -> Path:
-    """Generate the synthetic set into `data_dir` unless it is already there (atomically, so an
-    interrupted generation is redone rather than half-used)."""
+    """The embedded synthetic set in `data_dir`, generated (with the generator's defaults, as
+    every other entry point) unless a data set is already there."""
     from geopose_ray.synthetic import generate
 
-    if not data_dir.is_dir():
+    if not (data_dir / "geopose_train.csv").is_file():
         print(f"generating the synthetic data set in {data_dir}", file=sys.stderr)
-        with atomic_path(data_dir) as tmp:
-            generate(tmp, **DEFAULT_SYNTHETIC)
+        generate(data_dir)
     return data_dir
 
 

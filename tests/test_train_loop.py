@@ -340,3 +340,77 @@ def test_missing_or_corrupt_state_is_an_input_error(tmp_path):
     (tmp_path / STATE_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="cannot load"):
         load_state(tmp_path)
+
+
+# --- fit on the synthetic set (real data, model, loss) ------------------------------------------
+def synthetic_cfg(synthetic_dir, cache_dir, **flat) -> Config:
+    base = {
+        "data_dir": str(synthetic_dir),
+        "cache_dir": str(cache_dir),
+        "n_folds": 3,
+        "crop": 64,
+        "batch_size": 2,
+        "max_train_samples": 4,
+        "encoder": "resnet18",
+        "lr": 1e-3,
+        "epochs": 2,
+        "seed": 3,
+    }
+    return Config.from_dict({**base, **flat})
+
+
+class Recorder:
+    """A reporter that keeps every metrics dict and every checkpoint state it is offered."""
+
+    def __init__(self):
+        self.metrics, self.states = [], {}
+
+    def __call__(self, metrics, state_fn):
+        self.metrics.append(metrics)
+        if state_fn is not None:
+            self.states[int(metrics["epoch"])] = state_fn()
+
+
+@pytest.fixture(scope="module")
+def two_epochs(synthetic_dir, tmp_path_factory):
+    from geopose_ray.train_loop import fit
+
+    cfg = synthetic_cfg(synthetic_dir, tmp_path_factory.mktemp("cache"))
+    rec = Recorder()
+    last = fit(cfg, reporter=rec)
+    return cfg, rec, last
+
+
+def test_fit_reports_every_epoch_with_a_finite_score(two_epochs):
+    cfg, rec, last = two_epochs
+    assert [m["epoch"] for m in rec.metrics] == [1.0, 2.0]
+    assert last == rec.metrics[-1]
+    for m in rec.metrics:
+        for key in ("score", "val_loss", "train_loss", "agl_r2", "vflow_r2", "score_ARG", "lr"):
+            assert math.isfinite(m[key]), key
+        assert m["nonfinite_steps"] == 0 and m["nonfinite_total"] == 0
+    assert sorted(rec.states) == [1, 2]
+    assert rec.states[2]["config"] == cfg.to_dict() and rec.states[2]["epoch"] == 2
+
+
+def test_fit_resumes_at_the_next_epoch_as_if_never_stopped(two_epochs, tmp_path):
+    from geopose_ray.train_loop import fit
+
+    cfg, rec, _ = two_epochs
+    save_state(tmp_path, rec.states[1])
+    resumed = Recorder()
+    fit(cfg, reporter=resumed, start_state=load_state(tmp_path))
+    assert [m["epoch"] for m in resumed.metrics] == [2.0]  # epoch 1 is not trained again
+    for key, value in rec.states[2]["model"].items():
+        torch.testing.assert_close(resumed.states[2]["model"][key], value, msg=key)
+    assert resumed.metrics[0]["score"] == pytest.approx(rec.metrics[1]["score"], rel=1e-5)
+
+
+def test_fit_stops_on_repeated_nan_without_a_checkpoint(synthetic_dir, tmp_path):
+    from geopose_ray.train_loop import fit
+
+    cfg = synthetic_cfg(synthetic_dir, tmp_path / "cache", nan_inject_steps="0,1", max_nonfinite=2)
+    rec = Recorder()
+    with pytest.raises(NonFiniteLossError):
+        fit(cfg, reporter=rec)
+    assert rec.metrics == [] and rec.states == {}
