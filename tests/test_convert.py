@@ -236,3 +236,16 @@ def test_two_concurrent_conversions_give_identical_complete_caches(tmp_path, ray
     assert [p.returncode for p in procs] == [0, 0], outputs
     _assert_same(_cache_state(shared), reference)
     assert not list(shared.rglob(".tmp-*"))
+
+
+@pytest.mark.ray
+def test_synthetic_set_converts_and_group_folds_keep_scenes_together(synthetic_dir, tmp_path, ray_session):
+    out = convert(synthetic_dir, tmp_path / "cache", n_folds=2, fold_mode="group", progress=False)
+    train, test = cache.load_cache(out, "train"), cache.load_cache(out, "test")
+    meta = pd.read_csv(synthetic_dir / "metadata.csv", dtype=str).set_index("id")
+    assert len(train) == 12 and len(test) == 4
+    assert all(s.group == meta.loc[s.id, "group"] for s in train + test)
+    stored = folds.read_folds(out / "folds.csv")
+    for group in {s.group for s in train}:
+        assert len({stored[s.id] for s in train if s.group == group}) == 1, group
+    assert set(stored.values()) == {0, 1}
