@@ -1,0 +1,360 @@
+"""The search: concurrency, refit selection and the report (no Ray); Optuna + ASHA with a plain
+Tune function (seconds); one end-to-end smoke search + fold refit through Ray Train; and a
+driver killed mid-search then resumed (subprocess, its own Ray)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from geopose_ray.config import Config
+from geopose_ray.errors import InputError
+from geopose_ray.tune import refit, report, search
+from geopose_ray.tune.driver import TrialResources, trial_train_config
+from geopose_ray.tune.space import load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PLAIN_SPACE = """
+num_samples: 6
+scheduler: {max_epochs: 2, grace_period: 1, reduction_factor: 2}
+fixed: {crop: 64}
+parameters:
+  agl_loss: {type: choice, values: [mse, huber], default: mse}
+  huber_delta: {type: uniform, low: 1.0, high: 10.0, default: 5.0, when: {agl_loss: huber}}
+  lr: {type: loguniform, low: 1.0e-5, high: 1.0e-1, default: 1.0e-3}
+"""
+
+# Real training on 64 px synthetic tiles; lr 5e-2 diverges within an epoch (score << default's).
+SMOKE_SPACE = """
+num_samples: 4
+scheduler: {max_epochs: 2, grace_period: 1, reduction_factor: 2}
+fixed: {n_folds: 3, crop: 64, val_crop: 64, batch_size: 2, val_batch_size: 2, threads: 1, precision: fp32,
+        encoder_weights: null, photo_aug: none, schedule: constant, arch: Unet}
+parameters:
+  encoder: {type: choice, values: [resnet18, efficientnet-b0], default: resnet18}
+  lr: {type: choice, values: [1.0e-3, 5.0e-2], default: 1.0e-3}
+"""
+
+
+def write_space(tmp_path: Path, text: str, name: str = "space") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def record(tid: str, cfg: dict, scores: list[float], status: str = "TERMINATED") -> report.TrialRecord:
+    hist = pd.DataFrame({"epoch": range(1, len(scores) + 1), "score": scores, "node_id": "n1"})
+    return report.TrialRecord(tid, status, cfg, hist, f"/x/{tid}")
+
+
+# --- no Ray -------------------------------------------------------------------------------------
+def test_max_concurrent_counts_train_workers_not_drivers():
+    cpu = TrialResources(workers_per_trial=2, cpus_per_worker=1.0)
+    assert cpu.max_concurrent({"CPU": 5.0}) == 2  # 2 x (2 + 0.01) <= 5 < 3 x 2.01
+    assert cpu.max_concurrent({"CPU": 1.0}) == 1  # at least one
+    gpu = TrialResources(workers_per_trial=2, cpus_per_worker=4.0, gpus_per_worker=1.0)
+    assert gpu.max_concurrent({"CPU": 64.0, "GPU": 4.0}) == 2  # GPUs bind
+    assert gpu.max_concurrent({"CPU": 12.0, "GPU": 8.0}) == 1  # CPUs bind
+    assert cpu.fits({"CPU": 2.01}) and not cpu.fits({"CPU": 2.0}) and not gpu.fits({"CPU": 64.0})
+
+
+def test_trial_train_config_search_and_refit():
+    assert trial_train_config({"lr": 0.1, "fold": 0, "bookkeeping": 1}) == {"lr": 0.1, "fold": 0}
+    refit_cfg = {
+        "refit_configs": [{"lr": 0.1, "fold": 0}, {"lr": 0.2, "fold": 0}],
+        "member": {"config_rank": 1, "fold": 2},
+    }
+    assert trial_train_config(refit_cfg) == {"lr": 0.2, "fold": 2}
+
+
+def test_parse_folds():
+    assert refit.parse_folds("0,1") == (0, 1)
+    assert refit.parse_folds("3") == (0, 1, 2)
+    assert refit.parse_folds("2,4") == (2, 4)
+    for bad in ("x", "0,0", "-1,2", "0"):
+        with pytest.raises(InputError):
+            refit.parse_folds(bad)
+
+
+def test_top_configs_are_distinct_finished_and_finite():
+    a, b, c = {"lr": 1e-3, "fold": 0}, {"lr": 1e-2, "fold": 0}, {"lr": 1e-4, "fold": 0}
+    recs = [
+        record("t1", a, [0.1, 0.5]),
+        record("t2", dict(a), [0.2, 0.6]),  # same config as t1, better: represents it
+        record("t3", b, [0.4]),
+        record("t4", c, [0.9], status="ERROR"),
+        record("t5", {"lr": 0.5, "fold": 0}, [math.nan]),
+    ]
+    assert [r.trial_id for r in refit.top_configs(recs, 5)] == ["t2", "t3"]
+    assert [r.trial_id for r in refit.top_configs(recs, 1)] == ["t2"]
+    cid = report.config_id(a)
+    assert cid == report.config_id({**a, "fold": 3, "data_dir": "/elsewhere"})  # run keys excluded
+    assert refit.reusable(recs, cid, fold=0, max_epochs=2).trial_id == "t2"
+    assert refit.reusable(recs, cid, fold=1, max_epochs=2) is None
+    assert refit.reusable(recs, report.config_id(b), fold=0, max_epochs=2) is None  # stopped at 1
+
+
+def test_leaderboard_and_importances_from_records(tmp_path):
+    space = load_space(write_space(tmp_path, PLAIN_SPACE.replace("max_epochs: 2", "max_epochs: 4")))
+    recs = [
+        record("full", {"agl_loss": "mse", "lr": 1e-3, "fold": 0}, [0.2, 0.3, 0.5, 0.4]),
+        record("early", {"agl_loss": "huber", "huber_delta": 2.0, "lr": 1e-2, "fold": 0}, [0.1]),
+        record("broken", {"agl_loss": "mse", "lr": 1e-1, "fold": 0}, [-3.0, -2.0], status="ERROR"),
+        record("mid", {"agl_loss": "huber", "huber_delta": 7.0, "lr": 1e-4, "fold": 0}, [0.0, 0.35]),
+    ]
+    board = report.leaderboard(recs, space)
+    assert list(board["trial_id"]) == ["full", "mid", "early", "broken"]
+    row = board.set_index("trial_id")
+    assert row.loc["full", "score"] == 0.5 and row.loc["full", "best_epoch"] == 3
+    assert row.loc["full", "epochs_run"] == 4 and not row.loc["full", "stopped_early"]
+    assert row.loc["early", "stopped_early"] and row.loc["mid", "stopped_early"]
+    assert not row.loc["broken", "stopped_early"]  # errors are not early stops
+    assert pd.isna(row.loc["full", "huber_delta"]) and row.loc["mid", "huber_delta"] == 7.0
+    assert {"node_id", "fold", "agl_loss", "lr"} <= set(board.columns)
+    imp = report.param_importances(recs, space)
+    assert imp["trials"] == 4 and set(imp["importances"]) <= {"agl_loss", "lr", "huber_delta"}
+    assert math.isclose(sum(imp["importances"].values()), 1.0, rel_tol=1e-6)
+    assert "full" in report.format_table(board)
+
+
+def test_resolve_space_and_resources(tmp_path):
+    path = write_space(tmp_path, PLAIN_SPACE + "resources: {cpus_per_worker: 0.5}\n")
+    opts = search.SearchOptions(
+        space=str(path), max_epochs=1, num_samples=9, fold=2, cache=str(tmp_path / "c")
+    )
+    space = search.resolve_space(opts, "/data")
+    assert space.scheduler.max_epochs == 1 and space.scheduler.grace_period == 1
+    assert space.num_samples == 9
+    defaults = space.defaults()
+    assert defaults["epochs"] == 1 and defaults["fold"] == 2 and defaults["data_dir"] == "/data"
+    assert defaults["cache_dir"] == str((tmp_path / "c").resolve())
+    Config.from_dict(defaults)
+    with pytest.raises(InputError, match="fold"):
+        search.resolve_space(search.SearchOptions(space=str(path), fold=5), "/data")
+    res = search.resolve_resources(search.SearchOptions(space=str(path)), space, {"CPU": 4.0})
+    assert (res.workers_per_trial, res.cpus_per_worker, res.gpus_per_worker) == (2, 0.5, 0.0)
+    res = search.resolve_resources(
+        search.SearchOptions(space=str(path), cpus_per_worker=2), space, {"CPU": 8.0, "GPU": 2}
+    )
+    assert res.cpus_per_worker == 2.0 and res.gpus_per_worker == 1.0  # GPUs in the cluster: 1 each
+    with pytest.raises(InputError, match="workers"):
+        search.resolve_resources(
+            search.SearchOptions(space=str(path), workers_per_trial=9), space, {"CPU": 4.0}
+        )
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_search.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path):
+    bad = write_space(tmp_path, PLAIN_SPACE.replace("lr:", "learning_rate:"), "bad")
+    out = run_cli("--space", str(bad), "--storage", str(tmp_path / "s"))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and str(bad) in out.stderr and "learning_rate" in out.stderr
+    out = run_cli("--space", str(write_space(tmp_path, PLAIN_SPACE)), "--folds", "0,x")
+    assert out.returncode == 2 and "--folds" in out.stderr and out.stderr.count("\n") == 1
+    assert not (tmp_path / "s").exists()
+
+
+# --- Optuna + ASHA with a plain Tune function (seconds) -----------------------------------------
+def plain_trainable(config: dict) -> None:
+    """Score peaks at lr = 1e-3 (the default) and rises slowly with epochs."""
+    from ray import tune
+
+    quality = -abs(math.log10(config["lr"]) + 3.0)
+    for epoch in range(1, config["epochs"] + 1):
+        tune.report({"epoch": epoch, "score": quality + 0.01 * epoch, "val_loss": -quality})
+
+
+@pytest.mark.ray
+def test_optuna_asha_search_and_report(ray_session, tmp_path):
+    from ray import tune
+
+    space = search.resolve_space(search.SearchOptions(space=str(write_space(tmp_path, PLAIN_SPACE))), "/data")
+    trainable = tune.with_resources(plain_trainable, {"CPU": 0.01})
+    exp = tmp_path / "exp"
+    tuner = search.build_tuner(space, trainable, "exp", str(tmp_path), max_concurrent=1, seed=3)
+    search.fit_or_resume(lambda: tuner, exp, trainable, resume=False)
+    recs = report.load_trials(exp)
+    assert len(recs) == space.num_samples
+    first = next(r for r in recs if r.config["lr"] == 1e-3 and r.config["agl_loss"] == "mse")  # defaults
+    assert recs[0].trial_id == first.trial_id  # points_to_evaluate: the defaults run first
+    for r in recs:
+        cfg = r.train_config
+        assert ("huber_delta" in cfg) == (cfg["agl_loss"] == "huber")
+        assert cfg["crop"] == 64 and cfg["epochs"] == 2 and cfg["data_dir"] == "/data"
+    board = report.write_report(exp, space)
+    row = board.set_index("trial_id")
+    assert row.loc[first.trial_id, "epochs_run"] == 2 and not row.loc[first.trial_id, "stopped_early"]
+    # one trial at a time: the default (the optimum) reaches the epoch-1 rung first, so the next
+    # trial, worse by construction, is stopped there; a stopped trial ran exactly 1 epoch
+    assert row.loc[recs[1].trial_id, "stopped_early"] and row.loc[recs[1].trial_id, "epochs_run"] == 1
+    assert (board["epochs_run"] == board["stopped_early"].map({True: 1, False: 2})).all()
+    best = yaml.safe_load((exp / report.BEST_CONFIG).read_text())
+    assert best["lr"] == 1e-3 and best["agl_loss"] == "mse"
+    assert set(json.loads((exp / report.IMPORTANCES).read_text())["importances"]) <= {
+        "agl_loss",
+        "lr",
+        "huber_delta",
+    }
+    for png in (report.SCORE_VS_EPOCH, report.SCORE_BY_PARAM):
+        assert (exp / png).read_bytes()[:4] == b"\x89PNG"
+    assert len(pd.read_csv(exp / report.LEADERBOARD)) == space.num_samples
+    with pytest.raises(InputError, match="--resume"):
+        search.fit_or_resume(lambda: tuner, exp, trainable, resume=False)
+    with pytest.raises(InputError, match="no experiment"):
+        search.fit_or_resume(lambda: tuner, tmp_path / "none", trainable, resume=True)
+
+
+# --- end to end through Ray Train (real worker) -------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.ray
+def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_path):
+    opts = search.SearchOptions(
+        space=str(write_space(tmp_path, SMOKE_SPACE, "e2e")),
+        data=str(synthetic_dir),
+        storage=str(tmp_path / "storage"),
+        workers_per_trial=2,
+        cpus_per_worker=1.0,  # 4-CPU fixture: one trial at a time, so the default reaches rung 1 first
+        refit_top=1,
+        folds=(0, 1),
+        seed=0,
+    )
+    res = search.run_search(opts)
+    board = res.leaderboard
+    assert res.trials == len(board) >= 4
+    assert board["stopped_early"].any(), board
+    assert (board["status"] == "TERMINATED").all()
+    assert board["node_id"].notna().all()
+    assert res.epochs_run == board["epochs_run"].sum() < res.epochs_budget == 2 * len(board)
+    members = json.loads(res.members_path.read_text())
+    assert members == res.members and sorted(m["fold"] for m in members) == [0, 1]
+    assert {m["config_id"] for m in members} == {board["config_id"].iloc[0]}
+    refits = [m for m in members if m["source"] == "refit"]
+    assert refits and all(m["experiment"].endswith("-refit") for m in refits)
+    for m in members:
+        assert (Path(m["checkpoint"]) / "state.pt").is_file()
+        assert Config.from_dict(m["config"]).data.fold == m["fold"]
+    refit_board = res.refit_leaderboard
+    assert not refit_board["stopped_early"].any() and (refit_board["epochs_run"] == 2).all()
+    assert set(refit_board["fold"]) == {m["fold"] for m in refits}
+    for name in (report.LEADERBOARD, report.BEST_CONFIG, report.IMPORTANCES, search.OPTIONS_FILE):
+        assert (res.experiment_dir / name).is_file()
+
+
+# --- driver killed mid-search, then --resume ----------------------------------------------------
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, session id, start time) for every visible process."""
+    table = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                table[int(d.name)] = (int(fields[1]), int(fields[3]), fields[19])
+            except (OSError, IndexError, ValueError):
+                continue
+    return table
+
+
+def _descendants(root: int, table: dict[int, tuple[int, int, str]]) -> set[int]:
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {p for p, (pp, _, _) in table.items() if pp in frontier and p not in found}
+        found |= frontier
+    return found
+
+
+def _kill_leftovers(started: dict[int, str], sid: int) -> list[int]:
+    """SIGKILL what the killed driver left: its recorded descendants and members of its session,
+    each only if it is still the same process (same start time)."""
+    table = _proc_table()
+    ours = {p for p, (_, s, _) in table.items() if s == sid} | set(started)
+    killed = []
+    for pid in ours:
+        if pid in table and (pid not in started or table[pid][2] == started[pid]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def _finished_trials(exp: Path) -> list[Path]:
+    done = []
+    for result in exp.glob("trial_*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if lines and lines[-1].get("done"):
+            done.append(result.parent)
+    return done
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+def test_killed_driver_resumes_without_rerunning_finished_trials(synthetic_dir, tmp_path):
+    space = write_space(tmp_path, SMOKE_SPACE.replace("num_samples: 4", "num_samples: 3"), "fault")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(GEOPOSE_RAY_HOME=str(tmp_path / "home"), RAY_AUTH_MODE="disabled")
+    args = [sys.executable, str(ROOT / "run_search.py"), "--space", str(space), "--data", str(synthetic_dir)]
+    args += ["--storage", str(tmp_path / "st"), "--cpus-per-worker", "0.5", "--refit-top", "0"]
+    exp = tmp_path / "st" / "fault"
+    log = (tmp_path / "first.log").open("w")
+    driver = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    started: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while not _finished_trials(exp) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert driver.poll() is None, "the search ended before it could be interrupted"
+        finished = _finished_trials(exp)
+        assert finished, "no trial finished in time"
+        table = _proc_table()
+        started = {p: table[p][2] for p in _descendants(driver.pid, table)}
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(30)
+        log.close()
+        _kill_leftovers(started, driver.pid)
+        time.sleep(1.0)
+        _kill_leftovers(started, driver.pid)  # anything the dying ones started meanwhile
+    kept = {d.name: (d / "result.json").read_bytes() for d in finished}
+    ckpts = {
+        d.name: sorted(p.name for p in (tmp_path / "st" / f"fault-{d.name[6:]}").iterdir()) for d in finished
+    }
+
+    out = subprocess.run([*args, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    board = pd.read_csv(exp / report.LEADERBOARD)
+    assert len(board) == 3 and board["trial_id"].is_unique  # the searcher did not start extra trials
+    assert (board["status"] == "TERMINATED").all()
+    for name, before in kept.items():  # finished trials were not run again
+        assert (exp / name / "result.json").read_bytes() == before
+        assert sorted(p.name for p in (tmp_path / "st" / f"fault-{name[6:]}").iterdir()) == ckpts[name]
+    for tid in board["trial_id"]:
+        hist = pd.read_json(exp / f"trial_{tid}" / "result.json", lines=True)
+        assert hist["epoch"].max() == board.set_index("trial_id").loc[tid, "epochs_run"]
+    assert "trials: 3" in out.stdout
