@@ -1,0 +1,211 @@
+"""Ensemble members, the CLI's handling of bad input, and the whole job end to end on the
+synthetic set (Ray Data actors -> OOF blend fit -> validated, scored submission)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from geopose_ray.data.cache import CachedSample
+from geopose_ray.ensemble import members as ms
+from geopose_ray.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("run_ensemble", ROOT / "run_ensemble.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_checkpoint(folder: Path, config: dict | None = None) -> Path:
+    """A folder that looks like a checkpoint to member selection (no weights needed there)."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "state.pt").write_bytes(b"")
+    (folder / "config.yaml").write_text(yaml.safe_dump(config or {}))
+    return folder
+
+
+def _entry(rank: int, cid: str, fold: int, ckpt: str, score: float = 0.5) -> dict:
+    return {
+        "rank": rank,
+        "config_id": cid,
+        "fold": fold,
+        "trial_id": f"{cid}-{fold}",
+        "score": score,
+        "checkpoint": ckpt,
+        "config": {"fold": fold, "n_folds": 3},
+    }
+
+
+def _experiment(storage: Path, name: str, entries: list[dict] | str) -> Path:
+    exp = storage / name
+    exp.mkdir(parents=True, exist_ok=True)
+    (exp / "members.json").write_text(entries if isinstance(entries, str) else json.dumps(entries))
+    return exp
+
+
+def test_read_members_keeps_top_k_configs_with_all_their_folds(tmp_path):
+    for name in ("a0", "a1", "b0", "c0"):
+        _fake_checkpoint(tmp_path / "exp" / name)
+    entries = [
+        _entry(1, "B", 0, "b0"),
+        _entry(0, "A", 0, "a0"),
+        _entry(0, "A", 1, "a1"),
+        _entry(2, "C", 0, "c0"),
+    ]
+    _experiment(tmp_path, "exp", entries)
+    top2 = ms.read_members(tmp_path, "exp", top_k=2)
+    assert sorted((m.config_id, m.fold) for m in top2) == [("A", 0), ("A", 1), ("B", 0)]
+    assert all(m.checkpoint.is_absolute() and (m.checkpoint / "state.pt").is_file() for m in top2)
+    groups = ms.group_by_config(top2)
+    assert [cid for cid, _ in groups] == ["A", "B"] and sorted(groups[0][1]) == [0, 1]
+
+
+def test_latest_experiment_is_the_newest_with_members(tmp_path):
+    import os
+
+    old = _experiment(tmp_path, "old", "[]")
+    _experiment(tmp_path, "new", "[]")
+    (tmp_path / "newest-without-members").mkdir()
+    os.utime(old / "members.json", (1, 1))
+    assert ms.latest_experiment(tmp_path) == "new"
+    with pytest.raises(InputError, match="no experiment"):
+        ms.latest_experiment(tmp_path / "empty")
+
+
+def test_explicit_checkpoints_group_by_config_except_fold(tmp_path):
+    a0 = _fake_checkpoint(tmp_path / "a0", {"encoder": "resnet18", "fold": 0})
+    a1 = _fake_checkpoint(tmp_path / "a1", {"encoder": "resnet18", "fold": 1})
+    b0 = _fake_checkpoint(tmp_path / "b0", {"encoder": "resnet34", "fold": 0})
+    members = ms.members_from_checkpoints([a0, a1, b0])
+    assert [(m.config_id, m.fold) for m in members] == [("config0", 0), ("config0", 1), ("config1", 0)]
+    dup = _fake_checkpoint(tmp_path / "dup", {"encoder": "resnet18", "fold": 1})
+    with pytest.raises(InputError, match="same fold"):
+        ms.members_from_checkpoints([a0, a1, dup])
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("[{", "cannot parse JSON"),
+        ('[{"rank": NaN, "config_id": "A", "fold": 0, "checkpoint": "a0", "config": {}}]', "NaN"),
+        ('[{"rank": 0, "fold": 0, "checkpoint": "a0", "config": {}}]', "config_id"),
+        ('[{"rank": 0, "config_id": "A", "fold": 0, "checkpoint": "gone", "config": {}}]', "state.pt"),
+        ("{}", "non-empty JSON list"),
+    ],
+    ids=["corrupt", "nan", "missing-key", "missing-checkpoint", "not-a-list"],
+)
+def test_bad_members_json_exits_2_with_one_line_naming_the_file(tmp_path, capsys, content, problem):
+    _fake_checkpoint(tmp_path / "exp" / "a0")
+    _experiment(tmp_path, "exp", content)
+    data = tmp_path / "data"
+    data.mkdir()
+    cli = _cli()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_cli(cli.main, ["--data", str(data), "--storage", str(tmp_path), "--name", "exp"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0] and str(tmp_path) in err[0]
+
+
+def test_cli_refuses_missing_data_and_bad_flags(tmp_path, capsys):
+    cli = _cli()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_cli(cli.main, ["--data", str(tmp_path / "nope"), "--storage", str(tmp_path)])
+    assert exit_info.value.code == 2 and "nope" in capsys.readouterr().err
+    for bad in (["--top-k", "0"], ["--tta", "d8"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run_cli(cli.main, bad)
+        assert exit_info.value.code == 2
+
+
+def test_oof_items_use_each_configs_folds_and_skip_uncovered_tiles(tmp_path):
+    from geopose_ray.data.folds import make_folds
+    from geopose_ray.ensemble.job import oof_items
+
+    train = [
+        CachedSample(
+            f"id{i:02d}", city, 0.5, "train", tmp_path / f"{i}.tif", tmp_path / f"{i}a.tif", 1.0, 0.0
+        )
+        for i, city in enumerate(["ARG", "ATL", "JAX", "OMA"] * 3)
+    ]
+    cfg = {"n_folds": 3, "seed": 0, "fold_mode": "city"}
+    a = {f: ms.Member("A", f, tmp_path, config={**cfg, "fold": f}) for f in (0, 1, 2)}
+    b = {f: ms.Member("B", f, tmp_path, rank=1, config={**cfg, "fold": f}) for f in (0, 1)}
+    items = oof_items([("A", a), ("B", b)], train)
+    folds = make_folds(train, 3, 0, "city")
+    assert {it["id"] for it in items} == {s.id for s in train if folds[s.id] in (0, 1)}
+    assert all(json.loads(it["folds"]) == [folds[it["id"]]] * 2 for it in items)
+
+
+def test_finish_refuses_an_incomplete_submission(synthetic_dir, tmp_path):
+    import numpy as np
+
+    from geopose_ray.data.cache import CachedSample
+    from geopose_ray.data.layout import load_split
+    from geopose_ray.ensemble.job import finish
+    from geopose_ray.submission import write_prediction
+
+    test = load_split(synthetic_dir, "test")
+    pred_dir = tmp_path / "pred"
+    for s in test[1:]:  # the first tile is missing
+        write_prediction(pred_dir, s.stem, np.ones((64, 64), np.float32), 1.0, 0.5)
+    cached = [CachedSample(s.id, s.city, s.gsd, "test", s.rgb, None, math.nan, math.nan) for s in test]
+    out = finish(pred_dir, tmp_path / "out", synthetic_dir, cached, n_previews=2)
+    assert out["valid"] is False and out["previews"] == [] and out["test_score"] is None
+    assert any(test[0].stem in p for p in out["problems"])
+
+
+def _checkpoints(exp: Path) -> list[dict]:
+    """Untrained members in the real checkpoint format: config A on folds 0-2, B on folds 0-1."""
+    import torch
+
+    from geopose_ray.checkpoint import save_state
+    from geopose_ray.config import Config
+    from geopose_ray.models import build_model
+
+    entries = []
+    for rank, (cid, extra, folds) in enumerate([("A", {}, (0, 1, 2)), ("B", {"use_gsd": False}, (0, 1))]):
+        for fold in folds:
+            torch.manual_seed(10 * rank + fold)
+            cfg = Config.from_dict({"encoder": "resnet18", "n_folds": 3, "fold": fold, **extra})
+            folder = exp / f"{cid}{fold}"
+            save_state(folder, {"model": build_model(cfg.model).state_dict(), "config": cfg.to_dict()})
+            entries.append({**_entry(rank, cid, fold, str(folder)), "config": cfg.to_dict()})
+    return entries
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_end_to_end_cli_writes_a_valid_scored_submission(ray_session, synthetic_dir, tmp_path, capsys):
+    from geopose_ray.score import score_dirs
+    from geopose_ray.submission import check_submission
+
+    exp = tmp_path / "storage" / "exp"
+    _experiment(tmp_path / "storage", "exp", _checkpoints(exp))
+    cli = _cli()
+    code = cli.main(["--data", str(synthetic_dir), "--storage", str(tmp_path / "storage"), "--tta", "d4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    report = json.loads((exp / "ensemble" / "ensemble_report.json").read_text())
+    archive = Path(report["archive"])
+    assert f"submission: {archive}" in out and "plain mean" in out
+    assert archive.is_file() and check_submission(archive, synthetic_dir) == []
+    score = score_dirs(synthetic_dir / "truth", archive)
+    assert math.isfinite(score["final"]) and not score["failures"]
+    assert report["test_score"]["final"] == pytest.approx(score["final"])
+    assert [c["config_id"] for c in report["configs"]] == ["A", "B"]
+    oof = report["oof"]
+    assert oof["folds"] == 2 and oof["tiles"] > 0  # tiles of folds 0 and 1, which both configs cover
+    assert all(math.isfinite(c["oof"]) for c in report["configs"])
+    assert oof["kept"] or oof["blend"] == pytest.approx(oof["plain_mean"])
+    assert len(report["previews"]) == 4 and all(Path(p).stat().st_size > 0 for p in report["previews"])
