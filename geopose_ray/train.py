@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from geopose_ray import paths
 from geopose_ray.checkpoint import save_state
@@ -46,9 +47,18 @@ def ensure_default_data(data_dir: Path) -> Path:
     return data_dir
 
 
+def space_epochs(path: str | Path) -> int | None:
+    """A search-space file's `scheduler.max_epochs` (every trial's full budget), if it has one."""
+    doc = yaml.safe_load(Path(path).read_text())
+    scheduler = doc.get("scheduler") if isinstance(doc, dict) and "parameters" in doc else None
+    return scheduler.get("max_epochs") if isinstance(scheduler, dict) else None
+
+
 def load_config(args: argparse.Namespace) -> Config:
     """Config from the YAML plus command-line overrides; every bad value names the YAML file."""
     flat = load_yaml_config(args.config)
+    if "epochs" not in flat and (epochs := space_epochs(args.config)) is not None:
+        flat["epochs"] = epochs
     overrides: dict[str, Any] = {"epochs": args.epochs, "fold": args.fold}
     flat.update({k: v for k, v in overrides.items() if v is not None})
     try:
