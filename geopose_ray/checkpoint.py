@@ -104,7 +104,8 @@ def restore_state(
     RNG exactly; other ranks reseed by rank and epoch (the state holds rank 0's RNG only)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # empty when saved by a disabled scaler (CPU / bf16 / fp32 runs)
+        scaler.load_state_dict(state["scaler"])
     scheduler.load_state_dict(state["scheduler"])
     epoch = int(state["epoch"])
     if rank == 0:

@@ -323,6 +323,22 @@ def test_state_round_trip_resumes_with_identical_state(tmp_path):
     assert (tmp_path / "ck" / "config.yaml").is_file()
 
 
+def test_state_is_a_snapshot_that_later_training_does_not_change():
+    cfg = cfg_with(optimizer="adamw", lr=0.01)
+    model, items = FakeModel(), fake_items(4)
+    opt, sched, scaler = _parts(cfg, model)
+    dev = torch.device("cpu")
+    train_one_epoch(model, loader(items, 2), fake_criterion, opt, sched, scaler, dev, cfg)
+    state = make_state(model, opt, scaler, sched, 1, cfg)
+    saved = {k: v.clone() for k, v in state["model"].items()}
+    moments = state["optimizer"]["state"][0]["exp_avg"].clone()
+    train_one_epoch(model, loader(items, 2), fake_criterion, opt, sched, scaler, dev, cfg)
+    for k, v in saved.items():
+        torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0)
+    torch.testing.assert_close(state["optimizer"]["state"][0]["exp_avg"], moments, rtol=0, atol=0)
+    assert not torch.equal(state["model"]["conv.weight"], model.conv.weight.detach())
+
+
 def test_non_finite_weights_are_never_saved(tmp_path):
     cfg = cfg_with()
     model = FakeModel()
