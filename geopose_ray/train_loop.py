@@ -160,6 +160,13 @@ def _optimizer_step(model: nn.Module, optimizer, scaler, grad_clip: float) -> No
     optimizer.zero_grad(set_to_none=True)
 
 
+def _forward_loss(model, criterion, batch, device, dtype) -> tuple[torch.Tensor, dict[str, Any]]:
+    with _autocast(device, dtype):
+        pred = model(batch["image"], batch["gsd"], batch["city"])
+        loss, parts = criterion(pred, batch)
+    return loss.float(), parts
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[dict[str, Any]],
@@ -193,10 +200,7 @@ def train_one_epoch(
         last = i % accum == group - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with _autocast(device, dtype):
-                pred = model(batch["image"], batch["gsd"], batch["city"])
-                loss, parts = criterion(pred, batch)
-            loss = loss.float()
+            loss, parts = _forward_loss(model, criterion, batch, device, dtype)
             if step_offset + i in inject:
                 loss = loss * float("nan")
             imgs += batch["image"].shape[0]
@@ -224,14 +228,9 @@ def train_one_epoch(
                 optimizer.zero_grad(set_to_none=True)
             group_backwards = 0
     elapsed = time.perf_counter() - t0
-    metrics = {k: v / max(1, finite_steps) for k, v in sums.items()}
-    metrics.setdefault("train_loss", math.nan)
-    metrics.update(
-        lr=optimizer.param_groups[0]["lr"],
-        nonfinite_steps=float(nonfinite),
-        imgs_per_s=imgs / max(elapsed, 1e-9),
-        epoch_time_s=elapsed,
-    )
+    metrics = {"train_loss": math.nan, **{k: v / max(1, finite_steps) for k, v in sums.items()}}
+    metrics.update(lr=optimizer.param_groups[0]["lr"], nonfinite_steps=float(nonfinite))
+    metrics.update(imgs_per_s=imgs / max(elapsed, 1e-9), epoch_time_s=elapsed)
     return metrics
 
 
