@@ -48,14 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth breaks local `ray start` clusters
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from geopose_ray.tune.space import load_space
+
+    load_space(args.space)  # a bad space fails at once, before Ray is even imported
     import ray
 
     from geopose_ray.tune.refit import parse_folds
     from geopose_ray.tune.report import format_table
     from geopose_ray.tune.search import SearchOptions, run_search
-    from geopose_ray.tune.space import load_space
 
-    load_space(args.space)  # a bad space fails in a second, before any cluster starts
     embedded = args.space == parse_args([]).space
     opts = SearchOptions(
         space=args.space,

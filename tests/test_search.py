@@ -187,13 +187,17 @@ def plain_trainable(config: dict) -> None:
 
 @pytest.mark.ray
 def test_optuna_asha_search_and_report(ray_session, tmp_path):
-    from ray import tune
+    from ray import cloudpickle, tune
 
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
     space = search.resolve_space(search.SearchOptions(space=str(write_space(tmp_path, PLAIN_SPACE))), "/data")
     trainable = tune.with_resources(plain_trainable, {"CPU": 0.01})
     exp = tmp_path / "exp"
-    tuner = search.build_tuner(space, trainable, "exp", str(tmp_path), max_concurrent=1, seed=3)
-    search.fit_or_resume(lambda: tuner, exp, trainable, resume=False)
+
+    def make_tuner():
+        return search.build_tuner(space, trainable, "exp", str(tmp_path), max_concurrent=1, seed=3)
+
+    search.fit_or_resume(make_tuner, exp, trainable, resume=False)
     recs = report.load_trials(exp)
     assert len(recs) == space.num_samples
     first = next(r for r in recs if r.config["lr"] == 1e-3 and r.config["agl_loss"] == "mse")  # defaults
@@ -220,9 +224,9 @@ def test_optuna_asha_search_and_report(ray_session, tmp_path):
         assert (exp / png).read_bytes()[:4] == b"\x89PNG"
     assert len(pd.read_csv(exp / report.LEADERBOARD)) == space.num_samples
     with pytest.raises(InputError, match="--resume"):
-        search.fit_or_resume(lambda: tuner, exp, trainable, resume=False)
+        search.fit_or_resume(make_tuner, exp, trainable, resume=False)
     with pytest.raises(InputError, match="no experiment"):
-        search.fit_or_resume(lambda: tuner, tmp_path / "none", trainable, resume=True)
+        search.fit_or_resume(make_tuner, tmp_path / "none", trainable, resume=True)
 
 
 # --- end to end through Ray Train (real worker) -------------------------------------------------

@@ -182,7 +182,7 @@ def plot_score_vs_epoch(records: list[TrialRecord], path: Path) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation score" + ("" if floor is None else " (below -1 drawn at -1)"))
-    if len(records) <= 12:
+    if has and len(has) <= 12:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _save(fig, path)
