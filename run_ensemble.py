@@ -21,7 +21,12 @@ from geopose_ray.errors import InputError, run_cli
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=None, help="DrivenData layout (default: the synthetic set)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="DrivenData layout (default: the members' own, else the synthetic set)",
+    )
     ap.add_argument("--storage", type=Path, default=None, help="experiments (default: runs/experiments)")
     ap.add_argument("--name", default=None, help="experiment (default: the latest one with members.json)")
     ap.add_argument("--top-k", type=int, default=2, help="member configs to blend, each with all its folds")
@@ -52,15 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from geopose_ray.ensemble import members as ms
 
-    data = (args.data or paths.default_data_dir()).resolve()
-    if not data.is_dir():
-        raise InputError(data, "data folder not found (run run_search.py first, or pass --data)")
     storage = args.storage or paths.default_storage()
     if args.checkpoints:
         members, name = ms.members_from_checkpoints(args.checkpoints), args.name or "checkpoints"
     else:
         name = args.name or ms.latest_experiment(storage)
         members = ms.read_members(storage, name, args.top_k)
+    data = (args.data or ms.trained_data_dir(members) or paths.default_data_dir()).resolve()
+    if not data.is_dir():
+        raise InputError(data, "data folder not found (run run_search.py first, or pass --data)")
     out = args.out or storage / name / "ensemble"
     _init_ray(args.address)
     from geopose_ray.ensemble.job import REPORT_JSON, run_ensemble

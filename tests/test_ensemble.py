@@ -118,14 +118,28 @@ def test_bad_members_json_exits_2_with_one_line_naming_the_file(tmp_path, capsys
 
 
 def test_cli_refuses_missing_data_and_bad_flags(tmp_path, capsys):
+    _fake_checkpoint(tmp_path / "exp" / "a0")
+    _experiment(tmp_path, "exp", [_entry(0, "A", 0, "a0")])
     cli = _cli()
     with pytest.raises(SystemExit) as exit_info:
         cli.run_cli(cli.main, ["--data", str(tmp_path / "nope"), "--storage", str(tmp_path)])
-    assert exit_info.value.code == 2 and "nope" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "nope: data folder not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # an empty storage has no experiment to ensemble
+        cli.run_cli(cli.main, ["--storage", str(tmp_path / "exp")])
+    assert exit_info.value.code == 2 and "no experiment" in capsys.readouterr().err
     for bad in (["--top-k", "0"], ["--tta", "d8"]):
         with pytest.raises(SystemExit) as exit_info:
             cli.run_cli(cli.main, bad)
         assert exit_info.value.code == 2
+
+
+def test_members_name_their_data_folder_only_when_they_agree(tmp_path):
+    def member(data_dir: str) -> ms.Member:
+        return ms.Member("A", 0, tmp_path, config={"data_dir": data_dir})
+
+    assert ms.trained_data_dir([member("/d/real"), member("/d/real")]) == Path("/d/real")
+    assert ms.trained_data_dir([member("/d/real"), member("/d/other")]) is None
+    assert ms.trained_data_dir([member("")]) is None
 
 
 def test_oof_items_use_each_configs_folds_and_skip_uncovered_tiles(tmp_path):

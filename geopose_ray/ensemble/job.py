@@ -22,6 +22,7 @@ import ray
 import torch
 
 from geopose_ray.atomic import atomic_write_text
+from geopose_ray.config import Config
 from geopose_ray.constants import SUBMISSION_ARCHIVE
 from geopose_ray.data import io
 from geopose_ray.data.cache import CachedSample, load_cache
@@ -147,13 +148,15 @@ def _blend(records: list[dict], n_configs: int) -> tuple[BlendParams, dict[str, 
     return fit_blend(OofTable.from_records(records))
 
 
-def _ensure_cache(data_dir: Path, cfg) -> Path:
+def _ensure_cache(data_dir: Path, cfg: Config) -> Path:
+    """The conversion cache of `data_dir`, with the members' folds; their own cache folder only
+    when they were trained on this same data folder."""
     from geopose_ray.convert import ensure_cache
 
     d = cfg.data
-    return ensure_cache(
-        data_dir, d.cache_dir or None, n_folds=d.n_folds, seed=cfg.train.seed, fold_mode=d.fold_mode
-    )
+    same_data = bool(d.data_dir) and Path(d.data_dir).resolve() == data_dir.resolve()
+    cache_dir = d.cache_dir if same_data and d.cache_dir else None
+    return ensure_cache(data_dir, cache_dir, n_folds=d.n_folds, seed=cfg.train.seed, fold_mode=d.fold_mode)
 
 
 def run_ensemble(

@@ -143,6 +143,12 @@ def members_from_checkpoints(folders: list[str | Path]) -> list[Member]:
     return members
 
 
+def trained_data_dir(members: list[Member]) -> Path | None:
+    """The data folder the members were trained on, when they all name the same one."""
+    dirs = {m.config.get("data_dir") or "" for m in members}
+    return Path(dirs.pop()) if len(dirs) == 1 and "" not in dirs else None
+
+
 def group_by_config(members: list[Member]) -> list[tuple[str, dict[int, Member]]]:
     """[(config_id, {fold: member})] in rank order."""
     groups: dict[str, dict[int, Member]] = {}
