@@ -34,6 +34,7 @@ def test_two_workers_report_checkpoint_and_resume(ray_session, synthetic_dir, tm
     first = make_trainer(config, **trainer_args).fit()
     assert first.error is None
     assert first.metrics["epoch"] == 2 and math.isfinite(first.metrics["score"])
+    assert first.metrics["node_id"] == ray_session.get_runtime_context().get_node_id()
     with first.checkpoint.as_directory() as folder:
         state = load_state(folder)
         assert sorted(p.name for p in Path(folder).iterdir()) == sorted([CONFIG_FILE, STATE_FILE])

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -41,7 +42,9 @@ def config_from_trial(config: dict[str, Any]) -> Config:
 
 
 def _report(rank: int, metrics: dict[str, float], state_fn: Callable[[], dict[str, Any]] | None) -> None:
-    """Every rank reports (report is a barrier); only rank 0 attaches the checkpoint folder."""
+    """Every rank reports (report is a barrier); only rank 0 attaches the checkpoint folder.
+    `node_id` says where this worker ran (the driver's report callback collects it)."""
+    metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
     with tempfile.TemporaryDirectory(prefix="geopose-ckpt-") as tmp:
         checkpoint = None
         if rank == 0 and state_fn is not None:
