@@ -29,7 +29,9 @@ from geopose_ray.data import cache, folds, layout
 from geopose_ray.data.dataset import GeoposeDataset, city_means, worker_init_fn
 from geopose_ray.data.transforms import build_train_transform_from_config
 from geopose_ray.errors import InputError
+from geopose_ray.losses import build_criterion
 from geopose_ray.metrics import GeoposeScore
+from geopose_ray.models import build_model
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "plateau", "onecycle", "constant")
@@ -413,9 +415,6 @@ def fit(
     After every epoch `reporter(metrics, state_fn)` is called on every rank; `state_fn()` builds
     the checkpoint state, and is None on epochs that `checkpoint_every` skips.
     """
-    from geopose_ray.losses import build_criterion
-    from geopose_ray.models import build_model
-
     setup_worker(cfg, rank)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train, val = split_samples(cfg)

@@ -7,6 +7,8 @@ import copy
 import itertools
 import math
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -430,3 +432,12 @@ def test_fit_stops_on_repeated_nan_without_a_checkpoint(synthetic_dir, tmp_path)
     with pytest.raises(NonFiniteLossError):
         fit(cfg, reporter=rec)
     assert rec.metrics == [] and rec.states == {}
+
+
+def test_the_core_and_the_cli_never_import_ray():
+    code = (
+        "import sys, geopose_ray.train_loop, geopose_ray.checkpoint, geopose_ray.train; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
