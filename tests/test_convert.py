@@ -198,6 +198,7 @@ def test_file_that_fails_to_decode_during_conversion_names_it(tmp_path, ray_sess
 
 
 @pytest.mark.ray
+@pytest.mark.filterwarnings("ignore:every city has fewer")  # 4 folds of 3 tiles per city
 def test_ensure_cache_converts_only_when_needed(tmp_path, ray_session):
     data = make_layout(tmp_path / "data")
     out = ensure_cache(data, tmp_path / "cache", n_folds=3)
