@@ -22,6 +22,7 @@ class DataConfig:
     fold: int = 0  # validation fold
     n_folds: int = 5
     fold_mode: str = "city"  # "city" (StratifiedKFold by city) or "group" (leak-aware GroupKFold)
+    fold_seed: int = 0  # fold assignment seed: search, refits and the ensemble must agree on it
     crop: int = 256  # random training crop, px
     batch_size: int = 4  # per worker
     val_batch_size: int = 1  # full tiles

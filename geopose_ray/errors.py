@@ -21,6 +21,9 @@ class InputError(Exception):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # picklable, so it crosses Ray task / actor boundaries intact
+        return (InputError, (self.path, self.problem))
+
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run `main(argv)` and exit with its code; InputError -> one line on stderr, exit 2."""
