@@ -42,7 +42,7 @@ scheduler: {max_epochs: 2, grace_period: 1, reduction_factor: 2}
 fixed: {n_folds: 3, crop: 64, val_crop: 64, batch_size: 2, val_batch_size: 2, threads: 1, precision: fp32,
         encoder_weights: null, photo_aug: none, schedule: constant, arch: Unet}
 parameters:
-  encoder: {type: choice, values: [resnet18, efficientnet-b0], default: resnet18}
+  encoder: {type: choice, values: [resnet18, tu-resnet18], default: resnet18}
   lr: {type: choice, values: [1.0e-3, 5.0e-2], default: 1.0e-3}
 """
 

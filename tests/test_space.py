@@ -134,3 +134,24 @@ def test_unreadable_space(tmp_path):
         load_space(write(tmp_path, "parameters: [unclosed"))
     with pytest.raises(InputError, match="mapping"):
         load_space(write(tmp_path, "- a list"))
+
+
+def test_smoke_choices_give_every_parameter_a_gradient():
+    """DDP (2 Train workers per trial) fails on parameters that get no gradient, e.g. the unused
+    conv head of smp's own efficientnet-* encoders: every model the smoke search can build trains."""
+    import torch
+
+    from geopose_ray.models import build_model
+
+    space = load_space(next(p for p in SPACES if p.stem == "smoke"))
+    choices = {p.name: p.values for p in space.parameters if p.name in ("encoder", "arch")}
+    defaults = space.defaults()
+    combos = {(e, defaults["arch"]) for e in choices["encoder"]} | {
+        (defaults["encoder"], a) for a in choices["arch"]
+    }
+    for encoder, arch in sorted(combos):
+        model = build_model(Config.from_dict({**defaults, "encoder": encoder, "arch": arch}).model)
+        out = model(torch.rand(2, 3, 64, 64), torch.full((2,), 0.5), torch.zeros(2, dtype=torch.long))
+        sum(v.float().sum() for v in out.values()).backward()
+        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not unused, f"{encoder} + {arch}: no gradient for {unused[:3]}"
