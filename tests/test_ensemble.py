@@ -152,11 +152,11 @@ def test_oof_items_use_each_configs_folds_and_skip_uncovered_tiles(tmp_path):
         )
         for i, city in enumerate(["ARG", "ATL", "JAX", "OMA"] * 3)
     ]
-    cfg = {"n_folds": 3, "seed": 0, "fold_mode": "city"}
+    cfg = {"n_folds": 3, "fold_seed": 1, "seed": 7, "fold_mode": "city"}
     a = {f: ms.Member("A", f, tmp_path, config={**cfg, "fold": f}) for f in (0, 1, 2)}
     b = {f: ms.Member("B", f, tmp_path, rank=1, config={**cfg, "fold": f}) for f in (0, 1)}
     items = oof_items([("A", a), ("B", b)], train)
-    folds = make_folds(train, 3, 0, "city")
+    folds = make_folds(train, 3, 1, "city")  # fold_seed, not the training seed
     assert {it["id"] for it in items} == {s.id for s in train if folds[s.id] in (0, 1)}
     assert all(json.loads(it["folds"]) == [folds[it["id"]]] * 2 for it in items)
 

@@ -129,7 +129,7 @@ def oof_items(
     fold_maps = []
     for _, members in configs:
         cfg = next(iter(members.values())).cfg()
-        fold_maps.append(make_folds(train, cfg.data.n_folds, cfg.train.seed, cfg.data.fold_mode))
+        fold_maps.append(make_folds(train, cfg.data.n_folds, cfg.data.fold_seed, cfg.data.fold_mode))
     items = []
     for s in train:
         folds = [fm[s.id] for fm in fold_maps]
@@ -156,7 +156,9 @@ def _ensure_cache(data_dir: Path, cfg: Config) -> Path:
     d = cfg.data
     same_data = bool(d.data_dir) and Path(d.data_dir).resolve() == data_dir.resolve()
     cache_dir = d.cache_dir if same_data and d.cache_dir else None
-    return ensure_cache(data_dir, cache_dir, n_folds=d.n_folds, seed=cfg.train.seed, fold_mode=d.fold_mode)
+    return ensure_cache(
+        data_dir, cache_dir, n_folds=d.n_folds, seed=cfg.data.fold_seed, fold_mode=d.fold_mode
+    )
 
 
 def run_ensemble(
