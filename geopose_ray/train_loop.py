@@ -312,9 +312,6 @@ def validate(
 
 
 # --- fit ----------------------------------------------------------------------------------------
-FOLD_SEED = 0  # folds must not move with the training seed, or trials would validate on each other's tiles
-
-
 def prepare_cache(cfg: Config) -> Path:
     """The conversion cache of `cfg.data`, converted here, serially, when it does not exist yet.
 
@@ -336,32 +333,26 @@ def prepare_cache(cfg: Config) -> Path:
     return cache_dir
 
 
-def fold_assignment(cfg: Config, train: list[cache.CachedSample], cache_dir: Path) -> dict[str, int]:
-    """id -> fold: the cache's folds.csv when it covers exactly these tiles with `n_folds` folds
-    (as `convert` or the search driver wrote it, shared with the ensemble's out-of-fold step),
-    else `make_folds(fold_mode, FOLD_SEED)`, then written there."""
-    path, n = cache_dir / cache.FOLDS_CSV, cfg.data.n_folds
-    if path.is_file():
-        stored = folds.read_folds(path)
-        if set(stored) == {s.id for s in train} and set(stored.values()) == set(range(n)):
-            return stored
-    assignment = folds.make_folds(train, n, FOLD_SEED, cfg.data.fold_mode)
-    folds.write_folds(path, train, assignment)
-    return assignment
-
-
 def split_samples(cfg: Config) -> tuple[list[cache.CachedSample], list[cache.CachedSample]]:
-    """(train, val) cached samples: val = fold `cfg.data.fold`, optionally truncated."""
+    """(train, val) cached samples: val = fold `cfg.data.fold`, optionally truncated.
+
+    Folds come from the config alone (`fold_seed`, not the training seed), exactly as the
+    ensemble's out-of-fold step computes them, so every trial, refit and blend agrees.
+    """
     d = cfg.data
     cache_dir = prepare_cache(cfg)
     samples = cache.load_cache(cache_dir, "train")
-    assignment = fold_assignment(cfg, samples, cache_dir)
+    try:
+        assignment = folds.make_folds(samples, d.n_folds, d.fold_seed, d.fold_mode)
+    except ValueError as e:  # n_folds larger than the data set, unknown fold_mode
+        raise InputError(cache_dir / cache.SAMPLES_CSV, str(e)) from None
     train = [s for s in samples if assignment[s.id] != d.fold]
     val = [s for s in samples if assignment[s.id] == d.fold]
     train = train[: d.max_train_samples] if d.max_train_samples else train
     val = val[: d.max_val_samples] if d.max_val_samples else val
     if not train or not val:
-        raise InputError(cache_dir / cache.FOLDS_CSV, f"fold {d.fold} leaves {len(train)} train / {len(val)} val tiles")
+        problem = f"fold {d.fold} of {d.n_folds} leaves {len(train)} train / {len(val)} val tiles"
+        raise InputError(cache_dir / cache.SAMPLES_CSV, problem)
     return train, val
 
 

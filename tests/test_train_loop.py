@@ -424,6 +424,23 @@ def test_fit_resumes_at_the_next_epoch_as_if_never_stopped(two_epochs, tmp_path)
     assert resumed.metrics[0]["score"] == pytest.approx(rec.metrics[1]["score"], rel=1e-5)
 
 
+def test_folds_follow_fold_seed_not_the_training_seed(synthetic_dir, tmp_path):
+    from geopose_ray.data.folds import make_folds
+    from geopose_ray.train_loop import split_samples
+
+    cfg = synthetic_cfg(synthetic_dir, tmp_path / "cache", fold=1, max_train_samples=0)
+    train, val = split_samples(cfg)
+    expected = make_folds(train + val, 3, cfg.data.fold_seed, cfg.data.fold_mode)
+    assert {s.id for s in val} == {i for i, f in expected.items() if f == 1}
+    assert not {s.id for s in train} & {s.id for s in val}
+    assert split_samples(cfg.replace(seed=99))[1] == val
+    assert {s.id for s in split_samples(cfg.replace(fold_seed=5))[1]} != {s.id for s in val}
+    with pytest.raises(InputError, match="n_folds"):
+        split_samples(cfg.replace(n_folds=99))
+    with pytest.raises(InputError, match="fold 3 of 3"):
+        split_samples(cfg.replace(fold=3))
+
+
 def test_fit_stops_on_repeated_nan_without_a_checkpoint(synthetic_dir, tmp_path):
     from geopose_ray.train_loop import fit
 
