@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         max_epochs=args.max_epochs,
     )
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"  # never a stale `ray start`
+    opts.fixed_cluster = address == "local"
     ray.init(address=address, include_dashboard=True)  # dashboard ON: ASHA stops need the State API
     try:
         res = run_search(opts)

@@ -152,6 +152,8 @@ def test_resolve_space_and_resources(tmp_path):
         search.resolve_resources(
             search.SearchOptions(space=str(path), workers_per_trial=9), space, {"CPU": 4.0}
         )
+    grows = search.SearchOptions(space=str(path), gpus_per_worker=1, fixed_cluster=False)  # autoscaler
+    assert search.resolve_resources(grows, space, {"CPU": 4.0}).gpus_per_worker == 1.0
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -267,13 +269,14 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
 
 # --- driver killed mid-search, then --resume ----------------------------------------------------
 def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, session id, start time) for every visible process."""
+    """pid -> (ppid, session id, start time) for every live (not zombie) process."""
     table = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                table[int(d.name)] = (int(fields[1]), int(fields[3]), fields[19])
+                if fields[0] != "Z":
+                    table[int(d.name)] = (int(fields[1]), int(fields[3]), fields[19])
             except (OSError, IndexError, ValueError):
                 continue
     return table
@@ -342,9 +345,15 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(synthetic_dir, 
             driver.kill()
             driver.wait(30)
         log.close()
-        _kill_leftovers(started, driver.pid)
+        leftovers = _kill_leftovers(started, driver.pid)
         time.sleep(1.0)
-        _kill_leftovers(started, driver.pid)  # anything the dying ones started meanwhile
+        leftovers += _kill_leftovers(started, driver.pid)  # anything the dying ones started meanwhile
+    print(
+        f"killed driver {driver.pid}; {len(started)} descendants, {len(set(leftovers))} left over and killed"
+    )
+    time.sleep(1.0)
+    table = _proc_table()
+    assert not [p for p, start in started.items() if p in table and table[p][2] == start], "orphans survived"
     kept = {d.name: (d / "result.json").read_bytes() for d in finished}
     ckpts = {
         d.name: sorted(p.name for p in (tmp_path / "st" / f"fault-{d.name[6:]}").iterdir()) for d in finished

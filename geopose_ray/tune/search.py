@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from geopose_ray.tune.driver import (
 )
 from geopose_ray.tune.space import SearchSpace, SpaceSampler, load_space
 
+log = logging.getLogger(__name__)
 DEFAULT_WORKERS = 2
 DEFAULT_CPUS_PER_WORKER = 1.0
 OPTIONS_FILE = "search_options.json"
@@ -56,6 +58,7 @@ class SearchOptions:
     max_epochs: int | None = None
     num_to_keep: int = 2  # best Train checkpoints kept per trial (plus the latest)
     max_failures: int = 1  # Train worker-group restarts per trial
+    fixed_cluster: bool = True  # a cluster that cannot grow (ray.init(address="local")): refuse misfits
     train_fn: Callable[[dict], None] | None = field(default=None, repr=False)  # tests: stand-in worker
 
 
@@ -100,7 +103,9 @@ def resolve_space(opts: SearchOptions, data_dir: str) -> SearchSpace:
 
 
 def resolve_resources(opts: SearchOptions, space: SearchSpace, cluster: dict[str, float]) -> TrialResources:
-    """Command line > the space's `resources` hints > defaults; refuses a trial that cannot fit."""
+    """Command line > the space's `resources` hints > defaults. A trial that cannot fit the
+    cluster is refused when `opts.fixed_cluster` (a local instance: it would wait forever), and
+    only warned about otherwise (an autoscaling cluster may add the nodes)."""
     hint = space.resources
     gpus = opts.gpus_per_worker
     if gpus is None:
@@ -116,11 +121,13 @@ def resolve_resources(opts: SearchOptions, space: SearchSpace, cluster: dict[str
     )
     if not res.fits(cluster):
         have = {k: cluster.get(k, 0) for k in ("CPU", "GPU")}
-        raise InputError(
-            space.path,
+        problem = (
             f"one trial needs {res.workers_per_trial} workers x {res.per_worker()} (+ a driver), the cluster "
-            f"has {have}: lower --workers-per-trial / --cpus-per-worker / --gpus-per-worker",
+            f"has {have}: lower --workers-per-trial / --cpus-per-worker / --gpus-per-worker"
         )
+        if opts.fixed_cluster:
+            raise InputError(space.path, problem)
+        log.warning("%s (waiting for the autoscaler)", problem)
     return res
 
 
