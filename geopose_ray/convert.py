@@ -27,15 +27,6 @@ from geopose_ray.errors import InputError, run_cli
 LOCAL_CPUS = 4  # a local instance started just for conversion stays small
 
 
-def load_all(data_dir: Path) -> list[layout.Sample]:
-    """Both splits (test only when the data set ships one), every file validated."""
-    samples = layout.load_split(data_dir, "train")
-    if layout.has_split(data_dir, "test"):
-        samples += layout.load_split(data_dir, "test")
-    layout.validate_samples(samples)
-    return samples
-
-
 def convert(
     data_dir: str | Path,
     cache_dir: str | Path | None = None,
@@ -50,7 +41,7 @@ def convert(
     returns the cache folder. Uses the running Ray instance if there is one."""
     data_dir = Path(data_dir).resolve()  # Ray workers need absolute paths
     cache_dir = Path(cache_dir).resolve() if cache_dir else paths.default_cache_dir(data_dir)
-    samples = load_all(data_dir)
+    samples = cache.load_all(data_dir)
     todo = [s for s in samples if not cache.is_converted(s, cache_dir)]
     if todo:
         _init_ray(address)
@@ -79,26 +70,13 @@ def ensure_cache(
     requested folds differ from the stored ones."""
     data_dir = Path(data_dir)
     cache_dir = Path(cache_dir) if cache_dir else paths.default_cache_dir(data_dir)
-    if not _cache_current(data_dir, cache_dir):
+    if not cache.is_current(data_dir, cache_dir):
         return convert(data_dir, cache_dir, n_folds=n_folds, seed=seed, fold_mode=fold_mode)
     wanted = folds.make_folds(cache.load_cache(cache_dir, "train"), n_folds, seed, fold_mode)
     stored_path = cache_dir / cache.FOLDS_CSV
     if not stored_path.is_file() or folds.read_folds(stored_path) != wanted:
         write_cache_folds(cache_dir, n_folds, seed, fold_mode)
     return cache_dir
-
-
-def _cache_current(data_dir: Path, cache_dir: Path) -> bool:
-    """Cheap check (CSV tables and file existence, no decoding)."""
-    if not (cache_dir / cache.SAMPLES_CSV).is_file():
-        return False
-    samples = layout.load_split(data_dir, "train")
-    if layout.has_split(data_dir, "test"):
-        samples += layout.load_split(data_dir, "test")
-    listed = {(s.split, s.id) for s in cache.load_cache(cache_dir, None)}
-    return listed == {(s.split, s.id) for s in samples} and all(
-        cache.is_converted(s, cache_dir) for s in samples
-    )
 
 
 def _init_ray(address: str | None) -> None:

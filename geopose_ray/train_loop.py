@@ -13,7 +13,6 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,14 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from geopose_ray import paths
 from geopose_ray.checkpoint import make_state, restore_state
 from geopose_ray.config import Config, OptimConfig
 from geopose_ray.constants import CITIES
-from geopose_ray.data import cache, folds, layout
-from geopose_ray.data.dataset import GeoposeDataset, city_means, worker_init_fn
-from geopose_ray.data.transforms import build_train_transform_from_config
-from geopose_ray.errors import InputError
+from geopose_ray.data.dataset import city_means
+from geopose_ray.data.loaders import build_loaders, split_samples, start_epoch
 from geopose_ray.losses import build_criterion
 from geopose_ray.metrics import GeoposeScore
 from geopose_ray.models import build_model
@@ -311,84 +307,6 @@ def validate(
     return metrics
 
 
-# --- fit ----------------------------------------------------------------------------------------
-def prepare_cache(cfg: Config) -> Path:
-    """The conversion cache of `cfg.data`, converted here, serially, when it does not exist yet.
-
-    No Ray here (the core runs where Ray is not installed); `python -m geopose_ray.convert`
-    converts a big data set in parallel beforehand. Concurrent ranks are safe: every cache
-    file is written atomically.
-    """
-    d = cfg.data
-    data_dir = Path(d.data_dir) if d.data_dir else paths.default_data_dir()
-    cache_dir = Path(d.cache_dir) if d.cache_dir else paths.default_cache_dir(data_dir)
-    if not (cache_dir / cache.SAMPLES_CSV).is_file():
-        samples = layout.load_split(data_dir, "train")
-        if layout.has_split(data_dir, "test"):
-            samples += layout.load_split(data_dir, "test")
-        layout.validate_samples(samples)
-        for s in samples:
-            cache.convert_sample(s, cache_dir)
-        cache.write_samples_csv(samples, cache_dir)
-    return cache_dir
-
-
-def split_samples(cfg: Config) -> tuple[list[cache.CachedSample], list[cache.CachedSample]]:
-    """(train, val) cached samples: val = fold `cfg.data.fold`, optionally truncated.
-
-    Folds come from the config alone (`fold_seed`, not the training seed), exactly as the
-    ensemble's out-of-fold step computes them, so every trial, refit and blend agrees.
-    """
-    d = cfg.data
-    cache_dir = prepare_cache(cfg)
-    samples = cache.load_cache(cache_dir, "train")
-    try:
-        assignment = folds.make_folds(samples, d.n_folds, d.fold_seed, d.fold_mode)
-    except ValueError as e:  # n_folds larger than the data set, unknown fold_mode
-        raise InputError(cache_dir / cache.SAMPLES_CSV, str(e)) from None
-    train = [s for s in samples if assignment[s.id] != d.fold]
-    val = [s for s in samples if assignment[s.id] == d.fold]
-    train = train[: d.max_train_samples] if d.max_train_samples else train
-    val = val[: d.max_val_samples] if d.max_val_samples else val
-    if not train or not val:
-        problem = f"fold {d.fold} of {d.n_folds} leaves {len(train)} train / {len(val)} val tiles"
-        raise InputError(cache_dir / cache.SAMPLES_CSV, problem)
-    return train, val
-
-
-def build_loaders(
-    cfg: Config, train: list, val: list, rank: int = 0, world_size: int = 1
-) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """Training loader (random crops + augmentation, shuffled; the caller may wrap it with a
-    DistributedSampler) and this rank's validation loader over its own shard `val[rank::world]`,
-    unpadded, so that summing over ranks counts every tile exactly once."""
-    d, seed = cfg.data, cfg.train.seed
-    train_ds = GeoposeDataset(
-        train, crop=d.crop, transform=build_train_transform_from_config(d), repeat=d.repeat, seed=seed + rank
-    )
-    val_ds = GeoposeDataset(val[rank::world_size], crop=d.val_crop or None, random_crop=False, seed=seed)
-    common = {"num_workers": d.loader_workers, "worker_init_fn": worker_init_fn, "pin_memory": torch.cuda.is_available()}
-    train_dl = torch.utils.data.DataLoader(
-        train_ds,
-        batch_size=d.batch_size,
-        shuffle=True,
-        drop_last=len(train_ds) >= d.batch_size * world_size,  # no 1-image batch for BatchNorm
-        persistent_workers=d.loader_workers > 0,
-        **common,
-    )
-    val_dl = torch.utils.data.DataLoader(val_ds, batch_size=d.val_batch_size, shuffle=False, **common)
-    return train_dl, val_dl
-
-
-def _start_epoch(loader: Any, seed: int, rank: int, epoch: int) -> None:
-    """Per-epoch shuffling and crop/augmentation streams that depend only on (seed, rank, epoch),
-    so a resumed run draws what an uninterrupted one would (DataLoader workers reseed
-    themselves from the torch RNG instead, see `worker_init_fn`)."""
-    if hasattr(getattr(loader, "sampler", None), "set_epoch"):
-        loader.sampler.set_epoch(epoch)  # DistributedSampler
-    if hasattr(loader.dataset, "reseed"):
-        loader.dataset.reseed(int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]))
-
 
 def fit(
     cfg: Config,
@@ -427,7 +345,7 @@ def fit(
     metrics: dict[str, float] = {}
     val_metrics: dict[str, float] = {}
     for epoch in range(start, cfg.train.epochs):
-        _start_epoch(train_dl, cfg.train.seed, rank, epoch)
+        start_epoch(train_dl, cfg.train.seed, rank, epoch)
         tm = train_one_epoch(
             trained, train_dl, criterion, optimizer, scheduler, scaler, device, cfg, epoch * len(train_dl)
         )

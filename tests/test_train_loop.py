@@ -426,7 +426,7 @@ def test_fit_resumes_at_the_next_epoch_as_if_never_stopped(two_epochs, tmp_path)
 
 def test_folds_follow_fold_seed_not_the_training_seed(synthetic_dir, tmp_path):
     from geopose_ray.data.folds import make_folds
-    from geopose_ray.train_loop import split_samples
+    from geopose_ray.data.loaders import split_samples
 
     cfg = synthetic_cfg(synthetic_dir, tmp_path / "cache", fold=1, max_train_samples=0)
     train, val = split_samples(cfg)

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from geopose_ray import paths
 from geopose_ray.atomic import atomic_path
-from geopose_ray.data import io
+from geopose_ray.data import io, layout
 from geopose_ray.data.layout import Sample
 from geopose_ray.errors import InputError
 
@@ -134,3 +135,42 @@ def load_cache(cache_dir: str | Path, split: str | None = "train") -> list[Cache
         )
         for r in df.itertuples(index=False)
     ]
+
+
+def load_all(data_dir: Path) -> list[Sample]:
+    """Both splits (test only when the data set ships one), every file validated."""
+    samples = layout.load_split(data_dir, "train")
+    if layout.has_split(data_dir, "test"):
+        samples += layout.load_split(data_dir, "test")
+    layout.validate_samples(samples)
+    return samples
+
+
+def is_current(data_dir: Path, cache_dir: Path) -> bool:
+    """Cheap check (CSV tables and file existence, no decoding): the cache lists exactly the
+    data set's tiles and every one is converted, so a regenerated data set is noticed."""
+    if not (cache_dir / SAMPLES_CSV).is_file():
+        return False
+    samples = layout.load_split(data_dir, "train")
+    if layout.has_split(data_dir, "test"):
+        samples += layout.load_split(data_dir, "test")
+    listed = {(s.split, s.id) for s in load_cache(cache_dir, None)}
+    return listed == {(s.split, s.id) for s in samples} and all(is_converted(s, cache_dir) for s in samples)
+
+
+def ensure_converted(data_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The cache of `data_dir`, converting missing tiles here, serially, when it is not current.
+
+    No Ray (the train and predict cores run where Ray is not installed); `python -m
+    geopose_ray.convert` converts a big data set in parallel beforehand. Concurrent callers
+    (DDP ranks) are safe: every cache file is written atomically.
+    """
+    data_dir = Path(data_dir).resolve()
+    cache_dir = Path(cache_dir).resolve() if cache_dir else paths.default_cache_dir(data_dir)
+    if not is_current(data_dir, cache_dir):
+        samples = load_all(data_dir)
+        for s in samples:
+            if not is_converted(s, cache_dir):
+                convert_sample(s, cache_dir)
+        write_samples_csv(samples, cache_dir)
+    return cache_dir

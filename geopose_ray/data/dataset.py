@@ -22,7 +22,7 @@ from rasterio.windows import Window
 from torch.utils.data import Dataset, get_worker_info
 
 from geopose_ray.constants import city_index
-from geopose_ray.data import io
+from geopose_ray.data import io, transforms
 from geopose_ray.data.cache import CachedSample
 
 Transform = Callable[..., dict[str, Any]]
@@ -62,8 +62,8 @@ class GeoposeDataset(Dataset):
     def reseed(self, seed: int) -> None:
         """New crop (and augmentation, if the transform can be seeded) stream."""
         self.rng = np.random.default_rng(seed)
-        if hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(seed)  # albumentations Compose
+        if hasattr(self.transform, "set_random_state"):  # albumentations
+            transforms.reseed(self.transform, seed)  # one shared stream, not children in lockstep
 
     def window(self, height: int, width: int) -> Window:
         """The crop window of a (height, width) tile."""
