@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -39,7 +40,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     """The options every bench takes: --quick (the run_all budget) and --work (its scratch folder)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small sizes: the whole suite in < 15 min on 2 cores")
-    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: <GEOPOSE_RAY_HOME>/bench)")
+    p.add_argument(
+        "--work", type=Path, default=None, help="scratch folder (default: <GEOPOSE_RAY_HOME>/bench)"
+    )
     return p
 
 
@@ -151,16 +154,20 @@ def derived_space(out: Path, base: Path = SMOKE_SPACE, **changes: Any) -> Path:
 def local_ray(num_cpus: int | None = None) -> Iterator[float]:
     """A fresh local Ray instance (dashboard on: ASHA stops need the State API, RAY_NOTES 0);
     yields the seconds `ray.init` took. The caller holds /tmp/geopose_ray.lock (run under flock).
-    PYTHONPATH gets the repository, so Ray workers can import the bench's worker wrappers."""
+    PYTHONPATH gets the repository, so Ray workers can import the bench's worker wrappers; Tune's
+    progress tables go to stderr, so stdout holds only the JSON result lines."""
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.pop("RAY_ADDRESS", None)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     import ray
 
-    t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, log_to_driver=False)
-    try:
-        yield time.perf_counter() - t0
-    finally:
-        ray.shutdown()
+    with contextlib.redirect_stdout(sys.stderr):
+        t0 = time.perf_counter()
+        ray.init(
+            address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, log_to_driver=False
+        )
+        try:
+            yield time.perf_counter() - t0
+        finally:
+            ray.shutdown()

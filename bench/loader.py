@@ -123,11 +123,19 @@ def run(args: Any) -> list[dict[str, Any]]:
     ratio = res.pop("ratio")
     return [
         common.emit(
-            "loader", ratio, **res, crop=args.crop, tile=tile, tiles=len(cached),
-            crops_cache=n_cache, crops_j2k=n_j2k, data="real" if args.data else "synthetic",
-            goal=">= 50x", goal_met=common.goal_met(ratio, *GOAL),
+            "loader",
+            ratio,
+            **res,
+            crop=args.crop,
+            tile=tile,
+            tiles=len(cached),
+            crops_cache=n_cache,
+            crops_j2k=n_j2k,
+            data="real" if args.data else "synthetic",
+            goal=">= 50x",
+            goal_met=common.goal_met(ratio, *GOAL),
         )
-    ]  # fmt: skip
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

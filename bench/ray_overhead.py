@@ -1,0 +1,178 @@
+"""Bench 2, Ray overhead: one config, the same epochs, through `run_search` (one trial, one Train
+worker) vs the Ray-free core `train_loop.fit` in a bare loop, on a run where the bare loop takes
+>= 60 s. Run it under `flock /tmp/geopose_ray.lock` (it starts Ray).
+
+    flock /tmp/geopose_ray.lock python bench/ray_overhead.py [--quick] [--target-s 60]
+
+The config is the smoke space's default trial with full 256 px tiles (so an epoch is seconds,
+not milliseconds) and a constant LR. The bare loop runs epochs until `--target-s` has passed
+(the epoch count the Ray run then gets); it saves a checkpoint every epoch as the Ray worker
+does, so the comparison is Ray's cost, not checkpointing's. A wrapper around the real per-worker
+function timestamps when training starts and ends inside Ray, which separates:
+
+- `ratio`: Ray's in-loop time (worker start to end: the same `fit`, plus Ray Train's reports,
+  checkpoint registration and loader wrapping) / the bare loop. Goal <= 1.05.
+- `startup_s`: ray.init to the first line of the worker function (Ray's fixed start-up cost),
+  `ray_init_s` of it; `teardown_s`: worker end to ray.shutdown done (report files included).
+- `ratio_total`: everything / the bare loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common
+from geopose_ray.config import Config
+from geopose_ray.errors import run_cli
+
+GOAL = ("<=", 1.05)
+MAX_EPOCHS = 200  # bare-loop cap when an epoch is very fast (then bare_s may stay < target)
+FIXED = {"crop": 256, "val_crop": 0, "val_batch_size": 2, "threads": 2}
+
+
+class EnoughEpochs(Exception):
+    """Raised by the bare loop's reporter once the target time has passed (ends `fit` cleanly)."""
+
+
+class TimedWorker:
+    """The real per-worker function, timestamped: writes {"start", "end"} (epoch seconds) to
+    `<folder>/rank<r>.json`. Picklable (Ray workers import `bench` through PYTHONPATH)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self, config: dict[str, Any]) -> None:
+        import ray.train
+
+        from geopose_ray.tune.worker import train_fn_per_worker
+
+        start = time.time()
+        train_fn_per_worker(config)
+        rank = ray.train.get_context().get_world_rank()
+        doc = {"start": start, "end": time.time()}
+        (Path(self.folder) / f"rank{rank}.json").write_text(json.dumps(doc))
+
+
+def bare_loop(cfg: Config, target_s: float, ckpt_dir: Path) -> tuple[float, int, float]:
+    """(wall seconds, epochs, last score) of `fit` run epoch by epoch until `target_s` has passed, with a
+    checkpoint saved every epoch. The constant LR makes the first k epochs of any epoch budget
+    the same training, so the epoch count can be decided while it runs."""
+    from geopose_ray.checkpoint import save_state
+    from geopose_ray.train_loop import fit
+
+    done, score = 0, math.nan
+    t0 = time.perf_counter()
+
+    def reporter(metrics: dict[str, float], state_fn: Any) -> None:
+        nonlocal done, score
+        done, score = int(metrics["epoch"]), float(metrics["score"])
+        if state_fn is not None:
+            save_state(ckpt_dir, state_fn())
+        if time.perf_counter() - t0 >= target_s:
+            raise EnoughEpochs
+
+    with contextlib.suppress(EnoughEpochs):
+        fit(cfg.replace(epochs=MAX_EPOCHS), reporter=reporter)
+    return time.perf_counter() - t0, done, score
+
+
+def ray_run(space: Path, data: Path, storage: Path, epochs: int) -> dict[str, float]:
+    """One trial with one Train worker through run_search; the timeline in seconds."""
+    from geopose_ray.tune.search import SearchOptions, run_search
+
+    stamps = Path(tempfile.mkdtemp(prefix="stamps-", dir=storage))
+    opts = SearchOptions(
+        space=str(space),
+        data=str(data),
+        storage=str(storage),
+        name="overhead",
+        num_samples=1,
+        workers_per_trial=1,
+        cpus_per_worker=1.0,
+        gpus_per_worker=0.0,
+        max_epochs=epochs,
+        seed=0,
+        train_fn=TimedWorker(str(stamps)),
+    )
+    t_start = time.time()
+    with common.local_ray() as init_s:
+        result = run_search(opts)
+    t_end = time.time()
+    worker = json.loads((stamps / "rank0.json").read_text())
+    return {
+        "ray_init_s": init_s,
+        "startup_s": worker["start"] - t_start,
+        "in_loop_s": worker["end"] - worker["start"],
+        "teardown_s": t_end - worker["end"],
+        "total_s": t_end - t_start,
+        "ray_epochs": float(result.epochs_run),
+        "ray_score": float(result.leaderboard["score"].iloc[0]),
+    }
+
+
+def overhead_space(work: Path) -> Path:
+    """The smoke space narrowed to this bench: one trial, full tiles, no early stop possible."""
+    return common.derived_space(
+        work / "ray_overhead" / "space.yaml",
+        num_samples=1,
+        fixed=FIXED,
+        scheduler={"max_epochs": MAX_EPOCHS, "grace_period": MAX_EPOCHS},
+    )
+
+
+def run(args: Any) -> list[dict[str, Any]]:
+    from geopose_ray.train_loop import split_samples
+    from geopose_ray.tune.space import load_space
+
+    work = common.work_dir(args.work)
+    data = common.synthetic_set(work, 256, per_city=8, test_per_city=2)
+    space = load_space(overhead_space(work))
+    cfg = Config.from_dict({**space.defaults(), "data_dir": str(data)})
+    split_samples(cfg)  # convert the cache and write folds.csv before anything is timed
+    storage = work / "ray_overhead" / "storage"
+    shutil.rmtree(storage, ignore_errors=True)
+    storage.mkdir(parents=True)
+    try:
+        bare_s, epochs, bare_score = bare_loop(cfg, args.target_s, storage / "bare_ckpt")
+        ray = ray_run(space.path, data, storage, epochs)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)  # checkpoints: hundreds of MB
+    ratio = ray["in_loop_s"] / bare_s
+    return [
+        common.emit(
+            "ray_overhead",
+            ratio,
+            ratio_total=ray["total_s"] / bare_s,
+            bare_s=bare_s,
+            epochs=epochs,
+            bare_score=bare_score,
+            **ray,
+            bare_ge_target=bare_s >= args.target_s,
+            workers=1,
+            tile_px=256,
+            goal="<= 1.05 (startup reported apart)",
+            goal_met=common.goal_met(ratio, *GOAL),
+        )
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--target-s", type=float, default=60.0, help="the bare loop runs at least this long")
+    run(p.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
