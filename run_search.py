@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     from geopose_ray.tune.space import load_space
 
     load_space(args.space)  # a bad space fails at once, before Ray is even imported
+    if args.data:  # so does a bad data set (the embedded synthetic one is generated valid)
+        from geopose_ray.data.cache import validate_unless_cached
+
+        validate_unless_cached(args.data, args.cache)
     import ray
 
     from geopose_ray.tune.refit import parse_folds

@@ -158,6 +158,16 @@ def is_current(data_dir: Path, cache_dir: Path) -> bool:
     return listed == {(s.split, s.id) for s in samples} and all(is_converted(s, cache_dir) for s in samples)
 
 
+def validate_unless_cached(data_dir: str | Path, cache_dir: str | Path | None = None) -> None:
+    """Refuse a bad data set before any cluster starts: unless its cache is current (converted
+    from validated files; training then reads only the cache), every listed file is validated,
+    so a run fails in seconds with one InputError, not inside every trial once Ray is up."""
+    data_dir = Path(data_dir).resolve()
+    cache_dir = Path(cache_dir).resolve() if cache_dir else paths.default_cache_dir(data_dir)
+    if not is_current(data_dir, cache_dir):
+        load_all(data_dir)
+
+
 def ensure_converted(data_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
     """The cache of `data_dir`, converting missing tiles here, serially, when it is not current.
 
