@@ -55,6 +55,7 @@ def _init_ray(address: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from geopose_ray.data.cache import validate_unless_cached
     from geopose_ray.ensemble import members as ms
 
     storage = args.storage or paths.default_storage()
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     data = (args.data or ms.trained_data_dir(members) or paths.default_data_dir()).resolve()
     if not data.is_dir():
         raise InputError(data, "data folder not found (run run_search.py first, or pass --data)")
+    # a bad data set fails here, in seconds, before Ray starts (the same check convert makes)
+    validate_unless_cached(data, ms.cache_dir_for(data, ms.lead_config(members)))
     out = args.out or storage / name / "ensemble"
     _init_ray(args.address)
     from geopose_ray.ensemble.job import REPORT_JSON, run_ensemble

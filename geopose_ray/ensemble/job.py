@@ -28,7 +28,7 @@ from geopose_ray.data import io
 from geopose_ray.data.cache import CachedSample, load_cache
 from geopose_ray.data.folds import make_folds
 from geopose_ray.ensemble.blend import BlendParams, OofTable, fit_blend, tile_stats
-from geopose_ray.ensemble.members import Member, group_by_config
+from geopose_ray.ensemble.members import Member, cache_dir_for, group_by_config, lead_config
 from geopose_ray.ensemble.preview import write_previews
 from geopose_ray.errors import InputError
 from geopose_ray.predict import blend_predictions, load_member, predict_tile
@@ -154,10 +154,8 @@ def _ensure_cache(data_dir: Path, cfg: Config) -> Path:
     from geopose_ray.convert import ensure_cache
 
     d = cfg.data
-    same_data = bool(d.data_dir) and Path(d.data_dir).resolve() == data_dir.resolve()
-    cache_dir = d.cache_dir if same_data and d.cache_dir else None
     return ensure_cache(
-        data_dir, cache_dir, n_folds=d.n_folds, seed=cfg.data.fold_seed, fold_mode=d.fold_mode
+        data_dir, cache_dir_for(data_dir, cfg), n_folds=d.n_folds, seed=d.fold_seed, fold_mode=d.fold_mode
     )
 
 
@@ -179,7 +177,7 @@ def run_ensemble(
         raise ValueError("no ensemble members")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     configs = group_by_config(members)
-    cache = _ensure_cache(data_dir, next(iter(configs[0][1].values())).cfg())
+    cache = _ensure_cache(data_dir, lead_config(members))
     test = load_cache(cache, "test")
     if not test:
         raise InputError(data_dir, "no test tiles to predict")

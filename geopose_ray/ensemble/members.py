@@ -149,6 +149,19 @@ def trained_data_dir(members: list[Member]) -> Path | None:
     return Path(dirs.pop()) if len(dirs) == 1 and "" not in dirs else None
 
 
+def lead_config(members: list[Member]) -> Config:
+    """The Config of the best-ranked member: its data settings (folds, cache) rule the job."""
+    return min(members, key=lambda m: (m.rank, m.config_id, m.fold)).cfg()
+
+
+def cache_dir_for(data_dir: str | Path, cfg: Config) -> Path | None:
+    """The members' own conversion cache when they were trained on this same data folder,
+    else None (the default cache beside the data)."""
+    d = cfg.data
+    same_data = bool(d.data_dir) and Path(d.data_dir).resolve() == Path(data_dir).resolve()
+    return Path(d.cache_dir) if same_data and d.cache_dir else None
+
+
 def group_by_config(members: list[Member]) -> list[tuple[str, dict[int, Member]]]:
     """[(config_id, {fold: member})] in rank order."""
     groups: dict[str, dict[int, Member]] = {}
