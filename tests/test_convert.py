@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+from helpers_data import BAD_INPUTS, first
 from rasterio.errors import NotGeoreferencedWarning
 from test_layout import make_layout
 
@@ -28,79 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreference
 def _cli(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "geopose_ray.convert", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ.copy())
-
-
-def _first(data: Path, split: str = "train") -> layout.Sample:
-    return layout.load_split(data, split)[0]
-
-
-def _edit_csv(path: Path, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> Path:
-    edit(pd.read_csv(path, dtype=str, keep_default_na=False)).to_csv(path, index=False)
-    return path
-
-
-def _write_raster(path: Path, array: np.ndarray) -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        profile = {"driver": "GTiff", "width": array.shape[-1], "height": array.shape[-2]}
-        with rasterio.open(path, "w", count=array.shape[0], dtype=array.dtype, **profile) as ds:
-            ds.write(array)
-    return path
-
-
-def _rm(path: Path) -> Path:
-    path.unlink()
-    return path
-
-
-def _garbage_header(path: Path) -> Path:
-    path.write_bytes(bytes(64) + path.read_bytes()[64:])
-    return path
-
-
-def _truncate(path: Path) -> Path:
-    raw = path.read_bytes()
-    path.write_bytes(raw[: len(raw) // 2])
-    return path
-
-
-def _json(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
-def _empty(data: Path) -> Path:
-    for p in sorted(data.rglob("*"), reverse=True):
-        p.rmdir() if p.is_dir() else p.unlink()
-    return data
-
-
-def _rm_tree(data: Path) -> Path:
-    _empty(data).rmdir()
-    return data
-
-
-# each case damages a valid layout and returns the file the error line must name
-BAD_INPUTS: dict[str, Callable[[Path], Path]] = {
-    "missing_rgb": lambda d: _rm(_first(d).rgb),
-    "missing_test_rgb": lambda d: _rm(_first(d, "test").rgb),
-    "missing_agl": lambda d: _rm(_first(d).agl),
-    "corrupt_j2k": lambda d: _garbage_header(_first(d, "test").rgb),
-    "truncated_j2k": lambda d: _truncate(_first(d).rgb),
-    "truncated_tif": lambda d: _truncate(_first(d).agl),
-    "agl_shape": lambda d: _write_raster(_first(d).agl, np.zeros((1, 32, 64), np.uint16)),
-    "agl_wrong_dtype": lambda d: _write_raster(_first(d).agl, np.zeros((1, 64, 64), np.float32)),
-    "rgb_wrong_dtype": lambda d: _write_raster(_first(d).rgb, np.zeros((3, 64, 64), np.uint16)),
-    "vflow_nan": lambda d: _json(_first(d).vflow, '{"scale": NaN, "angle": 0.5}'),
-    "vflow_missing_key": lambda d: _json(_first(d).vflow, '{"angle": 0.5}'),
-    "id_missing_from_metadata": lambda d: _edit_csv(d / "metadata.csv", lambda m: m[m["id"] != _first(d).id]),
-    "unknown_city": lambda d: _edit_csv(d / "metadata.csv", lambda m: m.assign(city=["XYZ", *m["city"][1:]])),
-    "nan_gsd": lambda d: _edit_csv(d / "metadata.csv", lambda m: m.assign(gsd=["nan", *m["gsd"][1:]])),
-    "duplicate_id": lambda d: _edit_csv(d / "geopose_train.csv", lambda t: pd.concat([t, t.iloc[[1]]])),
-    "missing_metadata": lambda d: _rm(d / "metadata.csv"),
-    "empty_data_folder": _empty,
-    "missing_data_folder": lambda d: _rm_tree(d),
-}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -177,7 +104,7 @@ def test_rerun_skips_finished_files_and_repairs_a_crashed_run(tmp_path, ray_sess
 def test_file_that_fails_to_decode_during_conversion_names_it(tmp_path, ray_session):
     """A corrupt block that the cheap checks do not read still ends in InputError, not a crash."""
     data = make_layout(tmp_path / "data", size=256)
-    agl = _first(data).agl
+    agl = first(data).agl
     cm = io.read_agl_cm(agl)[None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -191,7 +118,7 @@ def test_file_that_fails_to_decode_during_conversion_names_it(tmp_path, ray_sess
     raw = bytearray(agl.read_bytes())
     raw[start : start + 1000] = bytes(1000)  # the first block's deflate stream
     agl.write_bytes(bytes(raw))
-    layout.validate_samples([_first(data)])  # passes: it reads only the last block row
+    layout.validate_samples([first(data)])  # passes: it reads only the last block row
     with pytest.raises(InputError) as e:
         convert(data, tmp_path / "cache", n_folds=3, progress=False)
     assert e.value.path == str(agl)
