@@ -1,0 +1,167 @@
+"""The benchmarks' pieces on tiny inputs (the benches themselves take minutes: bench/run_all.py).
+
+Each bench module is imported and one of its measuring functions run on 64 px data, checking
+that it measures what it claims (the same crops, the same predictions, the same training).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `bench` lives at the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import asha, common, concurrency, inference, loader, precision, ray_overhead, run_all
+from geopose_ray.config import Config
+from geopose_ray.errors import EXIT_BAD_INPUT, InputError, run_cli
+from geopose_ray.tune.space import load_space
+
+
+def test_emit_prints_one_json_line_and_rounds(capsys):
+    record = common.emit("demo", 2.0 / 3.0, seconds=1234.5678, ok=True, name="x")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0]) == record
+    assert record == {"bench": "demo", "ratio": 0.6667, "seconds": 1235.0, "ok": True, "name": "x"}
+    assert common.goal_met(60.0, ">=", 50.0) and not common.goal_met(1.2, "<=", 1.05)
+    assert common.goal_met(math.nan, ">=", 1.0) is None
+
+
+def test_machine_record_names_cpu_cores_ram_and_date():
+    m = common.machine()
+    assert m["cores"] >= 1 and m["ram_gib"] > 0 and m["cpu"]
+    assert m["date"].endswith("UTC") and m["load_1m"] >= 0
+
+
+def test_loader_reads_the_same_crops_from_cache_and_originals(synthetic_dir, tmp_path):
+    cached, original = loader.paired_samples(synthetic_dir, tmp_path / "cache", max_tiles=2)
+    assert [s.id for s in cached] == [s.id for s in original]
+    assert all(s.rgb.suffix == ".tif" for s in cached) and all(s.rgb.suffix == ".j2k" for s in original)
+    res = loader.crop_rates(cached, original, crop=32, n_cache=4, n_j2k=2)
+    assert res["identical"] is True
+    assert all(res[k] > 0 for k in ("cache_crops_per_s", "j2k_crops_per_s", "ratio", "item_ratio"))
+    # and the check does notice different crops
+    a = loader.TimedReads(cached, crop=32, seed=0)
+    b = loader.TimedReads(cached, crop=32, seed=1)
+    assert not loader.same_items([a[0], a[1]], [b[0], b[1]])
+
+
+def test_bench_cli_bad_data_exits_2_with_one_line(tmp_path, capsys):
+    missing = tmp_path / "no_such_data"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(loader.main, ["--data", str(missing), "--work", str(tmp_path)])
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0]
+
+
+def test_ray_overhead_bare_loop_stops_at_the_target_and_checkpoints(synthetic_dir, tmp_path):
+    space = load_space(ray_overhead.overhead_space(tmp_path))
+    assert space.num_samples == 1 and space.scheduler.grace_period == space.scheduler.max_epochs
+    flat = {**space.defaults(), "data_dir": str(synthetic_dir), "cache_dir": str(tmp_path / "cache")}
+    t0 = time.perf_counter()
+    seconds, epochs, score = ray_overhead.bare_loop(Config.from_dict(flat), 0.0, tmp_path / "ckpt")
+    assert epochs == 1 and 0 < seconds <= time.perf_counter() - t0
+    assert math.isfinite(score) and (tmp_path / "ckpt" / "state.pt").is_file()
+
+
+def test_no_stop_space_keeps_the_smoke_search_but_has_one_rung(tmp_path):
+    smoke = load_space(common.SMOKE_SPACE)
+    path = common.derived_space(tmp_path / "no_stop.yaml", scheduler={"grace_period": 3})
+    derived = load_space(path)
+    assert derived.scheduler.grace_period == derived.scheduler.max_epochs == smoke.scheduler.max_epochs
+    assert derived.parameters == smoke.parameters and derived.fixed == smoke.fixed
+    with pytest.raises(InputError):  # validated: grace beyond the budget is refused
+        common.derived_space(tmp_path / "bad.yaml", scheduler={"grace_period": 9})
+
+
+def _board(scores, epochs, ids):
+    return pd.DataFrame({"score": scores, "epochs_run": epochs, "config_id": ids,
+                         "stopped_early": [e < 3 for e in epochs]})  # fmt: skip
+
+
+def test_asha_comparison_and_goal():
+    assert asha.asha_floor(4, 3, 1) == pytest.approx(0.5)
+    assert asha.asha_floor(16, 9, 1) == pytest.approx(24 / 144)
+    full = _board([0.5, 0.4, 0.3, 0.2], [3, 3, 3, 3], ["a", "b", "c", "d"])
+    cheap = _board([0.5, 0.1, 0.1, 0.0], [3, 1, 1, 1], ["a", "b", "c", "d"])
+    cmp = asha.compare(cheap, full)
+    assert cmp["epochs_asha"] == 6 and cmp["epochs_full"] == 12 and cmp["same_best_trial"]
+    assert cmp["same_configs"] and cmp["stopped_early"] == 3
+    assert asha.verdict(cmp) is False  # 50 % of the epochs misses the 35 % goal
+    assert asha.verdict({**cmp, "epochs_asha": 4}) is True
+    other_best = asha.compare(_board([0.45, 0.1], [1, 1], ["b", "a"]), _board([0.5, 0.4], [3, 3], ["a", "b"]))
+    assert not other_best["same_best_trial"] and other_best["best_delta"] == pytest.approx(-0.05)
+    assert asha.verdict(other_best) is False  # cheap, but the best got lost
+
+
+def test_inference_batched_and_per_view_predict_the_same():
+    model = inference.build("resnet18", "cpu")
+    res = inference.tta_times(model, inference.make_tiles(1, 64), repeats=1, device="cpu")
+    assert res["max_abs_diff_m"] < 1e-4
+    assert res["batched_s_per_tile"] > 0 and res["per_view_s_per_tile"] > 0 and res["ratio"] > 0
+
+
+def test_precision_rates_train_from_the_same_weights():
+    batches = precision.make_batches(1, 2, 64)
+    b = batches[0]
+    valid = ~b["agl"].isnan()
+    assert (b["mag"][valid] == (b["agl"] * b["scale"].view(-1, 1, 1, 1))[valid]).all()
+    rates = precision.train_rates(precision.CPU_VARIANTS, batches, "cpu", "resnet18", rounds=1)
+    assert set(rates) == set(precision.CPU_VARIANTS)
+    for r in rates.values():
+        assert r["imgs_per_s"] > 0 and math.isfinite(r["train_loss"])
+    # same weights and batch: bf16 autocast changes the first loss only a little
+    assert rates[("bf16", False)]["train_loss"] == pytest.approx(
+        rates[("fp32", False)]["train_loss"], rel=0.05
+    )
+
+
+def test_concurrency_usage_share_and_limit():
+    with concurrency.Usage(interval=0.05) as usage:
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            pass
+    assert 0.0 < usage.busy_frac <= 1.0 and usage.peak_mem_gib > 0
+    hist = pd.DataFrame({"epoch_time_s": [2.0, 2.0], "time_total_s": [5.0, 8.0]})
+    assert concurrency.train_share([SimpleNamespace(history=hist)] * 2) == pytest.approx(0.5)
+    busy = {"trials_per_h": 100.0, "cpu_busy": 0.97, "train_share": 0.8}
+    assert concurrency.limit(busy, {**busy, "trials_per_h": 102.0}).startswith("CPU")
+    idle = {"trials_per_h": 100.0, "cpu_busy": 0.6, "train_share": 0.3}
+    assert "fixed costs" in concurrency.limit(idle, {**idle, "trials_per_h": 150.0})
+
+
+def test_run_all_rewrites_only_between_the_markers(tmp_path):
+    start, end = run_all.ROWS_MARKERS
+    m_start, m_end = run_all.MACHINE_MARKERS
+    doc = tmp_path / "B.md"
+    doc.write_text(f"# head\n{m_start}\nold machine\n{m_end}\ntext\n{start}\n| old |\n{end}\n## tail\n")
+    results = run_all.parse_results(
+        'Tune noise\n{"bench": "loader", "ratio": 120.0, "goal": ">= 50x", "goal_met": true, "identical": true}\n'
+        '{"not": "a result"}\n{"bench": "asha", "ratio": 0.5, "goal_met": false, "epochs_asha": 6}\n'
+    )
+    assert [r["bench"] for r in results] == ["loader", "asha"]
+    failed = {"bench": "concurrency", "ratio": math.nan, "error": "exit code 1, log x"}
+    rows = run_all.render_rows([*results, failed], {"loader": 12.0, "asha": 80.0})
+    lines = rows.splitlines()
+    assert len(lines) == 3
+    assert "| 1 | loader | 120 |" in lines[0] and "**met**" in lines[0] and "identical yes" in lines[0]
+    assert "**missed**" in lines[1] and "epochs_asha 6" in lines[1]
+    assert "failed" in lines[2] and "exit code 1" in lines[2]
+    run_all.rewrite_doc(doc, "new machine", rows)
+    text = doc.read_text()
+    assert text.startswith("# head\n") and text.endswith("## tail\n") and "\ntext\n" in text
+    assert "old" not in text and "new machine" in text and rows in text
+    run_all.rewrite_doc(doc, "new machine", rows)
+    assert doc.read_text() == text  # idempotent
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(InputError):
+        run_all.rewrite_doc(tmp_path / "plain.md", "m", rows)
