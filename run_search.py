@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from geopose_ray.tune.refit import parse_folds
     from geopose_ray.tune.report import format_table
-    from geopose_ray.tune.search import SearchOptions, run_search
+    from geopose_ray.tune.search import SearchOptions, pin_local_address, run_search
 
     embedded = args.space == parse_args([]).space
     opts = SearchOptions(
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"  # never a stale `ray start`
     opts.fixed_cluster = address == "local"
+    if address == "local":
+        pin_local_address()
     ray.init(address=address, include_dashboard=True)  # dashboard ON: ASHA stops need the State API
     try:
         res = run_search(opts)

@@ -359,8 +359,12 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(synthetic_dir, 
         d.name: sorted(p.name for p in (tmp_path / "st" / f"fault-{d.name[6:]}").iterdir()) for d in finished
     }
 
-    out = subprocess.run([*args, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with (tmp_path / "resume.log").open("w") as log:
+        rc = subprocess.run(
+            [*args, "--resume"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=400
+        )
+    out = (tmp_path / "resume.log").read_text()
+    assert rc.returncode == 0, out[-3000:]
     board = pd.read_csv(exp / report.LEADERBOARD)
     assert len(board) == 3 and board["trial_id"].is_unique  # the searcher did not start extra trials
     assert (board["status"] == "TERMINATED").all()
@@ -370,4 +374,4 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(synthetic_dir, 
     for tid in board["trial_id"]:
         hist = pd.read_json(exp / f"trial_{tid}" / "result.json", lines=True)
         assert hist["epoch"].max() == board.set_index("trial_id").loc[tid, "epochs_run"]
-    assert "trials: 3" in out.stdout
+    assert "trials: 3" in out

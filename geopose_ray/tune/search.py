@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,6 +130,25 @@ def resolve_resources(opts: SearchOptions, space: SearchSpace, cluster: dict[str
             raise InputError(space.path, problem)
         log.warning("%s (waiting for the autoscaler)", problem)
     return res
+
+
+def pin_local_address() -> str:
+    """Choose the GCS port of the local instance about to start and export its address as
+    RAY_ADDRESS, so every process of it (the raylet inherits this environment) finds its own
+    cluster. Ray Train's placement-group cleaner looks the cluster up by RAY_ADDRESS; with two
+    instances on one machine and none set it fails, and an ASHA-stopped trial's workers then
+    hold their CPUs forever. Call just before `ray.init(address="local")`."""
+    import socket
+
+    import ray.util
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = address
+    return address
 
 
 def resolve_data(opts: SearchOptions) -> str:
