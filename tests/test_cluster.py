@@ -1,16 +1,8 @@
-"""Multi-node Ray for real, on this one machine (RAY_NOTES section 6), and the cluster files.
+"""Multi-node Ray for real, on this one machine (RAY_NOTES section 6): the cluster files pass
+Ray's own config checks; two `ray start` nodes run the smoke search with trials spanning both;
+`ray up` / `ray job submit` / `ray down` drive cluster.local.yaml over ssh to 127.0.0.1.
 
-- The cluster files pass Ray's own config checks: `prepare_config` (provider defaults merged)
-  then `validate_config` (the JSON schema), what `ray up` runs before it contacts a provider.
-- Two Ray nodes started by hand (`ray start --block` under setsid): the smoke search runs with
-  `--address`, and each trial's two Train workers must land on different nodes, because each
-  node has 1 CPU and a worker asks for 0.75.
-- The launcher itself: `ray up` / `ray job submit` / `ray down` of cluster.local.yaml against an
-  sshd on 127.0.0.1, all inside private PID, mount and network namespaces, so that `ray down`'s
-  machine-wide `ray stop` sees only this cluster, and ~/.bashrc, authorized_keys and sshd's
-  config stay untouched (the sshd reads a private config, the home is a private folder).
-
-Run by hand under the lock: `flock /tmp/geopose_ray.lock .venv/bin/python -m pytest -q tests/test_cluster.py`.
+By hand, under the lock: `flock /tmp/geopose_ray.lock .venv/bin/python -m pytest -q tests/test_cluster.py`.
 """
 
 from __future__ import annotations
@@ -24,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pandas as pd
@@ -37,7 +29,7 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
-SEARCH_ARGS = ["--num-samples", "2", "--max-epochs", "1", "--workers-per-trial", "2", "--refit-top", "0"]
+SEARCH_ARGS = ["--max-epochs", "1", "--workers-per-trial", "2", "--refit-top", "0"]  # + --num-samples
 
 
 def ray_env(temp_dir: Path) -> dict[str, str]:
@@ -88,18 +80,21 @@ def session_members(sid: int) -> list[int]:
     return [pid for pid, (state, _, s) in proc_stats().items() if s == sid and pid != sid and state != "Z"]
 
 
-def stop_session(proc: subprocess.Popen, grace_s: float = 60.0) -> list[int]:
-    """SIGTERM the `ray start --block` process (it stops its own raylet and GCS), wait, then
-    SIGKILL by PID whatever of its session is left. Returns the PIDs that had to be killed."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+def stop_sessions(procs: list[subprocess.Popen], grace_s: float = 60.0) -> list[int]:
+    """SIGTERM every `ray start --block` process at once (each stops its own raylet and GCS),
+    wait, then SIGKILL by PID whatever is left in their sessions. Returns the PIDs killed so."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
         try:
-            proc.wait(grace_s)
+            proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
     deadline = time.monotonic() + 10
-    while (left := session_members(proc.pid)) and time.monotonic() < deadline:
+    while (left := [pid for p in procs for pid in session_members(p.pid)]) and time.monotonic() < deadline:
         time.sleep(0.5)
     for pid in left:
         with suppress(ProcessLookupError):
@@ -108,37 +103,35 @@ def stop_session(proc: subprocess.Popen, grace_s: float = 60.0) -> list[int]:
 
 
 @contextmanager
-def ray_node(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    """One `ray start --block` node in its own session, stopped (by PID) on exit."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [RAY, "start", "--block", *args],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+def ray_nodes(env: dict[str, str], log_dir: Path) -> Iterator[Callable[[list[str]], subprocess.Popen]]:
+    """Yields `start(args)`: one more `ray start --block` node in its own session. Every node
+    started is stopped (by PID) on exit."""
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str]) -> subprocess.Popen:
+        with open(log_dir / f"node{len(procs)}.log", "wb") as out:
+            cmd = [RAY, "start", "--block", *args]
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        procs.append(proc)
+        return procs[-1]
+
     try:
-        yield proc
+        yield start
     finally:
-        stop_session(proc)
+        stop_sessions(procs)
 
 
 def node_args(ports: list[int], cpus: int) -> list[str]:
     """Every port explicit: two raylets on one machine must not both take Ray's defaults."""
     nm, om, agent, agent_grpc, env_agent, metrics = ports
     return [
-        "--node-ip-address=127.0.0.1",
-        f"--num-cpus={cpus}",
-        "--num-gpus=0",
-        f"--node-manager-port={nm}",
-        f"--object-manager-port={om}",
-        f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={env_agent}",
-        f"--metrics-export-port={metrics}",
-        "--object-store-memory=100000000",
-    ]
+        "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0", f"--node-manager-port={nm}",
+        f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
+        f"--metrics-export-port={metrics}", "--object-store-memory=100000000",
+    ]  # fmt: skip
 
 
 WAIT_NODES = """
@@ -162,10 +155,6 @@ def wait_for_nodes(address: str, n: int, env: dict[str, str], timeout_s: float =
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def leaderboard(storage: Path, name: str) -> pd.DataFrame:
-    return pd.read_csv(storage / name / "leaderboard.csv")
 
 
 # --- the cluster files --------------------------------------------------------------------------
@@ -233,41 +222,39 @@ def test_search_trials_span_two_ray_nodes(synthetic_dir: Path, tmp_path: Path) -
     gcs, dash, client, *ports = free_ports(15)
     address = f"127.0.0.1:{gcs}"
     storage = tmp_path / "storage"
-    procs: list[subprocess.Popen] = []
     try:
-        with ExitStack() as stack:
+        with ray_nodes(env, tmp_path) as start:
             t0 = time.monotonic()
             head = [
                 "--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dash}", f"--ray-client-server-port={client}", *node_args(ports[:6], 1),
             ]  # fmt: skip
-            procs.append(stack.enter_context(ray_node(head, env, tmp_path / "head.log")))
+            procs = [start(head)]
             wait_for_nodes(address, 1, env)
-            worker = [f"--address={address}", *node_args(ports[6:12], 1)]
-            procs.append(stack.enter_context(ray_node(worker, env, tmp_path / "worker.log")))
+            procs.append(start([f"--address={address}", *node_args(ports[6:12], 1)]))
             nodes = wait_for_nodes(address, 2, env)
             started_s = time.monotonic() - t0
-            assert len(nodes) == 2, (tmp_path / "head.log").read_text()[-2000:]
+            assert len(nodes) == 2, (tmp_path / "node0.log").read_text()[-2000:]
 
             t0 = time.monotonic()
             run = subprocess.run(
                 [
                     sys.executable, str(ROOT / "run_search.py"), "--address", address,
                     "--data", str(synthetic_dir), "--storage", str(storage), "--name", "two_nodes",
-                    "--cpus-per-worker", "0.75", *SEARCH_ARGS,
+                    "--cpus-per-worker", "0.75", "--num-samples", "2", *SEARCH_ARGS,
                 ],
                 env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
             )  # fmt: skip
             search_s = time.monotonic() - t0
             assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
         assert all(p.returncode is not None and not session_members(p.pid) for p in procs)  # all stopped
-        board = leaderboard(storage, "two_nodes")
+        board = pd.read_csv(storage / "two_nodes" / "leaderboard.csv")
         assert len(board) == 2 and (board["status"] == "TERMINATED").all(), board.to_string()
         assert (board["epochs_run"] == 1).all()
         for _, row in board.iterrows():
             assert set(str(row["worker_node_ids"]).split(",")) == set(nodes), row.to_dict()
             assert row["node_id"] in nodes
-        print(f"\ntwo-node cluster up in {started_s:.1f} s; 2 trials x 1 epoch in {search_s:.1f} s")
+        print(f"\ntwo-node cluster up in {started_s:.1f} s, 2 trials x 1 epoch in {search_s:.1f} s")
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -303,11 +290,8 @@ def ensure_ssh_tools() -> None:
         policy.chmod(0o755)
     try:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for cmd in (
-            ["apt-get", "update", "-qq"],
-            ["apt-get", "install", "-y", "-qq", "openssh-server", "rsync"],
-        ):
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        for cmd in (["update", "-qq"], ["install", "-y", "-qq", "openssh-server", "rsync"]):
+            out = subprocess.run(["apt-get", *cmd], env=env, capture_output=True, text=True, timeout=600)
             if out.returncode != 0:
                 pytest.skip(f"cannot install openssh-server / rsync: {out.stderr.strip()[-300:]}")
     finally:
@@ -391,6 +375,9 @@ def namespaces_work() -> bool:
 
 
 def test_ray_up_job_submit_ray_down_local_provider(synthetic_dir: Path) -> None:
+    """cluster.local.yaml as written (own key and cluster name only) through the real launcher;
+    in the namespaces `ray down`'s machine-wide `ray stop` sees only this cluster, and the real
+    ~/.bashrc, authorized_keys and sshd config are never touched (checked at the end)."""
     if not namespaces_work():
         pytest.skip("needs root with unshare/nsenter (private PID, mount and network namespaces)")
     ensure_ssh_tools()
@@ -420,14 +407,15 @@ def test_ray_up_job_submit_ray_down_local_provider(synthetic_dir: Path) -> None:
             [
                 RAY, "job", "submit", "--address", "http://127.0.0.1:8265", "--",
                 "python", str(Path.home() / "geopose_ray" / "run_search.py"), "--data", str(box / "data"), "--storage",
-                str(box / "storage"), "--name", "up", "--cpus-per-worker", "0.5", *SEARCH_ARGS,
+                str(box / "storage"), "--name", "up", "--cpus-per-worker", "0.5", "--num-samples", "1",
+                *SEARCH_ARGS,
             ],
             timeout=900,
         )  # fmt: skip
         timings["job"] = time.monotonic() - t0
         assert "succeeded" in job.stdout.lower(), job.stdout[-3000:]
-        board = leaderboard(box / "storage", "up")
-        assert len(board) == 2 and (board["status"] == "TERMINATED").all(), board.to_string()
+        board = pd.read_csv(box / "storage" / "up" / "leaderboard.csv")
+        assert len(board) == 1 and (board["status"] == "TERMINATED").all(), board.to_string()
         # the job ran the rsynced checkout on the cluster, set up by the file's setup commands
         assert (box / "upper" / "geopose_ray" / "run_search.py").is_file()
         assert "geopose_ray cluster" in (box / "upper" / ".bashrc").read_text()
