@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--resume", action="store_true", help="finish an interrupted experiment of the same --name"
     )
+    p.add_argument(
+        "--max-failures", type=int, default=1, help="Train worker-group restarts per trial after a crash"
+    )
     p.add_argument("--seed", type=int, default=0, help="Optuna TPE sampler seed")
     p.add_argument("--max-epochs", type=int, help="override the space's scheduler.max_epochs")
     return p.parse_args(argv)
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         seed=args.seed,
         max_epochs=args.max_epochs,
+        max_failures=args.max_failures,
     )
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"  # never a stale `ray start`
     opts.fixed_cluster = address == "local"
