@@ -69,6 +69,16 @@ def test_max_concurrent_counts_train_workers_not_drivers():
     assert cpu.fits({"CPU": 2.01}) and not cpu.fits({"CPU": 2.0}) and not gpu.fits({"CPU": 64.0})
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
+def test_first_trial_optuna_proposes_is_the_defaults(path):
+    space = load_space(path)
+    searcher = search.build_searcher(space, seed=0)
+    assert searcher.suggest("first") == space.defaults()
+    second = searcher.suggest("second")
+    assert set(second) - set(space.defaults()) <= set(space.searched())
+    Config.from_dict(second)
+
+
 def test_trial_train_config_search_and_refit():
     assert trial_train_config({"lr": 0.1, "fold": 0, "bookkeeping": 1}) == {"lr": 0.1, "fold": 0}
     refit_cfg = {

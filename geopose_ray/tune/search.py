@@ -162,23 +162,28 @@ def resolve_data(opts: SearchOptions) -> str:
     return str(data)
 
 
-def build_tuner(
-    space: SearchSpace, trainable: Any, name: str, storage: str, max_concurrent: int, seed: int
-) -> Any:
-    """OptunaSearch + ASHA over `trainable` (the driver, or any function reporting `epoch` and
-    `score`). Metric and mode live on both, not on TuneConfig: rank results with them explicitly."""
+def build_searcher(space: SearchSpace, seed: int) -> Any:
+    """OptunaSearch over the define-by-run space (TPE, seeded); its first trial is the defaults."""
     import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    searcher = OptunaSearch(
+    return OptunaSearch(
         space=SpaceSampler(space),
         metric=METRIC,
         mode=MODE,
         points_to_evaluate=[space.default_point()],
         sampler=optuna.samplers.TPESampler(seed=seed),
     )
+
+
+def build_tuner(
+    space: SearchSpace, trainable: Any, name: str, storage: str, max_concurrent: int, seed: int
+) -> Any:
+    """OptunaSearch + ASHA over `trainable` (the driver, or any function reporting `epoch` and
+    `score`). Metric and mode live on both, not on TuneConfig: rank results with them explicitly."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
     sched = space.scheduler
     scheduler = ASHAScheduler(
         metric=METRIC,
@@ -191,7 +196,7 @@ def build_tuner(
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher,
+            search_alg=build_searcher(space, seed),
             scheduler=scheduler,
             num_samples=space.num_samples,
             max_concurrent_trials=max_concurrent,
