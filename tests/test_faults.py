@@ -37,6 +37,7 @@ from geopose_ray.score import main as score_main
 from geopose_ray.submission import pack, write_prediction
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.fault  # `pytest -m fault` runs the whole reliability suite
 
 
 # --- 4. bad inputs: every command refuses them at once ----------------------------------------
@@ -212,7 +213,6 @@ def _check_artefact(kind: str, final: Path, src: Path) -> None:
             assert sorted(tar.getnames()) == sorted(p.name for p in src.iterdir())
 
 
-@pytest.mark.fault
 @pytest.mark.parametrize("point", ["write", "rename"])
 @pytest.mark.parametrize("kind", ["tile", "checkpoint", "archive"])
 def test_killed_write_leaves_no_partial_file_and_a_rerun_completes(tmp_path, kind, point):
@@ -257,7 +257,6 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=True)  # detach now, free when unused
 
 
-@pytest.mark.fault
 @pytest.mark.parametrize("kind", ["tile", "checkpoint", "archive"])
 def test_full_disk_leaves_no_partial_file_and_a_rerun_completes(tmp_path, small_disk, kind):
     src = _source(kind, tmp_path, size=384)  # each artefact ~0.3-0.5 MB
@@ -338,7 +337,6 @@ def _kill_a_worker_after_first_checkpoint(log: Path, timeout: float = 240.0) -> 
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.fault
 def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, synthetic_dir, tmp_path):
     """FailureConfig(max_failures=1): the worker group restarts from the last registered
     checkpoint and finishes every epoch; bf16 autocast with a NaN loss injected at step 0 shows
@@ -390,7 +388,6 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, synth
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.fault
 def test_repeated_nan_losses_stop_the_trial_with_a_clear_error(ray_session, synthetic_dir, tmp_path):
     from geopose_ray.tune.worker import make_trainer
 
