@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -150,24 +151,44 @@ def derived_space(out: Path, base: Path = SMOKE_SPACE, **changes: Any) -> Path:
     return out
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
 @contextlib.contextmanager
 def local_ray(num_cpus: int | None = None) -> Iterator[float]:
     """A fresh local Ray instance (dashboard on: ASHA stops need the State API, RAY_NOTES 0);
     yields the seconds `ray.init` took. The caller holds /tmp/geopose_ray.lock (run under flock).
-    PYTHONPATH gets the repository, so Ray workers can import the bench's worker wrappers; Tune's
-    progress tables go to stderr, so stdout holds only the JSON result lines."""
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    os.environ.pop("RAY_ADDRESS", None)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    import ray
 
-    with contextlib.redirect_stdout(sys.stderr):
-        t0 = time.perf_counter()
-        ray.init(
-            address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, log_to_driver=False
-        )
-        try:
-            yield time.perf_counter() - t0
-        finally:
-            ray.shutdown()
+    Its GCS port is chosen here and exported as RAY_ADDRESS before the instance starts, so every
+    Ray process inherits it: Train's PlacementGroupCleaner asks the State API for "the" cluster
+    and, when another Ray instance runs on the machine, otherwise fails ("Found multiple active
+    Ray instances"), leaving a finished trial's placement group behind for good. PYTHONPATH gets
+    the repository (Ray workers import the bench's worker wrappers); Tune's progress tables go to
+    stderr, so stdout holds only the JSON result lines."""
+    import ray
+    from ray.util import get_node_ip_address
+
+    port = free_port()
+    env = {**RAY_ENV, "RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            t0 = time.perf_counter()
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                     log_to_driver=False)  # fmt: skip
+            try:
+                yield time.perf_counter() - t0
+            finally:
+                ray.shutdown()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -67,19 +67,19 @@ class TimedWorker:
 def bare_loop(
     cfg: Config, target_s: float, ckpt_dir: Path, max_epochs: int = MAX_EPOCHS
 ) -> tuple[float, int, float]:
-    """(wall seconds, epochs, last score) of `fit` run epoch by epoch until `target_s` has passed
+    """(wall seconds, epochs, best validation score) of `fit` run epoch by epoch until `target_s` has passed
     (or `max_epochs` are done), with a checkpoint saved every epoch. The constant LR makes the
     first k epochs of any epoch budget the same training, so the epoch count can be decided
     while it runs."""
     from geopose_ray.checkpoint import save_state
     from geopose_ray.train_loop import fit
 
-    done, score = 0, math.nan
+    done, score = 0, -math.inf
     t0 = time.perf_counter()
 
     def reporter(metrics: dict[str, float], state_fn: Any) -> None:
         nonlocal done, score
-        done, score = int(metrics["epoch"]), float(metrics["score"])
+        done, score = int(metrics["epoch"]), max(score, float(metrics["score"]))
         if state_fn is not None:
             save_state(ckpt_dir, state_fn())
         if time.perf_counter() - t0 >= target_s:
@@ -120,7 +120,7 @@ def ray_run(space: Path, data: Path, storage: Path, epochs: int) -> dict[str, fl
         "teardown_s": t_end - worker["end"],
         "total_s": t_end - t_start,
         "ray_epochs": float(result.epochs_run),
-        "ray_score": float(result.leaderboard["score"].iloc[0]),
+        "ray_best_score": float(result.leaderboard["score"].iloc[0]),
     }
 
 
@@ -164,7 +164,7 @@ def run(args: Any) -> list[dict[str, Any]]:
             bare_s=bare_s,
             bare_runs_s=bare_runs,
             epochs=epochs,
-            bare_score=bare_score,
+            bare_best_score=bare_score,
             **ray,
             bare_ge_target=bare_runs[0] >= args.target_s,
             workers=1,
