@@ -109,7 +109,7 @@ def run(args: Any) -> list[dict[str, Any]]:
     on_gpu = device.startswith("cuda")
     size = args.size or (256 if args.quick or not on_gpu else 512)
     batch = args.batch or (2 if not on_gpu else 8)
-    steps, rounds = (3, 2) if args.quick else (8, 3)
+    steps, rounds = (2, 4) if args.quick else (6, 4)
     encoder = args.encoder or "resnet34"
     rates = train_rates(
         GPU_VARIANTS if on_gpu else CPU_VARIANTS, make_batches(steps, batch, size), device, encoder, rounds
