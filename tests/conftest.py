@@ -20,7 +20,13 @@ def ray_session():
     State API to free their placement groups, see RAY_NOTES section 0)."""
     import ray
 
+    from geopose_ray.tune.search import pin_local_address
+
     if not ray.is_initialized():
+        # The raylet inherits RAY_ADDRESS, so Train's placement-group cleaner finds THIS instance
+        # even when another Ray instance runs on the machine (else it fails and stopped trials
+        # never free their CPUs); dropped again so subprocesses start their own instances.
+        pin_local_address()
         ray.init(
             address="local",
             num_cpus=4,
@@ -28,6 +34,8 @@ def ray_session():
             include_dashboard=True,
             object_store_memory=200 * 2**20,
         )
+        os.environ.pop("RAY_ADDRESS", None)
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
     yield ray
     ray.shutdown()
 
