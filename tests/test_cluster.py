@@ -247,6 +247,8 @@ def test_search_trials_span_two_ray_nodes(synthetic_dir: Path, tmp_path: Path) -
             )  # fmt: skip
             search_s = time.monotonic() - t0
             assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+            t0 = time.monotonic()
+        stop_s = time.monotonic() - t0
         assert all(p.returncode is not None and not session_members(p.pid) for p in procs)  # all stopped
         board = pd.read_csv(storage / "two_nodes" / "leaderboard.csv")
         assert len(board) == 2 and (board["status"] == "TERMINATED").all(), board.to_string()
@@ -254,7 +256,7 @@ def test_search_trials_span_two_ray_nodes(synthetic_dir: Path, tmp_path: Path) -
         for _, row in board.iterrows():
             assert set(str(row["worker_node_ids"]).split(",")) == set(nodes), row.to_dict()
             assert row["node_id"] in nodes
-        print(f"\ntwo-node cluster up in {started_s:.1f} s, 2 trials x 1 epoch in {search_s:.1f} s")
+        print(f"\ntwo nodes up {started_s:.1f} s, 2 trials x 1 epoch {search_s:.1f} s, stop {stop_s:.1f} s")
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
