@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from geopose_ray.errors import run_cli
@@ -27,21 +28,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="experiment name (default: the space file's name)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
     p.add_argument("--num-samples", type=int, help="trials (default: the space's num_samples)")
-    p.add_argument(
-        "--workers-per-trial", type=int, help="Ray Train workers per trial (default: space hint, else 2)"
-    )
+    p.add_argument("--workers-per-trial", type=int, help="Train workers per trial (default: hint, else 2)")
     p.add_argument("--gpus-per-worker", type=float, help="default: 1 if the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-worker", type=float, help="default: space hint, else 1")
     p.add_argument("--fold", type=int, default=0, help="validation fold of the search")
     p.add_argument("--folds", help="refit folds: a count or a comma list (default: 2 = folds 0,1)")
     p.add_argument("--refit-top", type=int, help="refit the K best configs on every fold (default: 2 with no "
                    "--space, else 0)")  # fmt: skip
-    p.add_argument(
-        "--resume", action="store_true", help="finish an interrupted experiment of the same --name"
-    )
-    p.add_argument(
-        "--max-failures", type=int, default=1, help="Train worker-group restarts per trial after a crash"
-    )
+    p.add_argument("--resume", action="store_true", help="finish the interrupted experiment --name")
+    p.add_argument("--max-failures", type=int, default=1, help="Train restarts per trial after a crash")
     p.add_argument("--seed", type=int, default=0, help="Optuna TPE sampler seed")
     p.add_argument("--max-epochs", type=int, help="override the space's scheduler.max_epochs")
     return p.parse_args(argv)
@@ -98,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     if res.members_path is not None:
         print(f"refit members: {len(res.members)} -> {res.members_path}")
     print(f"wall time: {res.wall_s:.0f} s")
-    return 0
+    if res.interrupted:
+        print("interrupted: run the same command with --resume to finish", file=sys.stderr)
+    return 1 if res.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -136,6 +136,9 @@ def test_leaderboard_and_importances_from_records(tmp_path):
     assert imp["trials"] == 4 and set(imp["importances"]) <= {"agl_loss", "lr", "huber_delta"}
     assert math.isclose(sum(imp["importances"].values()), 1.0, rel_tol=1e-6)
     assert "full" in report.format_table(board)
+    assert report.unfinished(board) == 0  # errors count as finished
+    running = record("running", {"agl_loss": "mse", "lr": 1e-3, "fold": 0}, [0.1], status="RUNNING")
+    assert report.unfinished(report.leaderboard([*recs, running], space)) == 1  # interrupted run
 
 
 def test_resolve_space_and_resources(tmp_path):

@@ -69,6 +69,9 @@ class DriverSettings:
     resources: TrialResources = field(default_factory=TrialResources)
     num_to_keep: int = 2
     max_failures: int = 1
+    # Train retries a worker group that cannot be placed forever (-1), right while an autoscaler
+    # adds nodes; on a fixed cluster a few minutes of that means leaked resources: fail the trial.
+    controller_failure_limit: int = -1
     train_fn: Callable[[dict], None] | None = None  # None = geopose_ray.tune.worker.train_fn_per_worker
 
 
@@ -127,7 +130,9 @@ def train_driver_fn(config: dict[str, Any], settings: DriverSettings) -> None:
                 checkpoint_score_attribute=METRIC,
                 checkpoint_score_order=MODE,
             ),
-            failure_config=FailureConfig(max_failures=settings.max_failures),
+            failure_config=FailureConfig(
+                max_failures=settings.max_failures, controller_failure_limit=settings.controller_failure_limit
+            ),
             callbacks=[NodeReportCallback()],
         ),
     )

@@ -149,8 +149,9 @@ def run_refit(
     folds: tuple[int, ...],
     concurrent: int,
     resume: bool,
-) -> tuple[list[dict], Path, pd.DataFrame | None]:
-    """Refit the top `k` configs of the search in `experiment_dir` on `folds`; write members.json."""
+) -> tuple[list[dict], Path | None, pd.DataFrame | None]:
+    """Refit the top `k` configs of the search in `experiment_dir` on `folds`; write members.json
+    (not when the refit was interrupted: then the path is None)."""
     from geopose_ray.tune.search import fit_or_resume
 
     n_folds = int(space.fixed.get("n_folds", 5))
@@ -190,6 +191,9 @@ def run_refit(
             resume and exists,  # a resumed search may not have reached its refit yet
         )
         board = report.write_report(refit_dir, space, importances=False)
+        if report.unfinished(board):
+            log.warning("refit interrupted: members.json not written; finish it with --resume")
+            return [], None, board
         for rec in report.load_trials(refit_dir):
             rank = int(rec.config["member"]["config_rank"])
             members.append(member_row(rank, rec, refit_settings.experiment, settings.storage_path, "refit"))

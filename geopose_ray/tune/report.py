@@ -112,6 +112,11 @@ def leaderboard(records: list[TrialRecord], space: SearchSpace) -> pd.DataFrame:
     return df.sort_values("score", ascending=False, na_position="last").reset_index(drop=True)
 
 
+def unfinished(board: pd.DataFrame) -> int:
+    """Trials neither finished nor errored: the run was interrupted (Ctrl-C, a killed driver)."""
+    return 0 if board.empty else int((~board["status"].isin(["TERMINATED", "ERROR"])).sum())
+
+
 def format_table(board: pd.DataFrame) -> str:
     """The leaderboard as printed at the end of a run (short ids, no node columns)."""
     if board.empty:

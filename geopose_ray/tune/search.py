@@ -34,6 +34,7 @@ from geopose_ray.tune.space import SearchSpace, SpaceSampler, load_space
 
 log = logging.getLogger(__name__)
 DEFAULT_WORKERS = 2
+FIXED_CLUSTER_CONTROLLER_RETRIES = 5  # x 60 s worker-group start timeouts, then the trial errors
 DEFAULT_CPUS_PER_WORKER = 1.0
 OPTIONS_FILE = "search_options.json"
 
@@ -75,6 +76,7 @@ class SearchResult:
     members: list[dict[str, Any]] = field(default_factory=list)
     members_path: Path | None = None
     refit_leaderboard: pd.DataFrame | None = None
+    interrupted: bool = False  # unfinished trials: run again with --resume
 
 
 def resolve_space(opts: SearchOptions, data_dir: str) -> SearchSpace:
@@ -245,6 +247,7 @@ def run_search(opts: SearchOptions) -> SearchResult:
         resources=resources,
         num_to_keep=opts.num_to_keep,
         max_failures=opts.max_failures,
+        controller_failure_limit=FIXED_CLUSTER_CONTROLLER_RETRIES if opts.fixed_cluster else -1,
         train_fn=opts.train_fn,
     )
     concurrent = resources.max_concurrent(cluster)
@@ -266,10 +269,16 @@ def run_search(opts: SearchOptions) -> SearchResult:
         epochs_budget=len(board) * space.scheduler.max_epochs,
         wall_s=0.0,
     )
-    if opts.refit_top > 0:
+    result.interrupted = report.unfinished(board) > 0
+    if result.interrupted:
+        log.warning(
+            "search interrupted: %d trials unfinished; finish with --resume", report.unfinished(board)
+        )
+    elif opts.refit_top > 0:
         folds = opts.folds if opts.folds is not None else (0, 1)
         out = refit.run_refit(exp_dir, space, settings, opts.refit_top, folds, concurrent, opts.resume)
         result.members, result.members_path, result.refit_leaderboard = out
+        result.interrupted = result.members_path is None
     result.wall_s = time.monotonic() - start
     return result
 
