@@ -315,9 +315,13 @@ def _reports(path: Path) -> list[dict]:
 
 
 def _train_worker_pids() -> set[int]:
+    import ray
     from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    alive = list_actors(  # this session's cluster, by address: others may run on the machine
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     return {int(a.pid) for a in alive}
 
 
