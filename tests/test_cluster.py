@@ -80,9 +80,10 @@ def session_members(sid: int) -> list[int]:
     return [pid for pid, (state, _, s) in proc_stats().items() if s == sid and pid != sid and state != "Z"]
 
 
-def stop_sessions(procs: list[subprocess.Popen], grace_s: float = 60.0) -> list[int]:
+def stop_sessions(procs: list[subprocess.Popen], grace_s: float = 60.0) -> list[str]:
     """SIGTERM every `ray start --block` process at once (each stops its own raylet and GCS),
-    wait, then SIGKILL by PID whatever is left in their sessions. Returns the PIDs killed so."""
+    wait, then SIGKILL by PID whatever is left in their sessions and wait for it to go.
+    Returns the names of the processes that had to be killed."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -93,19 +94,29 @@ def stop_sessions(procs: list[subprocess.Popen], grace_s: float = 60.0) -> list[
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-    deadline = time.monotonic() + 10
+    killed = []
+    for pid in wait_gone(procs, 10):
+        with suppress(OSError):
+            killed.append(Path(f"/proc/{pid}/comm").read_text().strip())
+            os.kill(pid, signal.SIGKILL)
+    wait_gone(procs, 10)
+    return killed
+
+
+def wait_gone(procs: list[subprocess.Popen], timeout_s: float) -> list[int]:
+    """Waits until the sessions of `procs` are empty; returns the PIDs still there at the end."""
+    deadline = time.monotonic() + timeout_s
     while (left := [pid for p in procs for pid in session_members(p.pid)]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    for pid in left:
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
     return left
 
 
 @contextmanager
-def ray_nodes(env: dict[str, str], log_dir: Path) -> Iterator[Callable[[list[str]], subprocess.Popen]]:
+def ray_nodes(
+    env: dict[str, str], log_dir: Path, killed: list[str]
+) -> Iterator[Callable[[list[str]], subprocess.Popen]]:
     """Yields `start(args)`: one more `ray start --block` node in its own session. Every node
-    started is stopped (by PID) on exit."""
+    started is stopped (by PID) on exit; `killed` gets the names of stragglers killed."""
     procs: list[subprocess.Popen] = []
 
     def start(args: list[str]) -> subprocess.Popen:
@@ -120,7 +131,7 @@ def ray_nodes(env: dict[str, str], log_dir: Path) -> Iterator[Callable[[list[str
     try:
         yield start
     finally:
-        stop_sessions(procs)
+        killed.extend(stop_sessions(procs))
 
 
 def node_args(ports: list[int], cpus: int) -> list[str]:
@@ -223,7 +234,8 @@ def test_search_trials_span_two_ray_nodes(synthetic_dir: Path, tmp_path: Path) -
     address = f"127.0.0.1:{gcs}"
     storage = tmp_path / "storage"
     try:
-        with ray_nodes(env, tmp_path) as start:
+        killed: list[str] = []
+        with ray_nodes(env, tmp_path, killed) as start:
             t0 = time.monotonic()
             head = [
                 "--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -256,7 +268,9 @@ def test_search_trials_span_two_ray_nodes(synthetic_dir: Path, tmp_path: Path) -
         for _, row in board.iterrows():
             assert set(str(row["worker_node_ids"]).split(",")) == set(nodes), row.to_dict()
             assert row["node_id"] in nodes
-        print(f"\ntwo nodes up {started_s:.1f} s, 2 trials x 1 epoch {search_s:.1f} s, stop {stop_s:.1f} s")
+        print(
+            f"\ntwo nodes up {started_s:.1f} s, 2 trials x 1 epoch {search_s:.1f} s, stop {stop_s:.1f} s, killed {killed}"
+        )
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -279,26 +293,8 @@ exec "$SSHD" -D -e -f "$BOX/sshd_config"
 # private /tmp in which BOX keeps its own path.
 
 
-def ensure_ssh_tools() -> None:
-    """openssh-server and rsync, installed with apt-get when missing (services not started)."""
-    if Path(SSHD).exists() and shutil.which("rsync"):
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("needs openssh-server and rsync (root with apt-get could install them)")
-    policy = Path("/usr/sbin/policy-rc.d")
-    created = not policy.exists()
-    if created:  # the standard Debian switch that keeps apt from starting the sshd service
-        policy.write_text("#!/bin/sh\nexit 101\n")
-        policy.chmod(0o755)
-    try:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for cmd in (["update", "-qq"], ["install", "-y", "-qq", "openssh-server", "rsync"]):
-            out = subprocess.run(["apt-get", *cmd], env=env, capture_output=True, text=True, timeout=600)
-            if out.returncode != 0:
-                pytest.skip(f"cannot install openssh-server / rsync: {out.stderr.strip()[-300:]}")
-    finally:
-        if created:
-            policy.unlink()
+def has_ssh_tools() -> bool:
+    return Path(SSHD).exists() and shutil.which("rsync") is not None
 
 
 def write_ssh_box(box: Path) -> None:
@@ -382,7 +378,8 @@ def test_ray_up_job_submit_ray_down_local_provider(synthetic_dir: Path) -> None:
     ~/.bashrc, authorized_keys and sshd config are never touched (checked at the end)."""
     if not namespaces_work():
         pytest.skip("needs root with unshare/nsenter (private PID, mount and network namespaces)")
-    ensure_ssh_tools()
+    if not has_ssh_tools():  # .ci/run installs them
+        pytest.skip("needs openssh-server and rsync: apt-get install -y openssh-server rsync")
     home_files = sorted(p.name for p in Path.home().iterdir())
     bashrc = Path.home() / ".bashrc"
     bashrc_before = bashrc.read_bytes() if bashrc.exists() else None
