@@ -238,6 +238,8 @@ def run_search(opts: SearchOptions) -> SearchResult:
     space = resolve_space(opts, data_dir)
     cluster = ray.cluster_resources()
     resources = resolve_resources(opts, space, cluster)
+    if opts.storage and "://" in opts.storage:  # reports, refits and the ensemble read files by path
+        raise InputError(opts.storage, "cloud storage URIs are not supported: use a path shared by all nodes")
     storage = Path(opts.storage).resolve() if opts.storage else paths.default_storage()
     name = opts.name or space.name
     exp_dir = storage / name
