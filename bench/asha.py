@@ -87,8 +87,8 @@ def run(args: Any) -> list[dict[str, Any]]:
     work = common.work_dir(args.work)
     data = common.synthetic_set(work, 256, per_city=8, test_per_city=2)
     smoke = load_space(common.SMOKE_SPACE)
-    samples = args.num_samples or (smoke.num_samples if args.quick else 8)
-    max_epochs = args.max_epochs or (smoke.scheduler.max_epochs if args.quick else 6)
+    samples = args.num_samples or (smoke.num_samples if args.quick else 16)
+    max_epochs = args.max_epochs or (smoke.scheduler.max_epochs if args.quick else 9)
     no_stop = common.derived_space(
         work / "asha" / "no_stop.yaml", scheduler={"max_epochs": max_epochs, "grace_period": max_epochs}
     )
@@ -124,9 +124,9 @@ def run(args: Any) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--num-samples", type=int, help="trials (default: the space's with --quick, else 8)")
+    p.add_argument("--num-samples", type=int, help="trials (default: the space's with --quick, else 16)")
     p.add_argument(
-        "--max-epochs", type=int, help="budget per trial (default: the space's with --quick, else 6)"
+        "--max-epochs", type=int, help="budget per trial (default: the space's with --quick, else 9)"
     )
     run(p.parse_args(argv))
     return 0

@@ -66,8 +66,10 @@ def sig(x: Any, digits: int = 4) -> Any:
 
 
 def emit(bench: str, ratio: float, **details: Any) -> dict[str, Any]:
-    """Print one result as a JSON line (`{"bench": ..., "ratio": ..., ...details}`) and return it."""
+    """Print one result as a JSON line (`{"bench": ..., "ratio": ..., ...details}`) and return it.
+    `load_1m` (the machine's load average as the result is printed) is added unless given."""
     record = sig({"bench": bench, "ratio": float(ratio), **details})
+    record.setdefault("load_1m", round(os.getloadavg()[0], 2))
     print(json.dumps(record, default=str), flush=True)
     return record
 

@@ -94,7 +94,7 @@ def render_rows(results: list[dict[str, Any]], seconds: dict[str, float]) -> str
             rows.append(f"| {ISSUE_ITEM.get(family, '')} | {r['bench']} | failed | | | {r['error']} | |")
             continue
         met = {True: "**met**", False: "**missed**", None: "-"}[r.get("goal_met")]
-        details = ", ".join(f"{k} {_fmt(r[k])}" for k in SHOWN.get(family, ()) if k in r)
+        details = ", ".join(f"{k} {_fmt(r[k])}" for k in (*SHOWN.get(family, ()), "load_1m") if k in r)
         wall = seconds.get(family, math.nan)
         rows.append(
             f"| {ISSUE_ITEM.get(family, '')} | {r['bench']} | {_fmt(r.get('ratio'))} | {r.get('goal', '')} "

@@ -30,6 +30,7 @@ def test_emit_prints_one_json_line_and_rounds(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1
     assert json.loads(lines[0]) == record
+    assert record.pop("load_1m") >= 0
     assert record == {"bench": "demo", "ratio": 0.6667, "seconds": 1235.0, "ok": True, "name": "x"}
     assert common.goal_met(60.0, ">=", 50.0) and not common.goal_met(1.2, "<=", 1.05)
     assert common.goal_met(math.nan, ">=", 1.0) is None
