@@ -175,7 +175,8 @@ def local_ray(num_cpus: int | None = None) -> Iterator[float]:
     from ray.util import get_node_ip_address
 
     port = free_port()
-    env = {**RAY_ENV, "RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}
+    env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}  # the user's settings win
+    env.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"{get_node_ip_address()}:{port}")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
