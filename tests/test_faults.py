@@ -315,14 +315,20 @@ def _reports(path: Path) -> list[dict]:
 
 
 def _train_worker_pids() -> set[int]:
-    import ray
-    from ray.util.state import list_actors
+    """PIDs of the live Train workers of this session's Ray instance. ray.init started it as
+    our child, so its workers are our descendants (titled `ray::RayTrainWorker...`); no GCS or
+    dashboard RPC, which timed out under load in CI, and no other cluster on the machine."""
+    import psutil
 
-    alive = list_actors(  # this session's cluster, by address: others may run on the machine
-        address=ray.get_runtime_context().gcs_address,
-        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-    )
-    return {int(a.pid) for a in alive}
+    pids = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if title.startswith("ray::RayTrainWorker") and proc.status() != psutil.STATUS_ZOMBIE:
+            pids.add(proc.pid)
+    return pids
 
 
 def _kill_a_worker_after_first_checkpoint(log: Path, timeout: float = 240.0) -> dict:
