@@ -171,9 +171,7 @@ class Criterion:
         return total, {k: v.detach() for k, v in parts.items()}
 
 
-def build_criterion(
-    cfg: LossConfig, city_means: dict[str, tuple[float, float]] | None = None
-) -> Criterion:
+def build_criterion(cfg: LossConfig, city_means: dict[str, tuple[float, float]] | None = None) -> Criterion:
     """Criterion from LossConfig; `city_means` {city: (mean AGL m, mean MAG px)} from the training
     split (data.dataset.city_means) feeds r2_city; None falls back to batch means."""
     agl = build_dense_loss(

@@ -145,7 +145,7 @@ def _finite_on_all_ranks(loss: torch.Tensor) -> bool:
 
 
 def parse_steps(spec: str) -> set[int]:
-    """"3,4,5" -> {3, 4, 5} (the `nan_inject_steps` test hook)."""
+    """ "3,4,5" -> {3, 4, 5} (the `nan_inject_steps` test hook)."""
     return {int(s) for s in spec.replace(" ", "").split(",") if s}
 
 
@@ -305,7 +305,6 @@ def validate(
     metrics = score_metrics(GeoposeScore.from_array(totals[:-2]))
     metrics["val_loss"] = float(totals[-2] / totals[-1]) if totals[-1] > 0 else math.nan
     return metrics
-
 
 
 def fit(

@@ -62,7 +62,11 @@ def build_loaders(
         train, crop=d.crop, transform=build_train_transform_from_config(d), repeat=d.repeat, seed=seed + rank
     )
     val_ds = GeoposeDataset(val[rank::world_size], crop=d.val_crop or None, random_crop=False, seed=seed)
-    common = {"num_workers": d.loader_workers, "worker_init_fn": worker_init_fn, "pin_memory": torch.cuda.is_available()}
+    common = {
+        "num_workers": d.loader_workers,
+        "worker_init_fn": worker_init_fn,
+        "pin_memory": torch.cuda.is_available(),
+    }
     train_dl = torch.utils.data.DataLoader(
         train_ds,
         batch_size=d.batch_size,

@@ -104,7 +104,9 @@ class GeoposeModel(nn.Module):
             x = torch.cat([x, onehot[:, :, None, None].expand(-1, -1, *x.shape[-2:])], dim=1)
         return x
 
-    def forward(self, image: Tensor, gsd: Tensor | None = None, city: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, image: Tensor, gsd: Tensor | None = None, city: Tensor | None = None
+    ) -> dict[str, Tensor]:
         h, w = image.shape[-2:]
         if h % self.divisor or w % self.divisor:
             raise ValueError(f"input {h}x{w} must be divisible by {self.divisor}; pad it first")
@@ -130,7 +132,9 @@ def width_kwargs(arch: str, decoder_channels: int) -> dict[str, Any]:
     if key not in WIDTH_KWARGS:
         raise ValueError(f"no decoder width mapping for arch {arch!r}; known: {sorted(WIDTH_KWARGS)}")
     if not WIDTH_KWARGS[key]:
-        log.warning("arch %s has no decoder width argument; decoder_channels=%d ignored", arch, decoder_channels)
+        log.warning(
+            "arch %s has no decoder width argument; decoder_channels=%d ignored", arch, decoder_channels
+        )
     params = inspect.signature(smp.MODEL_ARCHITECTURES_MAPPING[key]).parameters
     out: dict[str, Any] = {}
     for name in WIDTH_KWARGS[key]:

@@ -109,9 +109,7 @@ class LearnedScaleHead(nn.Module):
 
 SCALE_HEADS: dict[str, Callable[..., nn.Module]] = {
     "lstsq": lambda in_channels, use_gsd, dropout: LstsqScaleHead(),
-    "learned": lambda in_channels, use_gsd, dropout: LearnedScaleHead(
-        in_channels, use_gsd, dropout=dropout
-    ),
+    "learned": lambda in_channels, use_gsd, dropout: LearnedScaleHead(in_channels, use_gsd, dropout=dropout),
 }
 
 

@@ -103,6 +103,10 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> WeightsReport:
     report.loaded = sorted(matched)
     report.missing = sorted(set(own) - matched.keys())
     if report.missing:
-        log.warning("%s: %d encoder tensors not in the file, left at init: %s",
-                    path, len(report.missing), report.missing[:8])
+        log.warning(
+            "%s: %d encoder tensors not in the file, left at init: %s",
+            path,
+            len(report.missing),
+            report.missing[:8],
+        )
     return report
