@@ -96,8 +96,13 @@ def test_r2_city_falls_back_to_batch_mean():
 def test_criterion_passes_city_means_per_target():
     """AGL gets the first mean of each city, MAG the second."""
     t, p = _target(2), _target(2, seed=1)
-    batch = {"agl": t, "mag": t, "scale": torch.ones(2), "direction": torch.tensor([[0.0, 1.0]] * 2),
-             "city": torch.tensor([1, 1])}
+    batch = {
+        "agl": t,
+        "mag": t,
+        "scale": torch.ones(2),
+        "direction": torch.tensor([[0.0, 1.0]] * 2),
+        "city": torch.tensor([1, 1]),
+    }
     pred = {"agl": p, "mag": p, "scale": torch.ones(2, 1), "direction": batch["direction"].clone()}
     crit = build_criterion(LossConfig(agl_loss="r2_city", mag_loss="r2_city"), {"ATL": (8.0, 5.0)})
     _, parts = crit(pred, batch)
@@ -122,10 +127,19 @@ def _batch_and_perfect_pred(b: int = 3, size: int = 16):
     scale = torch.rand(b) + 0.5  # px/m
     mag = agl * scale.view(-1, 1, 1, 1)
     a = torch.rand(b) * 6.28
-    batch = {"agl": agl, "mag": mag, "scale": scale, "direction": torch.stack([a.sin(), a.cos()], 1),
-             "city": _city(b)}
-    pred = {"agl": agl.clone(), "mag": mag.clone(), "scale": scale.view(-1, 1).clone(),
-            "direction": batch["direction"].clone()}
+    batch = {
+        "agl": agl,
+        "mag": mag,
+        "scale": scale,
+        "direction": torch.stack([a.sin(), a.cos()], 1),
+        "city": _city(b),
+    }
+    pred = {
+        "agl": agl.clone(),
+        "mag": mag.clone(),
+        "scale": scale.view(-1, 1).clone(),
+        "direction": batch["direction"].clone(),
+    }
     batch["agl"][0, 0, :3] = float("nan")
     batch["mag"][0, 0, :3] = float("nan")
     return batch, pred
@@ -133,8 +147,15 @@ def _batch_and_perfect_pred(b: int = 3, size: int = 16):
 
 @pytest.mark.parametrize("name", sorted(DENSE_LOSSES))
 def test_criterion_total_is_weighted_sum_and_minimal_at_perfect(name):
-    cfg = LossConfig(agl_loss=name, mag_loss=name, agl_weight=1.5, mag_weight=0.5, dir_weight=3.0,
-                     scale_weight=7.0, dir_mse_lambda=0.3)
+    cfg = LossConfig(
+        agl_loss=name,
+        mag_loss=name,
+        agl_weight=1.5,
+        mag_weight=0.5,
+        dir_weight=3.0,
+        scale_weight=7.0,
+        dir_mse_lambda=0.3,
+    )
     crit = build_criterion(cfg)
     batch, pred = _batch_and_perfect_pred()
     total, parts = crit(pred, batch)

@@ -98,7 +98,9 @@ def test_hand_computed_2x2():
     #   (per-component means would give denom 8 and R2 0.5: the pooled mean matters)
     # JAX, one 1x2 image predicted perfectly -> 1.0. ATL and OMA: no data -> NaN.
     score = GeoposeScore()
-    score.update("ARG", np.array([[1.0, 2.0], [3.0, np.nan]]), np.array([[1.0, 2.0], [4.0, 9.0]]), 2.0, 0.0, 2.0, 0.0)
+    score.update(
+        "ARG", np.array([[1.0, 2.0], [3.0, np.nan]]), np.array([[1.0, 2.0], [4.0, 9.0]]), 2.0, 0.0, 2.0, 0.0
+    )
     score.update("JAX", np.array([[5.0, 1.0]]), np.array([[5.0, 1.0]]), 0.8, 1.0, 0.8, 1.0)
     res = score.compute()
 
@@ -180,7 +182,9 @@ def test_array_round_trip_shape_and_dtype():
 # --- special cases and rules -------------------------------------------------------------
 def test_perfect_prediction_scores_one():
     images = _random_set(6)
-    perfect = {c: [(gt, gt.copy(), st, at, st, at) for gt, _, st, at, _, _ in items] for c, items in images.items()}
+    perfect = {
+        c: [(gt, gt.copy(), st, at, st, at) for gt, _, st, at, _, _ in items] for c, items in images.items()
+    }
     res = _streamed(perfect).compute()
     assert res["final"] == 1.0
     assert all(v == 1.0 for v in res["cities"].values())

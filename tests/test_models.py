@@ -170,7 +170,9 @@ def test_local_weights_file_loads_into_encoder(tmp_path, timm_resnet18, encoder,
 def test_weights_with_city_channels_keep_rgb_and_zero_extras(tmp_path, timm_resnet18):
     path = tmp_path / "w.pth"
     torch.save({"state_dict": timm_resnet18}, path)
-    model = build_model(ModelConfig(arch="Unet", encoder="tu-resnet18", encoder_weights=str(path), use_city=True))
+    model = build_model(
+        ModelConfig(arch="Unet", encoder="tu-resnet18", encoder_weights=str(path), use_city=True)
+    )
     w = model.encoder.model.conv1.weight  # (64, 7, 7, 7)
     assert w.shape[1] == 7
     torch.testing.assert_close(w[:, :3], timm_resnet18["conv1.weight"])

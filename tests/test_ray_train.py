@@ -29,7 +29,12 @@ def test_two_workers_report_checkpoint_and_resume(ray_session, synthetic_dir, tm
         "workers_per_trial": 2,  # a driver-level key: ignored by the worker, not an error
     }
     storage = tmp_path / "storage"
-    trainer_args = {"name": "train-test-resume", "storage_path": storage, "num_workers": 2, "num_to_keep": None}
+    trainer_args = {
+        "name": "train-test-resume",
+        "storage_path": storage,
+        "num_workers": 2,
+        "num_to_keep": None,
+    }
 
     first = make_trainer(config, **trainer_args).fit()
     assert first.error is None

@@ -132,7 +132,9 @@ def test_incomplete_submission_is_refused_naming_the_file(dataset, tmp_path, cap
     assert "JAX_a00003_VFLOW.json" in lines[0] and lines[-1].startswith("invalid:")
 
 
-@pytest.mark.parametrize("spoil", ["wrong_shape", "float32", "two_bands", "nan_json", "not_json", "corrupt_tif"])
+@pytest.mark.parametrize(
+    "spoil", ["wrong_shape", "float32", "two_bands", "nan_json", "not_json", "corrupt_tif"]
+)
 def test_checker_refuses_bad_files(dataset, tmp_path, spoil):
     data, truth = dataset
     pred = tmp_path / "pred"
@@ -197,7 +199,9 @@ def test_pack_cli_and_module_entry_point(dataset, tmp_path):
     _perfect(truth, tmp_path / "pred")
     out = tmp_path / "out" / "s.tar.gz"
     run = [sys.executable, "-m", "geopose_ray.submission"]
-    proc = subprocess.run([*run, "pack", str(tmp_path / "pred"), "--out", str(out)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*run, "pack", str(tmp_path / "pred"), "--out", str(out)], capture_output=True, text=True
+    )
     assert proc.returncode == 0 and out.is_file(), proc.stderr
     proc = subprocess.run([*run, "check", str(out), "--data", str(data)], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == f"valid: {len(SHAPES)} tiles", proc.stderr

@@ -90,7 +90,13 @@ def loader(items, batch_size):
 
 
 def cfg_with(**flat) -> Config:
-    base = {"precision": "fp32", "grad_clip": 0.0, "schedule": "constant", "optimizer": "sgd", "momentum": 0.0}
+    base = {
+        "precision": "fp32",
+        "grad_clip": 0.0,
+        "schedule": "constant",
+        "optimizer": "sgd",
+        "momentum": 0.0,
+    }
     return Config.from_dict({**base, **flat})
 
 
@@ -99,7 +105,9 @@ def run_epoch(model, items, cfg: Config, batch_size=2, step_offset=0):
     sched = build_scheduler(opt, cfg.optim, steps_per_epoch=len(items), epochs=1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     dl = loader(items, batch_size)
-    return train_one_epoch(model, dl, fake_criterion, opt, sched, scaler, torch.device("cpu"), cfg, step_offset)
+    return train_one_epoch(
+        model, dl, fake_criterion, opt, sched, scaler, torch.device("cpu"), cfg, step_offset
+    )
 
 
 def params(model):
@@ -193,7 +201,15 @@ def test_training_lowers_the_loss_and_reports_flat_metrics():
     for _ in range(5):
         last = run_epoch(model, items, cfg)
     assert last["train_loss"] < first["train_loss"]
-    assert {"train_loss", "train_agl", "train_dir", "lr", "nonfinite_steps", "imgs_per_s", "epoch_time_s"} <= set(last)
+    assert {
+        "train_loss",
+        "train_agl",
+        "train_dir",
+        "lr",
+        "nonfinite_steps",
+        "imgs_per_s",
+        "epoch_time_s",
+    } <= set(last)
     assert all(isinstance(v, float) and math.isfinite(v) for v in last.values())
     assert last["nonfinite_steps"] == 0
 
@@ -255,7 +271,9 @@ def test_validate_reports_score_and_sharded_sums_equal_the_whole():
         return a
 
     validate(model, loader(items[1::2], 1), fake_criterion, dev, "fp32", reduce=keep)
-    merged = validate(model, loader(items[0::2], 2), fake_criterion, dev, "fp32", reduce=lambda a: a + captured["other"])
+    merged = validate(
+        model, loader(items[0::2], 2), fake_criterion, dev, "fp32", reduce=lambda a: a + captured["other"]
+    )
     assert merged == pytest.approx(whole, rel=1e-6)
     alone = validate(model, loader(items[0::2], 2), fake_criterion, dev, "fp32")
     assert alone != pytest.approx(whole, rel=1e-6)
@@ -456,5 +474,7 @@ def test_the_core_and_the_cli_never_import_ray():
         "import sys, geopose_ray.train_loop, geopose_ray.checkpoint, geopose_ray.train; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "[]"
