@@ -31,6 +31,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers-per-trial", type=int, help="Train workers per trial (default: hint, else 2)")
     p.add_argument("--gpus-per-worker", type=float, help="default: 1 if the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-worker", type=float, help="default: space hint, else 1")
+    p.add_argument("--max-concurrent", type=int, help="cap on trials at once (default: as many as the cluster "
+                   "fits, re-read while the search runs)")  # fmt: skip
+    p.add_argument("--pending-trials", type=int, help="trials admitted beyond what fits, so an autoscaler adds "
+                   "nodes (default: 0 on a local instance, 1 with --address)")  # fmt: skip
     p.add_argument("--fold", type=int, default=0, help="validation fold of the search")
     p.add_argument("--folds", help="refit folds: a count or a comma list (default: 2 = folds 0,1)")
     p.add_argument("--refit-top", type=int, help="refit the K best configs on every fold (default: 2 with no "
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from geopose_ray.tune.refit import parse_folds
     from geopose_ray.tune.report import format_table
-    from geopose_ray.tune.search import SearchOptions, pin_local_address, run_search
+    from geopose_ray.tune.search import SearchOptions, check_capacity_options, pin_local_address, run_search
 
     embedded = args.space == parse_args([]).space
     opts = SearchOptions(
@@ -77,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         max_epochs=args.max_epochs,
         max_failures=args.max_failures,
+        max_concurrent=args.max_concurrent,
+        pending_trials=args.pending_trials,
     )
+    check_capacity_options(opts)
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"  # never a stale `ray start`
     opts.fixed_cluster = address == "local"
     if address == "local":

@@ -20,6 +20,7 @@ import yaml
 from geopose_ray.config import Config
 from geopose_ray.errors import InputError
 from geopose_ray.tune import refit, report, search
+from geopose_ray.tune.capacity import Capacity
 from geopose_ray.tune.driver import TrialResources, trial_train_config
 from geopose_ray.tune.space import load_space
 
@@ -210,7 +211,9 @@ def test_optuna_asha_search_and_report(ray_session, tmp_path):
     exp = tmp_path / "exp"
 
     def make_tuner():
-        return search.build_tuner(space, trainable, "exp", str(tmp_path), max_concurrent=1, seed=3)
+        return search.build_tuner(
+            space, trainable, "exp", str(tmp_path), Capacity(TrialResources(), cap=1), seed=3
+        )
 
     search.fit_or_resume(make_tuner, exp, trainable, resume=False)
     recs = report.load_trials(exp)

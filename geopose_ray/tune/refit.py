@@ -34,7 +34,6 @@ from geopose_ray.tune.space import SearchSpace
 
 log = logging.getLogger(__name__)
 MEMBERS = "members.json"
-OOF_FILE = "val_score.npy"  # GeoposeScore.to_array() of the validation fold, in a checkpoint folder
 
 
 def parse_folds(spec: str) -> tuple[int, ...]:
@@ -126,7 +125,8 @@ def member_row(rank: int, rec: report.TrialRecord, experiment: str, storage: str
     if path is None:
         log.warning("trial %s of %s has no checkpoint: not a member", rec.trial_id, experiment)
         return None
-    oof = Path(path) / OOF_FILE
+    # no out-of-fold predictions here: the ensemble job predicts each member's validation fold
+    # itself, with the same TTA as the test tiles, and fits the blend on those
     return {
         "rank": rank,
         "config_id": report.config_id(cfg),
@@ -136,7 +136,6 @@ def member_row(rank: int, rec: report.TrialRecord, experiment: str, storage: str
         "source": source,  # "search" (reused full-budget trial) or "refit"
         "score": score if math.isfinite(score) else rec.best()[0],
         "checkpoint": path,
-        "oof": str(oof) if oof.is_file() else None,
         "config": {k: report.plain(v) for k, v in cfg.items()},
     }
 

@@ -22,6 +22,7 @@ import pandas as pd
 from geopose_ray import paths
 from geopose_ray.atomic import atomic_write_text
 from geopose_ray.errors import InputError
+from geopose_ray.tune.capacity import Capacity, ElasticLimiter, cluster_resources
 from geopose_ray.tune.driver import (
     METRIC,
     MODE,
@@ -61,6 +62,8 @@ class SearchOptions:
     num_to_keep: int = 2  # best Train checkpoints kept per trial (plus the latest)
     max_failures: int = 1  # Train worker-group restarts per trial
     fixed_cluster: bool = True  # a cluster that cannot grow (ray.init(address="local")): refuse misfits
+    max_concurrent: int | None = None  # cap on trials at once; None: as many as the cluster fits
+    pending_trials: int | None = None  # admitted beyond what fits (autoscaler demand); None: 0 fixed, else 1
     train_fn: Callable[[dict], None] | None = field(default=None, repr=False)  # tests: stand-in worker
 
 
@@ -105,10 +108,13 @@ def resolve_space(opts: SearchOptions, data_dir: str) -> SearchSpace:
     )
 
 
-def resolve_resources(opts: SearchOptions, space: SearchSpace, cluster: dict[str, float]) -> TrialResources:
+def resolve_resources(
+    opts: SearchOptions, space: SearchSpace, cluster: dict[str, float], most: dict[str, float] | None = None
+) -> TrialResources:
     """Command line > the space's `resources` hints > defaults. A trial that cannot fit the
-    cluster is refused when `opts.fixed_cluster` (a local instance: it would wait forever), and
-    only warned about otherwise (an autoscaling cluster may add the nodes)."""
+    cluster is refused when `opts.fixed_cluster` (a local instance: it would wait forever) or when
+    it cannot fit even the largest cluster the autoscaler may build (`most`), and only warned
+    about otherwise (the autoscaler, or a node joined by hand, may add what is missing)."""
     hint = space.resources
     gpus = opts.gpus_per_worker
     if gpus is None:
@@ -130,6 +136,8 @@ def resolve_resources(opts: SearchOptions, space: SearchSpace, cluster: dict[str
         )
         if opts.fixed_cluster:
             raise InputError(space.path, problem)
+        if most and not res.fits(most):
+            raise InputError(space.path, f"{problem}; the autoscaler's largest cluster has {most}")
         log.warning("%s (waiting for the autoscaler)", problem)
     return res
 
@@ -151,6 +159,22 @@ def pin_local_address() -> str:
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = address
     return address
+
+
+def check_capacity_options(opts: SearchOptions) -> None:
+    """--pending-trials >= 0, --max-concurrent >= 1 (checked before Ray starts)."""
+    if opts.pending_trials is not None and opts.pending_trials < 0:
+        raise InputError("--pending-trials", f"must be >= 0, got {opts.pending_trials}")
+    if opts.max_concurrent is not None and opts.max_concurrent < 1:
+        raise InputError("--max-concurrent", f"must be >= 1, got {opts.max_concurrent}")
+
+
+def resolve_capacity(opts: SearchOptions, resources: TrialResources) -> Capacity:
+    """A fixed local instance admits only what fits; a joined cluster without an autoscaler config
+    keeps one trial pending by default (see `geopose_ray.tune.capacity`)."""
+    check_capacity_options(opts)
+    pending = opts.pending_trials if opts.pending_trials is not None else (0 if opts.fixed_cluster else 1)
+    return Capacity(resources, pending=pending, cap=opts.max_concurrent)
 
 
 def resolve_data(opts: SearchOptions) -> str:
@@ -179,10 +203,18 @@ def build_searcher(space: SearchSpace, seed: int) -> Any:
 
 
 def build_tuner(
-    space: SearchSpace, trainable: Any, name: str, storage: str, max_concurrent: int, seed: int
+    space: SearchSpace,
+    trainable: Any,
+    name: str,
+    storage: str,
+    capacity: Capacity,
+    seed: int,
+    resources_fn: Callable[[], tuple[dict[str, float], dict[str, float] | None]] | None = None,
 ) -> Any:
     """OptunaSearch + ASHA over `trainable` (the driver, or any function reporting `epoch` and
-    `score`). Metric and mode live on both, not on TuneConfig: rank results with them explicitly."""
+    `score`), behind an ElasticLimiter that re-reads the cluster's size (tests pass a fake
+    `resources_fn`). Metric and mode live on searcher and scheduler, not on TuneConfig: rank
+    results with them explicitly."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -198,10 +230,12 @@ def build_tuner(
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=build_searcher(space, seed),
+            search_alg=ElasticLimiter(
+                build_searcher(space, seed), capacity, resources_fn or cluster_resources
+            ),
             scheduler=scheduler,
             num_samples=space.num_samples,
-            max_concurrent_trials=max_concurrent,
+            max_concurrent_trials=None,  # the ElasticLimiter decides, from the live cluster
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage),
@@ -229,15 +263,14 @@ def fit_or_resume(make_tuner: Callable[[], Any], experiment_dir: Path, trainable
 
 def run_search(opts: SearchOptions) -> SearchResult:
     """Search one fold, report, and optionally refit the top configs on every fold."""
-    import ray
 
     from geopose_ray.tune import refit, report
 
     start = time.monotonic()
     data_dir = resolve_data(opts)
     space = resolve_space(opts, data_dir)
-    cluster = ray.cluster_resources()
-    resources = resolve_resources(opts, space, cluster)
+    cluster, most = cluster_resources()
+    resources = resolve_resources(opts, space, cluster, most)
     if opts.storage and "://" in opts.storage:  # reports, refits and the ensemble read files by path
         raise InputError(opts.storage, "cloud storage URIs are not supported: use a path shared by all nodes")
     storage = Path(opts.storage).resolve() if opts.storage else paths.default_storage()
@@ -252,15 +285,15 @@ def run_search(opts: SearchOptions) -> SearchResult:
         controller_failure_limit=FIXED_CLUSTER_CONTROLLER_RETRIES if opts.fixed_cluster else -1,
         train_fn=opts.train_fn,
     )
-    concurrent = resources.max_concurrent(cluster)
+    capacity = resolve_capacity(opts, resources)
     trainable = make_trainable(settings)
     fit_or_resume(
-        lambda: build_tuner(space, trainable, name, str(storage), concurrent, opts.seed),
+        lambda: build_tuner(space, trainable, name, str(storage), capacity, opts.seed),
         exp_dir,
         trainable,
         opts.resume,
     )
-    _write_options(exp_dir, opts, space, resources, concurrent)
+    _write_options(exp_dir, opts, space, resources, capacity.limit(cluster, most))
     board = report.write_report(exp_dir, space)
     result = SearchResult(
         experiment_dir=exp_dir,
@@ -278,6 +311,7 @@ def run_search(opts: SearchOptions) -> SearchResult:
         )
     elif opts.refit_top > 0:
         folds = opts.folds if opts.folds is not None else (0, 1)
+        concurrent = capacity.limit(*cluster_resources())  # refits: fixed, from the cluster as it is now
         out = refit.run_refit(exp_dir, space, settings, opts.refit_top, folds, concurrent, opts.resume)
         result.members, result.members_path, result.refit_leaderboard = out
         result.interrupted = result.members_path is None
