@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers-per-trial", type=int, help="Train workers per trial (default: hint, else 2)")
     p.add_argument("--gpus-per-worker", type=float, help="default: 1 if the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-worker", type=float, help="default: space hint, else 1")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a Config key the "
+                   "space does not search, e.g. --set init_checkpoint=DIR (repeatable; VALUE is YAML)")  # fmt: skip
     p.add_argument("--max-concurrent", type=int, help="cap on trials at once (default: as many as the cluster "
                    "fits, re-read while the search runs)")  # fmt: skip
     p.add_argument("--pending-trials", type=int, help="trials admitted beyond what fits, so an autoscaler adds "
@@ -50,18 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth breaks local `ray start` clusters
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from geopose_ray.tune.space import load_space
-
-    load_space(args.space)  # a bad space fails at once, before Ray is even imported
-    if args.data:  # so does a bad data set (the embedded synthetic one is generated valid)
-        from geopose_ray.data.cache import validate_unless_cached
-
-        validate_unless_cached(args.data, args.cache)
     import ray
 
     from geopose_ray.tune.refit import parse_folds
     from geopose_ray.tune.report import format_table
-    from geopose_ray.tune.search import SearchOptions, check_capacity_options, pin_local_address, run_search
+    from geopose_ray.tune.search import (
+        SearchOptions,
+        check_capacity_options,
+        load_run_space,
+        pin_local_address,
+        run_search,
+    )
+    from geopose_ray.tune.space import parse_overrides
 
     embedded = args.space == parse_args([]).space
     opts = SearchOptions(
@@ -81,10 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         max_epochs=args.max_epochs,
         max_failures=args.max_failures,
+        overrides=parse_overrides(args.set),
         max_concurrent=args.max_concurrent,
         pending_trials=args.pending_trials,
     )
+    load_run_space(opts)  # a bad space, --set or flag fails at once, before Ray starts
     check_capacity_options(opts)
+    if args.data:  # so does a bad data set (the embedded synthetic one is generated valid)
+        from geopose_ray.data.cache import validate_unless_cached
+
+        validate_unless_cached(args.data, args.cache)
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"  # never a stale `ray start`
     opts.fixed_cluster = address == "local"
     if address == "local":

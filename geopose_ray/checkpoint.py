@@ -151,6 +151,35 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
         raise InputError(path, f"cannot load checkpoint ({e.__class__.__name__})") from None
 
 
+def init_from_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
+    """Start `model` from another run's weights: a second stage, as the 1st place fine-tuned its
+    stage-1 models with larger crops. Only the weights: optimizer, schedule and epoch start
+    afresh. The architecture must match exactly (a mismatch names the folder, exit 2)."""
+    weights = load_state(directory)["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+        raise InputError(directory, f"init_checkpoint does not fit this model ({first[:200]})") from None
+
+
+MODEL_SHAPE_KEYS = ("arch", "encoder", "decoder_channels", "scale_head", "use_gsd", "use_city")
+
+
+def check_init_checkpoint(directory: str | Path, flat_config: dict[str, Any]) -> None:
+    """Before a search starts: the folder holds a checkpoint whose model the config rebuilds (the
+    keys that shape the weights agree), so no trial fails on its worker with a shape mismatch."""
+    saved = load_state(directory)["config"]
+    ours = Config.from_dict(flat_config, strict=False).to_dict()
+    differ = [
+        f"{k}={saved.get(k)!r} (config: {ours[k]!r})" for k in MODEL_SHAPE_KEYS if saved.get(k) != ours[k]
+    ]
+    if differ:
+        raise InputError(
+            directory, f"init_checkpoint was trained with {', '.join(differ)}: --set them to match"
+        )
+
+
 def load_model_from_checkpoint(
     directory: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, Config]:

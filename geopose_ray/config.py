@@ -43,6 +43,7 @@ class ModelConfig:
     arch: str = "Unet"  # any smp architecture name (Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...)
     encoder: str = "resnet34"  # any smp encoder name, timm through "tu-<name>"
     encoder_weights: str | None = None  # None, or a local weights file (timm state dict / safetensors)
+    init_checkpoint: str | None = None  # a checkpoint folder whose whole model starts this run (stage 2)
     decoder_channels: int = 0  # 0 = the architecture's default width; >0 scales Unet-like decoders
     scale_head: str = "lstsq"  # "lstsq" (parameter-free fit of MAG on AGL) | "learned"
     use_gsd: bool = True  # GSD as an extra channel of the AGL head

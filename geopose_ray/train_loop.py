@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from geopose_ray.checkpoint import make_state, restore_state
+from geopose_ray.checkpoint import init_from_checkpoint, make_state, restore_state
 from geopose_ray.config import Config, OptimConfig
 from geopose_ray.constants import CITIES
 from geopose_ray.data.dataset import city_means
@@ -329,7 +329,10 @@ def fit(
     train_dl, val_dl = build_loaders(cfg, train, val, rank, world_size)
     train_dl = wrap_loader(train_dl)
     criterion = build_criterion(cfg.loss, city_means(train))
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if cfg.model.init_checkpoint and start_state is None:  # a resumed run has its own weights
+        init_from_checkpoint(model, cfg.model.init_checkpoint)
+    model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)

@@ -188,6 +188,14 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     assert out.stderr.count("\n") == 1 and str(bad) in out.stderr and "learning_rate" in out.stderr
     out = run_cli("--space", str(write_space(tmp_path, PLAIN_SPACE)), "--folds", "0,x")
     assert out.returncode == 2 and "--folds" in out.stderr and out.stderr.count("\n") == 1
+    for flags, named in (
+        (["--set", "init_checkpoint=/no/ckpt"], "/no/ckpt"),
+        (["--max-concurrent", "0"], "--max"),
+    ):
+        out = run_cli(
+            "--space", str(write_space(tmp_path, PLAIN_SPACE)), *flags, "--storage", str(tmp_path / "s")
+        )
+        assert out.returncode == 2 and named in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert not (tmp_path / "s").exists()
 
 

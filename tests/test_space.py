@@ -9,7 +9,7 @@ import pytest
 
 from geopose_ray.config import Config
 from geopose_ray.errors import InputError
-from geopose_ray.tune.space import SpaceSampler, load_space
+from geopose_ray.tune.space import SpaceSampler, load_space, parse_overrides
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 
@@ -155,3 +155,21 @@ def test_smoke_choices_give_every_parameter_a_gradient():
         sum(v.float().sum() for v in out.values()).backward()
         unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not unused, f"{encoder} + {arch}: no gradient for {unused[:3]}"
+
+
+def test_set_overrides_fix_unsearched_keys_and_refuse_the_rest(tmp_path):
+    space = load_space(write(tmp_path, GOOD))
+    pinned = space.with_fixed(parse_overrides(["crop=128", "init_checkpoint=/ckpt/stage1", "use_city=true"]))
+    assert pinned.defaults()["crop"] == 128 and pinned.defaults()["use_city"] is True
+    assert Config.from_dict(pinned.defaults()).model.init_checkpoint == "/ckpt/stage1"
+    assert space.fixed["crop"] == 64  # the loaded space is unchanged
+    for items, message in (
+        (["lr=1e-3"], "searched"),  # a searched key: edit its range in the file
+        (["learning_rate=1"], "not a Config key"),
+        (["fold=2"], "set by the run"),
+        (["crop=[1, 2]"], "valid Config"),
+        (["crop"], "KEY=VALUE"),
+        (["crop=[1"], "not valid YAML"),
+    ):
+        with pytest.raises(InputError, match=message):
+            space.with_fixed(parse_overrides(items))

@@ -62,6 +62,7 @@ class SearchOptions:
     num_to_keep: int = 2  # best Train checkpoints kept per trial (plus the latest)
     max_failures: int = 1  # Train worker-group restarts per trial
     fixed_cluster: bool = True  # a cluster that cannot grow (ray.init(address="local")): refuse misfits
+    overrides: dict[str, Any] = field(default_factory=dict)  # --set KEY=VALUE: more fixed settings
     max_concurrent: int | None = None  # cap on trials at once; None: as many as the cluster fits
     pending_trials: int | None = None  # admitted beyond what fits (autoscaler demand); None: 0 fixed, else 1
     train_fn: Callable[[dict], None] | None = field(default=None, repr=False)  # tests: stand-in worker
@@ -82,9 +83,21 @@ class SearchResult:
     interrupted: bool = False  # unfinished trials: run again with --resume
 
 
+def load_run_space(opts: SearchOptions) -> SearchSpace:
+    """The space file with --set overrides; a named init_checkpoint must exist here (else every
+    trial would fail on its worker). Needs no Ray: the CLI calls it before starting one."""
+    space = load_space(opts.space).with_fixed(opts.overrides)
+    init = space.fixed.get("init_checkpoint")
+    if init:
+        from geopose_ray.checkpoint import check_init_checkpoint
+
+        check_init_checkpoint(init, space.defaults())
+    return space
+
+
 def resolve_space(opts: SearchOptions, data_dir: str) -> SearchSpace:
-    """The space with this run's settings folded in: data, fold and the epoch budget."""
-    space = load_space(opts.space)
+    """The space with this run's settings folded in: --set overrides, data, fold and the epoch budget."""
+    space = load_run_space(opts)
     sched = space.scheduler
     if opts.max_epochs is not None:
         if opts.max_epochs < 1:

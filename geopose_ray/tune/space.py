@@ -7,6 +7,7 @@ typo fails when the file is loaded, not hours into a search.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,20 @@ class SearchSpace:
     def searched(self) -> list[str]:
         return [p.name for p in self.parameters]
 
+    def with_fixed(self, overrides: dict[str, Any], source: str = "--set") -> SearchSpace:
+        """The space with more fixed settings (`run_search.py --set KEY=VALUE`): Config keys that
+        the space does not search and the run does not set; the defaults must still build."""
+        for key in overrides:
+            _config_key(Path(source), key, "key")
+            if key in self.searched():
+                raise InputError(source, f"'{key}' is searched by {self.path}: edit its range there")
+        space = dataclasses.replace(self, fixed={**self.fixed, **overrides})
+        try:
+            Config.from_dict(space.defaults())
+        except (TypeError, ValueError) as e:
+            raise InputError(source, f"the defaults no longer build a valid Config: {e}") from None
+        return space
+
 
 class SpaceSampler:
     """Picklable define-by-run callable for `OptunaSearch(space=...)` (no computation inside)."""
@@ -121,6 +136,20 @@ class SpaceSampler:
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         return self.space.sample(trial)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs -> {KEY: VALUE parsed as YAML}; see `SearchSpace.with_fixed`."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError("--set", f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise InputError("--set", f"{key}: VALUE is not valid YAML: {value!r}") from None
+    return out
 
 
 def load_space(path: str | Path) -> SearchSpace:

@@ -1,0 +1,159 @@
+"""`fit` on the synthetic set (real data, model and loss): reports, checkpoints, exact resume,
+folds, the NaN guard, and a second stage started from a first stage's weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from geopose_ray.checkpoint import init_from_checkpoint, load_state, save_state
+from geopose_ray.config import Config
+from geopose_ray.errors import InputError
+from geopose_ray.train_loop import NonFiniteLossError
+
+
+# --- fit on the synthetic set (real data, model, loss) ------------------------------------------
+def synthetic_cfg(synthetic_dir, cache_dir, **flat) -> Config:
+    base = {
+        "data_dir": str(synthetic_dir),
+        "cache_dir": str(cache_dir),
+        "n_folds": 3,
+        "crop": 64,
+        "batch_size": 2,
+        "max_train_samples": 4,
+        "encoder": "resnet18",
+        "lr": 1e-3,
+        "epochs": 2,
+        "seed": 3,
+    }
+    return Config.from_dict({**base, **flat})
+
+
+class Recorder:
+    """A reporter that keeps every metrics dict and every checkpoint state it is offered."""
+
+    def __init__(self):
+        self.metrics, self.states = [], {}
+
+    def __call__(self, metrics, state_fn):
+        self.metrics.append(metrics)
+        if state_fn is not None:
+            self.states[int(metrics["epoch"])] = state_fn()
+
+
+@pytest.fixture(scope="module")
+def two_epochs(synthetic_dir, tmp_path_factory):
+    from geopose_ray.train_loop import fit
+
+    cfg = synthetic_cfg(synthetic_dir, tmp_path_factory.mktemp("cache"))
+    rec = Recorder()
+    last = fit(cfg, reporter=rec)
+    return cfg, rec, last
+
+
+def test_fit_reports_every_epoch_with_a_finite_score(two_epochs):
+    cfg, rec, last = two_epochs
+    assert [m["epoch"] for m in rec.metrics] == [1.0, 2.0]
+    assert last == rec.metrics[-1]
+    for m in rec.metrics:
+        for key in ("score", "val_loss", "train_loss", "agl_r2", "vflow_r2", "score_ARG", "lr"):
+            assert math.isfinite(m[key]), key
+        assert m["nonfinite_steps"] == 0 and m["nonfinite_total"] == 0
+    assert sorted(rec.states) == [1, 2]
+    assert rec.states[2]["config"] == cfg.to_dict() and rec.states[2]["epoch"] == 2
+
+
+def test_fit_resumes_at_the_next_epoch_as_if_never_stopped(two_epochs, tmp_path):
+    from geopose_ray.train_loop import fit
+
+    cfg, rec, _ = two_epochs
+    save_state(tmp_path, rec.states[1])
+    resumed = Recorder()
+    fit(cfg, reporter=resumed, start_state=load_state(tmp_path))
+    assert [m["epoch"] for m in resumed.metrics] == [2.0]  # epoch 1 is not trained again
+    for key, value in rec.states[2]["model"].items():
+        torch.testing.assert_close(resumed.states[2]["model"][key], value, msg=key)
+    assert resumed.metrics[0]["score"] == pytest.approx(rec.metrics[1]["score"], rel=1e-5)
+
+
+def test_folds_follow_fold_seed_not_the_training_seed(synthetic_dir, tmp_path):
+    from geopose_ray.data.folds import make_folds
+    from geopose_ray.data.loaders import split_samples
+
+    cfg = synthetic_cfg(synthetic_dir, tmp_path / "cache", fold=1, max_train_samples=0)
+    train, val = split_samples(cfg)
+    expected = make_folds(train + val, 3, cfg.data.fold_seed, cfg.data.fold_mode)
+    assert {s.id for s in val} == {i for i, f in expected.items() if f == 1}
+    assert not {s.id for s in train} & {s.id for s in val}
+    assert split_samples(cfg.replace(seed=99))[1] == val
+    assert {s.id for s in split_samples(cfg.replace(fold_seed=5))[1]} != {s.id for s in val}
+    with pytest.raises(InputError, match="n_folds"):
+        split_samples(cfg.replace(n_folds=99))
+    with pytest.raises(InputError, match="fold 3 of 3"):
+        split_samples(cfg.replace(fold=3))
+
+
+def test_fit_stops_on_repeated_nan_without_a_checkpoint(synthetic_dir, tmp_path):
+    from geopose_ray.train_loop import fit
+
+    cfg = synthetic_cfg(synthetic_dir, tmp_path / "cache", nan_inject_steps="0,1", max_nonfinite=2)
+    rec = Recorder()
+    with pytest.raises(NonFiniteLossError):
+        fit(cfg, reporter=rec)
+    assert rec.metrics == [] and rec.states == {}
+
+
+# --- a second stage: init_checkpoint ------------------------------------------------------------
+def test_init_checkpoint_loads_every_weight_and_refuses_another_architecture(two_epochs, tmp_path):
+    from geopose_ray.models import build_model
+
+    cfg, rec, _ = two_epochs
+    save_state(tmp_path / "stage1", rec.states[2])
+    model = build_model(cfg.model)
+    init_from_checkpoint(model, tmp_path / "stage1")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, rec.states[2]["model"][key], msg=key)
+    with pytest.raises(InputError, match="does not fit this model") as err:
+        init_from_checkpoint(build_model(cfg.replace(arch="FPN").model), tmp_path / "stage1")
+    assert str(tmp_path / "stage1") in str(err.value)
+    with pytest.raises(InputError, match="not found"):
+        init_from_checkpoint(model, tmp_path / "missing")
+
+
+def test_a_second_stage_starts_from_the_first_stages_weights(two_epochs, tmp_path):
+    """lr 1e-12: stage 2's weights after an epoch are stage 1's (to 1e-5); a fresh start is not
+    (stage 1 moved them by ~3e-3 from the seeded init)."""
+    from geopose_ray.train_loop import fit
+
+    cfg, rec, _ = two_epochs
+    save_state(tmp_path / "stage1", rec.states[2])
+    stage1 = rec.states[2]["model"]
+    frozen = {"epochs": 1, "lr": 1e-12, "schedule": "constant", "weight_decay": 0.0}
+
+    def params_after(**flat) -> dict[str, torch.Tensor]:
+        out = Recorder()
+        fit(cfg.replace(**frozen, **flat), reporter=out)
+        return {
+            k: v for k, v in out.states[1]["model"].items() if v.is_floating_point() and "running_" not in k
+        }
+
+    stage2 = params_after(init_checkpoint=str(tmp_path / "stage1"))
+    for key, value in stage2.items():
+        torch.testing.assert_close(value, stage1[key], atol=1e-5, rtol=0, msg=key)
+    fresh = params_after()
+    assert max((fresh[k] - stage1[k]).abs().max().item() for k in fresh) > 1e-3  # 100x the tolerance
+
+
+def test_a_search_checks_its_init_checkpoint_before_any_trial(two_epochs, tmp_path):
+    from geopose_ray.checkpoint import check_init_checkpoint
+
+    cfg, rec, _ = two_epochs
+    save_state(tmp_path / "stage1", rec.states[2])
+    check_init_checkpoint(tmp_path / "stage1", {**cfg.to_dict(), "crop": 128, "lr": 1e-5})  # fits
+    with pytest.raises(InputError, match=r"arch='Unet' \(config: 'FPN'\)") as err:
+        check_init_checkpoint(tmp_path / "stage1", {**cfg.to_dict(), "arch": "FPN"})
+    assert str(tmp_path / "stage1") in str(err.value)
+    with pytest.raises(InputError, match="not found"):
+        check_init_checkpoint(tmp_path / "nothing", cfg.to_dict())
