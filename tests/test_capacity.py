@@ -37,6 +37,7 @@ MOST = {"CPU": 80.0, "GPU": 8.0}  # head + 4 nodes of 2 GPUs: what cluster.yaml'
         ({"CPU": 80.0, "GPU": 8.0}, MOST, 1, None, 4),  # fully scaled: no trial beyond max_workers
         (HEAD, MOST, 0, 3, 3),  # capped
         ({"CPU": 4.0, "GPU": 16.0}, None, 0, None, 1),  # CPUs bind
+        (HEAD, {"CPU": 80.0}, 1, None, 2),  # GPUs left to auto-detection: the maximum says nothing
     ],
 )
 def test_capacity_limit(cluster, most, pending, cap, expected):
@@ -177,3 +178,5 @@ def test_a_trial_larger_than_the_autoscalers_largest_cluster_is_refused():
     assert res.workers_per_trial * res.gpus_per_worker == 8
     with pytest.raises(InputError, match="largest cluster"):
         search.resolve_resources(dataclasses.replace(opts, workers_per_trial=9), space, HEAD, MOST)
+    unknown_gpus = {"CPU": 80.0}  # a maximum without GPUs: not a reason to refuse
+    assert search.resolve_resources(dataclasses.replace(opts, workers_per_trial=9), space, HEAD, unknown_gpus)

@@ -46,6 +46,13 @@ def cluster_resources() -> tuple[dict[str, float], dict[str, float] | None]:
     return ray.cluster_resources(), most
 
 
+def knows_every_need(most: dict[str, float] | None, resources: TrialResources) -> bool:
+    """True when the autoscaler's maximum names every resource a trial needs. Ray sums only the
+    resources written in the cluster config's node types; a type left to auto-detection (the
+    local provider, or GPUs not written down) is missing from it, and then says nothing."""
+    return bool(most) and all(key in most for key in resources.per_worker())
+
+
 @dataclass(frozen=True)
 class Capacity:
     """What decides how many trials run at once (see the module doc)."""
@@ -58,7 +65,7 @@ class Capacity:
         """Trials to run at once on a cluster of this size that may grow to `most` (None: no
         autoscaler); never below 1."""
         limit = self.resources.max_concurrent(cluster)
-        if most:
+        if knows_every_need(most, self.resources):
             limit = max(limit, self.resources.max_concurrent(most))
         else:
             limit += max(0, self.pending)

@@ -22,7 +22,7 @@ import pandas as pd
 from geopose_ray import paths
 from geopose_ray.atomic import atomic_write_text
 from geopose_ray.errors import InputError
-from geopose_ray.tune.capacity import Capacity, ElasticLimiter, cluster_resources
+from geopose_ray.tune.capacity import Capacity, ElasticLimiter, cluster_resources, knows_every_need
 from geopose_ray.tune.driver import (
     METRIC,
     MODE,
@@ -149,7 +149,7 @@ def resolve_resources(
         )
         if opts.fixed_cluster:
             raise InputError(space.path, problem)
-        if most and not res.fits(most):
+        if knows_every_need(most, res) and not res.fits(most):
             raise InputError(space.path, f"{problem}; the autoscaler's largest cluster has {most}")
         log.warning("%s (waiting for the autoscaler)", problem)
     return res
