@@ -89,6 +89,10 @@ def run(args: Any) -> list[dict[str, Any]]:
     smoke = load_space(common.SMOKE_SPACE)
     samples = args.num_samples or (smoke.num_samples if args.quick else 16)
     max_epochs = args.max_epochs or (smoke.scheduler.max_epochs if args.quick else 9)
+    rf = args.reduction_factor or smoke.scheduler.reduction_factor
+    asha_space = common.SMOKE_SPACE
+    if args.reduction_factor:  # the smoke space with another ASHA reduction factor
+        asha_space = common.derived_space(work / "asha" / "asha.yaml", scheduler={"reduction_factor": rf})
     no_stop = common.derived_space(
         work / "asha" / "no_stop.yaml", scheduler={"max_epochs": max_epochs, "grace_period": max_epochs}
     )
@@ -96,7 +100,7 @@ def run(args: Any) -> list[dict[str, Any]]:
     shutil.rmtree(storage, ignore_errors=True)
     try:
         with common.local_ray():
-            with_asha, wall_a = search(common.SMOKE_SPACE, data, storage, "asha", samples, max_epochs)
+            with_asha, wall_a = search(asha_space, data, storage, "asha", samples, max_epochs)
             without, wall_f = search(no_stop, data, storage, "no_stop", samples, max_epochs)
     finally:
         shutil.rmtree(storage, ignore_errors=True)
@@ -114,7 +118,7 @@ def run(args: Any) -> list[dict[str, Any]]:
             trials=samples,
             max_epochs=max_epochs,
             grace=grace,
-            reduction_factor=smoke.scheduler.reduction_factor,
+            reduction_factor=rf,
             min_possible_ratio=asha_floor(samples, max_epochs, grace),
             goal="<= 0.35 epochs, same best (or within 0.01)",
             goal_met=verdict(cmp),
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-epochs", type=int, help="budget per trial (default: the space's with --quick, else 9)"
     )
+    p.add_argument("--reduction-factor", type=float, help="ASHA's (default: the smoke space's, 2)")
     run(p.parse_args(argv))
     return 0
 
