@@ -23,6 +23,7 @@ from geopose_ray.errors import InputError
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
+VAL_SCORE_FILE = "val_score.npy"  # GeoposeScore.to_array() of the validation fold at this checkpoint
 
 
 class NonFiniteWeightsError(RuntimeError):
@@ -74,12 +75,18 @@ def make_state(
     epoch: int,
     cfg: Config,
     nonfinite_total: int = 0,
+    val_score: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint state (ARCHITECTURE.md): `epoch` = completed epochs, model unwrapped.
+    """The checkpoint state (ARCHITECTURE.md): `epoch` = completed epochs, model unwrapped;
+    `val_score`: the validation fold's metric accumulators at this epoch, when known.
 
     A snapshot: every tensor is copied, since training updates weights and moments in place.
     """
+    extra = (
+        {} if val_score is None else {"val_score": torch.from_numpy(np.array(val_score, dtype=np.float64))}
+    )
     return {
+        **extra,
         "model": {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()},
         "optimizer": copy.deepcopy(optimizer.state_dict()),
         "scaler": copy.deepcopy(scaler.state_dict()),
@@ -137,6 +144,9 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
         torch.save(state, tmp)
     if "config" in state:
         atomic_write_text(directory / CONFIG_FILE, yaml.safe_dump(dict(state["config"]), sort_keys=True))
+    if "val_score" in state:  # beside state.pt, so a reader need not load the weights
+        with atomic_path(directory / VAL_SCORE_FILE) as tmp, open(tmp, "wb") as f:
+            np.save(f, state["val_score"].numpy())
     return directory / STATE_FILE
 
 

@@ -280,8 +280,11 @@ def validate(
     device: torch.device,
     precision: str,
     reduce: Callable[[np.ndarray], np.ndarray] | None = None,
+    keep: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """val_loss (per-image mean) and the official score on `loader` (full tiles).
+    """val_loss (per-image mean) and the official score on `loader` (full tiles). `keep`, when
+    given, receives the reduced metric accumulators as `keep["val_score"]`
+    (`GeoposeScore.to_array()`, (cities, fields) float64): the fold's out-of-fold statistics.
 
     Under DDP each rank passes its own disjoint shard and `reduce` (e.g. `dist_sum`) adds the
     per-city sums, so no padded duplicate is counted. Pass the unwrapped model: no DDP collective
@@ -302,7 +305,10 @@ def validate(
     totals = np.concatenate([score.to_array().ravel(), [loss_sum, count]])
     if reduce is not None:
         totals = reduce(totals)
-    metrics = score_metrics(GeoposeScore.from_array(totals[:-2]))
+    accumulators = totals[:-2].reshape(score.to_array().shape)
+    if keep is not None:
+        keep["val_score"] = accumulators
+    metrics = score_metrics(GeoposeScore.from_array(accumulators))
     metrics["val_loss"] = float(totals[-2] / totals[-1]) if totals[-1] > 0 else math.nan
     return metrics
 
@@ -346,6 +352,7 @@ def fit(
     trained = wrap_model(model)
     metrics: dict[str, float] = {}
     val_metrics: dict[str, float] = {}
+    kept: dict[str, np.ndarray] = {}  # the last validation's accumulators, saved with checkpoints
     for epoch in range(start, cfg.train.epochs):
         start_epoch(train_dl, cfg.train.seed, rank, epoch)
         tm = train_one_epoch(
@@ -353,7 +360,9 @@ def fit(
         )
         done = epoch + 1
         if not val_metrics or done % cfg.train.val_every == 0 or done == cfg.train.epochs:
-            val_metrics = validate(model, val_dl, criterion, device, cfg.train.precision, reduce=dist_sum)
+            val_metrics = validate(
+                model, val_dl, criterion, device, cfg.train.precision, reduce=dist_sum, keep=kept
+            )
             if is_per_epoch(scheduler):
                 scheduler.step(val_metrics["score"] if math.isfinite(val_metrics["score"]) else -math.inf)
         nonfinite_total += int(tm["nonfinite_steps"])
@@ -362,7 +371,7 @@ def fit(
         is_ckpt = done % cfg.train.checkpoint_every == 0 or done == cfg.train.epochs
 
         def state_fn(done: int = done, total: int = nonfinite_total) -> dict[str, Any]:
-            return make_state(model, optimizer, scaler, scheduler, done, cfg, total)
+            return make_state(model, optimizer, scaler, scheduler, done, cfg, total, kept.get("val_score"))
 
         if reporter is not None:
             reporter(metrics, state_fn if is_ckpt else None)

@@ -22,6 +22,16 @@ from geopose_ray.tune.driver import TrialResources
 TRIAL = TrialResources(workers_per_trial=2, cpus_per_worker=1.0, gpus_per_worker=1.0)  # 2 GPUs, 2.01 CPUs
 
 
+def test_max_concurrent_counts_train_workers_not_drivers():
+    cpu = TrialResources(workers_per_trial=2, cpus_per_worker=1.0)
+    assert cpu.max_concurrent({"CPU": 5.0}) == 2  # 2 x (2 + 0.01) <= 5 < 3 x 2.01
+    assert cpu.max_concurrent({"CPU": 1.0}) == 1  # at least one
+    gpu = TrialResources(workers_per_trial=2, cpus_per_worker=4.0, gpus_per_worker=1.0)
+    assert gpu.max_concurrent({"CPU": 64.0, "GPU": 4.0}) == 2  # GPUs bind
+    assert gpu.max_concurrent({"CPU": 12.0, "GPU": 8.0}) == 1  # CPUs bind
+    assert cpu.fits({"CPU": 2.01}) and not cpu.fits({"CPU": 2.0}) and not gpu.fits({"CPU": 64.0})
+
+
 HEAD = {"CPU": 16.0, "GPU": 0.0}
 MOST = {"CPU": 80.0, "GPU": 8.0}  # head + 4 nodes of 2 GPUs: what cluster.yaml's autoscaler may build
 

@@ -157,3 +157,20 @@ def test_a_search_checks_its_init_checkpoint_before_any_trial(two_epochs, tmp_pa
     assert str(tmp_path / "stage1") in str(err.value)
     with pytest.raises(InputError, match="not found"):
         check_init_checkpoint(tmp_path / "nothing", cfg.to_dict())
+
+
+def test_checkpoints_keep_their_folds_metric_accumulators(two_epochs, tmp_path):
+    """The validation fold's GeoposeScore sums at each checkpoint, beside state.pt: they give that
+    epoch's score exactly, and summed over folds the pooled out-of-fold score (tune/refit.py)."""
+    import numpy as np
+
+    from geopose_ray.checkpoint import VAL_SCORE_FILE
+    from geopose_ray.metrics import GeoposeScore
+
+    _, rec, _ = two_epochs
+    for epoch, metrics in zip((1, 2), rec.metrics, strict=True):
+        save_state(tmp_path / str(epoch), rec.states[epoch])
+        sums = np.load(tmp_path / str(epoch) / VAL_SCORE_FILE)
+        assert sums.shape == GeoposeScore().to_array().shape
+        assert GeoposeScore.from_array(sums).compute()["final_present"] == pytest.approx(metrics["score"])
+        np.testing.assert_array_equal(load_state(tmp_path / str(epoch))["val_score"].numpy(), sums)

@@ -13,12 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from geopose_ray.config import Config
 from geopose_ray.errors import InputError
+from geopose_ray.metrics import GeoposeScore
 from geopose_ray.tune import refit, report, search
 from geopose_ray.tune.capacity import Capacity
 from geopose_ray.tune.driver import TrialResources, trial_train_config
@@ -60,16 +62,6 @@ def record(tid: str, cfg: dict, scores: list[float], status: str = "TERMINATED")
 
 
 # --- no Ray -------------------------------------------------------------------------------------
-def test_max_concurrent_counts_train_workers_not_drivers():
-    cpu = TrialResources(workers_per_trial=2, cpus_per_worker=1.0)
-    assert cpu.max_concurrent({"CPU": 5.0}) == 2  # 2 x (2 + 0.01) <= 5 < 3 x 2.01
-    assert cpu.max_concurrent({"CPU": 1.0}) == 1  # at least one
-    gpu = TrialResources(workers_per_trial=2, cpus_per_worker=4.0, gpus_per_worker=1.0)
-    assert gpu.max_concurrent({"CPU": 64.0, "GPU": 4.0}) == 2  # GPUs bind
-    assert gpu.max_concurrent({"CPU": 12.0, "GPU": 8.0}) == 1  # CPUs bind
-    assert cpu.fits({"CPU": 2.01}) and not cpu.fits({"CPU": 2.0}) and not gpu.fits({"CPU": 64.0})
-
-
 @pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
 def test_first_trial_optuna_proposes_is_the_defaults(path):
     space = load_space(path)
@@ -284,6 +276,10 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
     for m in members:
         assert (Path(m["checkpoint"]) / "state.pt").is_file()
         assert Config.from_dict(m["config"]).data.fold == m["fold"]
+        own = GeoposeScore.from_array(np.load(m["val_score"])).compute()  # this fold's accumulators
+        assert own["final_present"] == pytest.approx(m["score"], abs=1e-6)
+    pooled = sum(GeoposeScore.from_array(np.load(m["val_score"])) for m in members).compute()
+    assert all(m["config_oof_score"] == pytest.approx(pooled["final"]) for m in members)
     refit_board = res.refit_leaderboard
     assert not refit_board["stopped_early"].any() and (refit_board["epochs_run"] == 2).all()
     assert set(refit_board["fold"]) == {m["fold"] for m in refits}

@@ -16,10 +16,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from geopose_ray.atomic import atomic_write_text
+from geopose_ray.checkpoint import VAL_SCORE_FILE
 from geopose_ray.errors import InputError
+from geopose_ray.metrics import GeoposeScore
 from geopose_ray.tune import report
 from geopose_ray.tune.driver import (
     METRIC,
@@ -125,8 +128,7 @@ def member_row(rank: int, rec: report.TrialRecord, experiment: str, storage: str
     if path is None:
         log.warning("trial %s of %s has no checkpoint: not a member", rec.trial_id, experiment)
         return None
-    # no out-of-fold predictions here: the ensemble job predicts each member's validation fold
-    # itself, with the same TTA as the test tiles, and fits the blend on those
+    val_score = Path(path) / VAL_SCORE_FILE  # this fold's metric accumulators (out-of-fold)
     return {
         "rank": rank,
         "config_id": report.config_id(cfg),
@@ -136,8 +138,28 @@ def member_row(rank: int, rec: report.TrialRecord, experiment: str, storage: str
         "source": source,  # "search" (reused full-budget trial) or "refit"
         "score": score if math.isfinite(score) else rec.best()[0],
         "checkpoint": path,
+        "val_score": str(val_score) if val_score.is_file() else None,
         "config": {k: report.plain(v) for k, v in cfg.items()},
     }
+
+
+def add_oof_scores(members: list[dict]) -> None:
+    """Each member gets `config_oof_score`: the official score of its config over all its folds'
+    validation tiles at once, from the summed accumulators (the metric is a sum of per-city
+    statistics, so this equals scoring the pooled out-of-fold predictions; no re-run). NaN when
+    a fold's accumulators are missing. The ensemble job still predicts out-of-fold itself, with
+    its TTA, to fit blend weights: those need the predictions, not only their statistics."""
+    by_config: dict[str, list[dict]] = {}
+    for m in members:
+        by_config.setdefault(m["config_id"], []).append(m)
+    for rows in by_config.values():
+        score = math.nan
+        if all(r["val_score"] for r in rows):
+            total = sum(GeoposeScore.from_array(np.load(r["val_score"])) for r in rows)
+            result = total.compute()
+            score = result["final"] if math.isfinite(result["final"]) else result["final_present"]
+        for r in rows:
+            r["config_oof_score"] = float(score)
 
 
 def run_refit(
@@ -197,6 +219,7 @@ def run_refit(
             rank = int(rec.config["member"]["config_rank"])
             members.append(member_row(rank, rec, refit_settings.experiment, settings.storage_path, "refit"))
     members = sorted((m for m in members if m is not None), key=lambda m: (m["rank"], m["fold"]))
+    add_oof_scores(members)
     path = experiment_dir / MEMBERS
     atomic_write_text(path, json.dumps(members, indent=2) + "\n")
     return members, path, board
