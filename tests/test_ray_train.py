@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from geopose_ray.checkpoint import CONFIG_FILE, STATE_FILE, load_state
+from geopose_ray.checkpoint import CONFIG_FILE, STATE_FILE, VAL_SCORE_FILE, load_state
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -42,7 +42,9 @@ def test_two_workers_report_checkpoint_and_resume(ray_session, synthetic_dir, tm
     assert first.metrics["node_id"] == ray_session.get_runtime_context().get_node_id()
     with first.checkpoint.as_directory() as folder:
         state = load_state(folder)
-        assert sorted(p.name for p in Path(folder).iterdir()) == sorted([CONFIG_FILE, STATE_FILE])
+        assert sorted(p.name for p in Path(folder).iterdir()) == sorted(
+            [CONFIG_FILE, STATE_FILE, VAL_SCORE_FILE]
+        )
     assert state["epoch"] == 2 and state["config"]["epochs"] == 2
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped from DDP
 
