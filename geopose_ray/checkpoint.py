@@ -176,10 +176,28 @@ def init_from_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
 MODEL_SHAPE_KEYS = ("arch", "encoder", "decoder_channels", "scale_head", "use_gsd", "use_city")
 
 
+def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:
+    """The flat config of a checkpoint folder, from its config.yaml (no weights loaded)."""
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file():
+        raise InputError(folder, f"not a checkpoint folder ({STATE_FILE} not found)")
+    path = folder / CONFIG_FILE
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "file not found (every checkpoint folder has one)") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(path, f"cannot read YAML ({e.__class__.__name__})") from None
+    if not isinstance(doc, dict):
+        raise InputError(path, "expected a mapping of config keys")
+    return doc
+
+
 def check_init_checkpoint(directory: str | Path, flat_config: dict[str, Any]) -> None:
     """Before a search starts: the folder holds a checkpoint whose model the config rebuilds (the
-    keys that shape the weights agree), so no trial fails on its worker with a shape mismatch."""
-    saved = load_state(directory)["config"]
+    keys that shape the weights agree), so no trial fails on its worker with a shape mismatch.
+    Reads the folder's config.yaml only: the weights may be hundreds of MB."""
+    saved = read_checkpoint_config(directory)
     ours = Config.from_dict(flat_config, strict=False).to_dict()
     differ = [
         f"{k}={saved.get(k)!r} (config: {ours[k]!r})" for k in MODEL_SHAPE_KEYS if saved.get(k) != ours[k]

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from geopose_ray.checkpoint import CONFIG_FILE, STATE_FILE
+from geopose_ray.checkpoint import STATE_FILE, read_checkpoint_config
 from geopose_ray.config import Config
 from geopose_ray.errors import InputError
 
@@ -110,28 +108,12 @@ def latest_experiment(storage: str | Path) -> str:
     return found[-1].parent.name
 
 
-def _checkpoint_config(folder: Path) -> dict[str, Any]:
-    """The flat config of a checkpoint folder, from its config.yaml (no weights loaded)."""
-    if not (folder / STATE_FILE).is_file():
-        raise InputError(folder, f"not a checkpoint folder (no {STATE_FILE})")
-    path = folder / CONFIG_FILE
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "file not found (every checkpoint folder has one)") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(path, f"cannot read YAML ({e.__class__.__name__})") from None
-    if not isinstance(doc, dict):
-        raise InputError(path, "expected a mapping of config keys")
-    return doc
-
-
 def members_from_checkpoints(folders: list[str | Path]) -> list[Member]:
     """Explicit checkpoint folders as members; folders whose configs differ only in the fold
     form one config (their order of appearance gives the config's rank)."""
     members, ids = [], {}
     for folder in map(Path, folders):
-        config = _checkpoint_config(folder)
+        config = read_checkpoint_config(folder)
         key = json.dumps({k: v for k, v in sorted(config.items()) if k != "fold"}, default=str)
         config_id = ids.setdefault(key, f"config{len(ids)}")
         fold = int(Config.from_dict(config, strict=False).data.fold)
