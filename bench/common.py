@@ -13,7 +13,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -153,34 +152,26 @@ def derived_space(out: Path, base: Path = SMOKE_SPACE, **changes: Any) -> Path:
     return out
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def local_ray(num_cpus: int | None = None) -> Iterator[float]:
     """A fresh local Ray instance (dashboard on: ASHA stops need the State API, RAY_NOTES 0);
     yields the seconds `ray.init` took. The caller holds /tmp/geopose_ray.lock (run under flock).
 
-    Its GCS port is chosen here and exported as RAY_ADDRESS before the instance starts, so every
-    Ray process inherits it: Train's PlacementGroupCleaner asks the State API for "the" cluster
-    and, when another Ray instance runs on the machine, otherwise fails ("Found multiple active
-    Ray instances"), leaving a finished trial's placement group behind for good. PYTHONPATH gets
+    Its address is pinned before it starts, as run_search does (`search.pin_local_address`:
+    Train's placement-group cleaner otherwise fails when another Ray instance runs on the
+    machine), and the environment is restored afterwards. PYTHONPATH gets
     the repository (Ray workers import the bench's worker wrappers); Tune's progress tables go to
     stderr, so stdout holds only the JSON result lines."""
     import ray
-    from ray.util import get_node_ip_address
 
-    port = free_port()
+    from geopose_ray.tune.search import pin_local_address
+
     env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}  # the user's settings win
-    env.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"{get_node_ip_address()}:{port}")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    saved = {k: os.environ.get(k) for k in env}
+    saved = {k: os.environ.get(k) for k in (*env, "RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
     os.environ.update(env)
     try:
+        pin_local_address()
         with contextlib.redirect_stdout(sys.stderr):
             t0 = time.perf_counter()
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
