@@ -82,11 +82,7 @@ def make_state(
 
     A snapshot: every tensor is copied, since training updates weights and moments in place.
     """
-    extra = (
-        {} if val_score is None else {"val_score": torch.from_numpy(np.array(val_score, dtype=np.float64))}
-    )
-    return {
-        **extra,
+    state = {
         "model": {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()},
         "optimizer": copy.deepcopy(optimizer.state_dict()),
         "scaler": copy.deepcopy(scaler.state_dict()),
@@ -96,6 +92,9 @@ def make_state(
         "config": cfg.to_dict(),
         "nonfinite_total": nonfinite_total,
     }
+    if val_score is not None:  # a copy (np.array), as the docstring promises
+        state["val_score"] = torch.from_numpy(np.array(val_score, dtype=np.float64))
+    return state
 
 
 def restore_state(

@@ -305,10 +305,10 @@ def validate(
     totals = np.concatenate([score.to_array().ravel(), [loss_sum, count]])
     if reduce is not None:
         totals = reduce(totals)
-    accumulators = totals[:-2].reshape(score.to_array().shape)
+    score = GeoposeScore.from_array(totals[:-2])  # the fold's sums (all ranks); shaped by GeoposeScore
     if keep is not None:
-        keep["val_score"] = accumulators
-    metrics = score_metrics(GeoposeScore.from_array(accumulators))
+        keep["val_score"] = score.to_array()
+    metrics = score_metrics(score)
     metrics["val_loss"] = float(totals[-2] / totals[-1]) if totals[-1] > 0 else math.nan
     return metrics
 
