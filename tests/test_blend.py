@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from geopose_ray.constants import CITIES
+from geopose_ray.constants import AGL_MAX_CM, CITIES, CM_PER_M
 from geopose_ray.ensemble.blend import (
     BlendParams,
     OofTable,
@@ -16,7 +16,10 @@ from geopose_ray.ensemble.blend import (
     fit_blend,
     fit_city_multipliers,
     fit_weights,
+    grid_index,
     tile_stats,
+    weight_grid,
+    written_agl,
 )
 from geopose_ray.metrics import GeoposeScore
 from geopose_ray.predict import Prediction
@@ -64,6 +67,43 @@ def _tiles(n=24, noise=(1.0, 3.0, 6.0), angle_noise=0.2, under=None, gsd_scale=F
     return tiles
 
 
+def _raw_tiles(n=24, seed=0, size=16):
+    """Members as a network outputs them, never clipped: negative on flat ground (40% of the
+    truth is 0) and beyond AGL_MAX_M on a tower; ARG under-predicted, so its fitted multiplier
+    is not 1. On such tiles clipping each member first or the blend last write different maps."""
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for i in range(n):
+        city, gsd = CITIES[i % 4], rng.uniform(0.3, 0.6)
+        y = rng.gamma(2.0, 3.0, (size, size)) * (rng.random((size, size)) > 0.4)
+        y[:2, :2] = rng.uniform(550.0, 650.0)  # a tower near AGL_MAX_M
+        y[rng.random((size, size)) < 0.1] = np.nan
+        st, at = rng.uniform(0.6, 1.1), rng.uniform(-math.pi, math.pi)
+        f = 1 / 1.2 if city == "ARG" else 1.0
+        spread = np.where(y > 100, 40.0, 1.0)  # members disagree by ~100 m on the tower
+        preds = [
+            Prediction(
+                (f * np.nan_to_num(y, nan=1.0) + spread * rng.normal(0, s, y.shape)).astype(np.float32),
+                st * (1 + rng.normal(0, 0.1)),
+                _direction(at + rng.normal(0, 0.05)),
+            )
+            for s in (1.0, 2.0, 4.0)
+        ]
+        tiles.append(
+            {
+                "id": f"r{i:03d}",
+                "city": city,
+                "fold": i % 3,
+                "gsd": gsd,
+                "y": y,
+                "st": st,
+                "at": at,
+                "preds": preds,
+            }
+        )
+    return tiles
+
+
 def _table(tiles) -> OofTable:
     return OofTable.from_records(
         [
@@ -76,10 +116,14 @@ def _table(tiles) -> OofTable:
     )
 
 
-def _official(tiles, params: BlendParams) -> float:
+def _official(tiles, params: BlendParams, float64: bool = False) -> float:
+    """Official score of what `params.apply` writes; `float64` scores its map before the float32 cast."""
     score = GeoposeScore()
     for t in tiles:
         b = params.apply(t["preds"], t["gsd"], t["city"])
+        if float64:
+            members = np.stack([p.agl for p in t["preds"]], axis=-1)  # (H, W, K)
+            b.agl = written_agl(members, params.weights, params.agl_mult.get(t["city"], 1.0))
         score.update(t["city"], t["y"], b.agl, t["st"], t["at"], b.scale, b.angle)
     return score.compute()["final"]
 
@@ -88,7 +132,7 @@ def _official(tiles, params: BlendParams) -> float:
     "params",
     [
         BlendParams([1 / 3] * 3),
-        BlendParams([0.2, 0.5, 0.3], agl_mult={"ARG": 1.15, "OMA": 0.9}),
+        BlendParams([1 / 6, 1 / 2, 1 / 3], agl_mult={"ARG": 1.15, "OMA": 0.9}),
         BlendParams([0.0, 0.0, 1.0], scale_model=ScaleModel({"ATL": (0.1, 0.3)}, pooled=(0.5, 0.1))),
     ],
     ids=["mean", "weights+mult", "member+scale_model"],
@@ -96,6 +140,20 @@ def _official(tiles, params: BlendParams) -> float:
 def test_statistics_score_equals_official_score_of_blended_maps(params):
     tiles = _tiles()
     assert params.score(_table(tiles))["final"] == pytest.approx(_official(tiles, params), abs=1e-6)
+
+
+def test_fitted_score_is_the_score_of_what_is_written_when_clipping_order_matters():
+    tiles = _raw_tiles()
+    agl = np.stack([p.agl for t in tiles for p in t["preds"]])
+    assert agl.min() < 0 and agl.max() > AGL_MAX_CM / CM_PER_M  # both ends of the clip are hit
+    table = _table(tiles)
+    params, report = fit_blend(table)
+    assert "agl_mult" in report["kept"] and abs(params.agl_mult["ARG"] - 1.0) > 0.1
+    other = BlendParams([0.5, 0.0, 0.5], agl_mult={"ARG": 1.2, "JAX": 1.1})  # one the fit did not pick
+    for fitted, p in [(report["blend"], params), (other.score(table)["final"], other)]:
+        assert fitted == pytest.approx(_official(tiles, p, float64=True), abs=1e-12)
+        # `apply` returns that map as float32: ~1e-9 off on towers of ~600 m
+        assert fitted == pytest.approx(_official(tiles, p), abs=1e-8)
 
 
 def test_fitted_weights_beat_or_equal_plain_mean_out_of_fold():
@@ -159,6 +217,25 @@ def test_blend_params_apply_uses_circular_mean_and_city_factor():
     assert abs(math.remainder(out.angle - math.pi, 2 * math.pi)) < 1e-9
     np.testing.assert_allclose(out.agl, 11.0, rtol=1e-6)
     assert BlendParams([0.5, 0.5]).apply(preds, 0.5, "ARG").agl == pytest.approx(agl)
+
+
+def test_apply_blends_and_multiplies_before_clipping():
+    members = [np.array([[-3.0, 800.0]], np.float32), np.array([[2.0, 200.0]], np.float32)]
+    preds = [Prediction(m, 1.0, _direction(0.0)) for m in members]
+    out = BlendParams([0.5, 0.5], agl_mult={"ARG": 1.15}).apply(preds, 0.5, "ARG")
+    np.testing.assert_allclose(out.agl, [[0.0, 575.0]], rtol=1e-6)  # clipping members first: 1.15, 491.8
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_weight_grid_holds_the_plain_mean_and_each_member_alone(k):
+    grid = weight_grid(k)
+    assert (grid >= 0).all() and np.allclose(grid.sum(axis=1), 1.0)
+    assert len(np.unique(grid, axis=0)) == len(grid)
+    for w in [np.full(k, 1.0 / k), *np.eye(k)]:
+        np.testing.assert_allclose(grid[grid_index(w)], w, atol=1e-12)
+    if k > 1:  # 0.123 is no multiple of 1/D for any D <= 20
+        with pytest.raises(ValueError, match="off the fit's weight grid"):
+            grid_index(np.r_[0.123, np.full(k - 1, 0.877 / (k - 1))])
 
 
 def test_report_lists_members_and_rejects_unknown_refinements():

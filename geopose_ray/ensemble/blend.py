@@ -1,54 +1,157 @@
 """Blend member predictions, and fit the blend on out-of-fold (OOF) predictions.
 
-Each OOF tile is reduced to sufficient statistics (the Gram matrix of its K member AGL maps over
-the valid truth pixels, their products with the truth, the members' scales and directions), from
-which the OFFICIAL score of any blend (weights, per-city AGL multipliers, a metadata scale model)
-follows exactly (up to the cm rounding of written files) without keeping a single map: for the
-blend a = m * sum_k w_k p_k, sum (a - y)^2 = m^2 w'Gw - 2 m w'c + sum y^2, and the vflow error of
-a tile is the same quadratic scaled by its blended scale and direction (GEOPOSE_SPEC section 3).
-The fitted weights therefore optimise exactly what the leaderboard measures. No `ray` import.
+What a blend writes is `written_agl`: the weighted mean of the members' raw AGL, times the city
+multiplier, clipped to [0, AGL_MAX_M] last. The fit scores exactly that. Clipping after the blend
+makes the written map a piecewise function of the weights, which no fixed set of sums can give
+for every weight vector, so the weights are searched on a fixed grid (`weight_grid`, steps of
+1/18 for 3 members) and each OOF tile keeps, per grid candidate g, q[g] = sum a_g^2 and
+c[g] = sum a_g y of the written map a_g (multiplier 1) over its valid truth pixels. A multiplier
+m in [0, MULT_MAX] scales these to m^2 q and m c exactly while no member exceeds SAFE_AGL_M (the
+top clip cannot bind); the rare pixels where one does are kept as they are and written with
+`written_agl` at scoring time. With the members' scales and directions, the OFFICIAL score of any
+grid blend (per-city multipliers, a metadata scale model) follows exactly (up to the float32 map of
+`apply` and the cm rounding of written files): sum (a - y)^2 = q - 2c + sum y^2, and the vflow error of a tile is the same with
+the tile's scale and direction (GEOPOSE_SPEC section 3). No `ray` import.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize, minimize_scalar
+from scipy.optimize import minimize_scalar
 from sklearn.linear_model import LinearRegression
 
 from geopose_ray.constants import AGL_MAX_CM, CITIES, CM_PER_M
 from geopose_ray.metrics import FIELDS, GeoposeScore
 from geopose_ray.predict import Prediction, blend_predictions, unit
 
-__all__ = ["BlendParams", "OofTable", "ScaleModel", "blend_predictions", "fit_blend", "fit_weights"]
+__all__ = [
+    "BlendParams",
+    "OofTable",
+    "ScaleModel",
+    "blend_predictions",
+    "fit_blend",
+    "fit_weights",
+    "weight_grid",
+    "written_agl",
+]
 
 AGL_MAX_M = AGL_MAX_CM / CM_PER_M  # what a written uint16 file can hold
+MULT_MAX = 2.0  # the largest city multiplier the OOF statistics can score
+SAFE_AGL_M = AGL_MAX_M / MULT_MAX  # a blend of members at or below this never reaches the top clip
+GRID_STEPS = 20  # finest weight step 1/20 ...
+GRID_MAX = 500  # ... coarsened (to a multiple of 1/K) until the grid has at most this many points
+CHUNK = 1 << 19  # pixels x grid candidates per block when summing the written maps
 REFINEMENTS = ("weights", "scale_model", "agl_mult")  # fitted in this order, each kept only if it helps
 _COL = {name: i for i, name in enumerate(FIELDS)}
+_TILE_FIELDS = (
+    "city",
+    "fold",
+    "gsd",
+    "n",
+    "ysum",
+    "ysq",
+    "q",
+    "c",
+    "scale",
+    "direction",
+    "scale_true",
+    "angle_true",
+)
+_INT_FIELDS = ("city", "fold")
+
+
+# --- the written map --------------------------------------------------------------------------
+def written_agl(p: np.ndarray, w: np.ndarray | Sequence[float], mult: Any = 1.0) -> np.ndarray:
+    """The AGL a blend writes, m (float64): members' raw AGL p (..., K), weights w (K,) or (K, G)
+    (normalised over K) -> clip(mult * sum_k p_k w_k, 0, AGL_MAX_M), shape (...) or (..., G).
+    Blend, multiply, clip: the one order of `BlendParams.apply` and of the OOF fit."""
+    w = np.asarray(w, dtype=np.float64)
+    out = np.asarray(p, dtype=np.float64) @ (w / w.sum(axis=0))
+    if np.any(mult != 1.0):
+        out *= mult
+    return np.clip(out, 0.0, AGL_MAX_M, out=out)
+
+
+@functools.cache
+def weight_grid(k: int) -> np.ndarray:
+    """(G, K) candidate weights: every vector of multiples of 1/D summing to 1, D a multiple of K
+    (so the plain mean and each member alone are candidates), as fine as GRID_STEPS/GRID_MAX allow."""
+    d = k * max(1, GRID_STEPS // k)
+    while d > k and math.comb(d + k - 1, k - 1) > GRID_MAX:
+        d -= k
+    combos = list(itertools.combinations(range(d + k - 1), k - 1))  # stars and bars
+    cuts = np.array(combos, dtype=np.int64).reshape(len(combos), k - 1)
+    bars = np.hstack([np.full((len(cuts), 1), -1), cuts, np.full((len(cuts), 1), d + k - 1)])
+    parts = np.diff(bars, axis=1) - 1  # (G, K) stars between bars, summing to d
+    grid = parts / d
+    grid.flags.writeable = False
+    return grid
+
+
+def grid_index(weights: Sequence[float] | np.ndarray) -> int:
+    """Row of `weight_grid` equal to `weights` (normalised); ValueError when off the grid."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    grid = weight_grid(len(w))
+    err = np.abs(grid - w).max(axis=1)
+    i = int(err.argmin())
+    if err[i] > 1e-9:
+        step = grid[grid > 0].min()
+        raise ValueError(
+            f"weights {w.tolist()} are off the fit's weight grid (steps of {step:.4g}): "
+            "only grid weights have an exact OOF score"
+        )
+    return i
 
 
 # --- OOF statistics ---------------------------------------------------------------------------
+def written_sums(p: np.ndarray, y: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(G,) sum a_g^2 and (G,) sum a_g y over pixels, a_g = written_agl(p, grid[g]); p (n, K)
+    raw member AGL no higher than SAFE_AGL_M, y (n,) truth. Pixels whose members are all in
+    [0, SAFE_AGL_M] clip nowhere (their sums come from the Gram matrix), pixels whose members are
+    all <= 0 write 0; only the rest, where the sign of the blend depends on g, are blended per g."""
+    inside = ((p >= 0.0) & (p <= SAFE_AGL_M)).all(axis=1)
+    mixed = ~inside & ~(p <= 0.0).all(axis=1)
+    pi = p[inside]
+    q = np.einsum("gk,kl,gl->g", grid, pi.T @ pi, grid)
+    c = grid @ (y[inside] @ pi)
+    pm, ym, wt = p[mixed], y[mixed], np.ascontiguousarray(grid.T)
+    step = max(1, CHUNK // len(grid))  # pixels per block: the (step, G) block stays in cache
+    for s in range(0, len(pm), step):
+        a = written_agl(pm[s : s + step], wt)  # (step, G) m
+        q += np.einsum("ng,ng->g", a, a)
+        c += ym[s : s + step] @ a
+    return q, c
+
+
 def tile_stats(
     preds: Sequence[Prediction], agl_true: np.ndarray, scale_true: float, angle_true: float
 ) -> dict:
-    """One tile's sufficient statistics for scoring any blend of its K member predictions."""
-    valid = np.isfinite(agl_true)
-    y = agl_true[valid].astype(np.float64)  # (n,) m
+    """One tile's statistics for scoring every grid blend of its K member predictions."""
     for p in preds:
         if p.agl.shape != agl_true.shape:
             raise ValueError(f"prediction shape {p.agl.shape} != truth shape {agl_true.shape}")
-    p = np.stack([np.clip(pr.agl[valid], 0.0, AGL_MAX_M) for pr in preds]).astype(np.float64)  # (K, n)
+    valid = np.isfinite(agl_true)
+    y = agl_true[valid].astype(np.float64)  # (n,) m
+    p = np.stack([pr.agl[valid] for pr in preds], axis=-1).astype(np.float64)  # (n, K) raw AGL, m
+    high = (p > SAFE_AGL_M).any(axis=1)  # a multiplier may push these past the top clip: kept
+    q, c = written_sums(p[~high], y[~high], weight_grid(len(preds)))
     return {
         "n": int(y.size),
         "ysum": float(y.sum()),
         "ysq": float(y @ y),
-        "gram": (p @ p.T).tolist(),  # (K, K) m²
-        "cross": (p @ y).tolist(),  # (K,) m²
+        "q": q.tolist(),  # (G,) m²
+        "c": c.tolist(),  # (G,) m²
+        "high_p": p[high].tolist(),  # (h, K) m
+        "high_y": y[high].tolist(),  # (h,) m
         "scale": [float(pr.scale) for pr in preds],  # (K,) px/m
         "direction": [unit(pr.direction).tolist() for pr in preds],  # (K, 2)
         "scale_true": float(scale_true),
@@ -58,7 +161,7 @@ def tile_stats(
 
 @dataclass
 class OofTable:
-    """Column arrays over N OOF tiles and K member configs."""
+    """Column arrays over N OOF tiles, K member configs and the G candidates of `weight_grid(K)`."""
 
     ids: np.ndarray  # (N,) str
     city: np.ndarray  # (N,) int index into CITIES
@@ -67,12 +170,15 @@ class OofTable:
     n: np.ndarray  # (N,) valid truth pixels
     ysum: np.ndarray  # (N,) m
     ysq: np.ndarray  # (N,) m²
-    gram: np.ndarray  # (N, K, K) m²
-    cross: np.ndarray  # (N, K) m²
+    q: np.ndarray  # (N, G) sum of written AGL² at multiplier 1, m²
+    c: np.ndarray  # (N, G) sum of written AGL x truth at multiplier 1, m²
     scale: np.ndarray  # (N, K) px/m
     direction: np.ndarray  # (N, K, 2) unit
     scale_true: np.ndarray  # (N,) px/m
     angle_true: np.ndarray  # (N,) rad
+    high_tile: np.ndarray  # (H,) int tile row of each pixel some member puts above SAFE_AGL_M
+    high_p: np.ndarray  # (H, K) its raw member AGL, m
+    high_y: np.ndarray  # (H,) its truth, m
 
     @classmethod
     def from_records(cls, records: Sequence[dict[str, Any]]) -> OofTable:
@@ -80,29 +186,60 @@ class OofTable:
         if not records:
             raise ValueError("no out-of-fold tiles to fit a blend on")
         rows = sorted(records, key=lambda r: r["id"])
-        cols: dict[str, Any] = {
-            f.name: [r[f.name] for r in rows] for f in dataclasses.fields(cls) if f.name != "ids"
-        }
+        cols: dict[str, Any] = {name: [r[name] for r in rows] for name in _TILE_FIELDS}
         cols["city"] = [CITIES.index(c) for c in cols["city"]]
         arrays = {
-            k: np.asarray(v, dtype=np.int64 if k in ("city", "fold") else np.float64) for k, v in cols.items()
+            k: np.asarray(v, dtype=np.int64 if k in _INT_FIELDS else np.float64) for k, v in cols.items()
         }
-        return cls(ids=np.array([r["id"] for r in rows]), **arrays)
+        k = arrays["scale"].shape[1]
+        if arrays["q"].shape[1] != len(weight_grid(k)):
+            raise ValueError(
+                f"records hold {arrays['q'].shape[1]} weight candidates, the grid {len(weight_grid(k))}"
+            )
+        high_p = [np.asarray(r["high_p"], dtype=np.float64).reshape(-1, k) for r in rows]
+        return cls(
+            ids=np.array([r["id"] for r in rows]),
+            **arrays,
+            high_tile=np.repeat(np.arange(len(rows)), [len(h) for h in high_p]),
+            high_p=np.concatenate(high_p),
+            high_y=np.concatenate([np.asarray(r["high_y"], dtype=np.float64) for r in rows]),
+        )
 
     @property
     def k(self) -> int:
-        return self.gram.shape[1]
+        return self.scale.shape[1]
 
     def subset(self, mask: np.ndarray) -> OofTable:
-        return OofTable(**{f.name: getattr(self, f.name)[mask] for f in dataclasses.fields(self)})
+        """The tiles where the boolean `mask` (N,) holds, with their high pixels."""
+        keep = mask[self.high_tile]
+        row = np.cumsum(mask) - 1  # new row of each kept tile
+        tiles = {name: getattr(self, name)[mask] for name in ("ids", *_TILE_FIELDS)}
+        return OofTable(
+            **tiles, high_tile=row[self.high_tile[keep]], high_p=self.high_p[keep], high_y=self.high_y[keep]
+        )
 
 
-def score_rows(t: OofTable, w: np.ndarray, mult: np.ndarray, scale: np.ndarray | None) -> dict[str, Any]:
-    """`GeoposeScore.compute()` of the blend with per-tile weights w (N, K), AGL multipliers
-    mult (N,) and, when given, scales (N,) px/m replacing the blended member scales."""
-    w = w / w.sum(axis=1, keepdims=True)
-    q = np.einsum("nk,nkl,nl->n", w, t.gram, w)  # sum of blend² over valid pixels, m²
-    c = np.einsum("nk,nk->n", w, t.cross)  # sum of blend * truth, m²
+def _high_sums(t: OofTable, w: np.ndarray, mult: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) sum a^2 and sum a y over each tile's high pixels, a = written_agl of the tile's blend."""
+    q, c = np.zeros(len(t.ids)), np.zeros(len(t.ids))
+    tiles, starts = np.unique(t.high_tile, return_index=True)  # high pixels are grouped by tile
+    for i, lo, hi in zip(tiles, starts, [*starts[1:], len(t.high_tile)]):
+        a = written_agl(t.high_p[lo:hi], w[i], mult[i])
+        q[i], c[i] = a @ a, a @ t.high_y[lo:hi]
+    return q, c
+
+
+def score_rows(t: OofTable, g: np.ndarray, mult: np.ndarray, scale: np.ndarray | None) -> dict[str, Any]:
+    """`GeoposeScore.compute()` of what is written with per-tile weights `weight_grid(K)[g]`
+    (g (N,) int), AGL multipliers mult (N,) in [0, MULT_MAX] and, when given, scales (N,) px/m
+    replacing the blended member scales."""
+    if not ((mult >= 0.0) & (mult <= MULT_MAX)).all():
+        raise ValueError(f"AGL multipliers must lie in [0, {MULT_MAX}] to be scored, got {np.unique(mult)}")
+    w = weight_grid(t.k)[g]  # (N, K)
+    rows_n = np.arange(len(g))
+    hq, hc = _high_sums(t, w, mult)
+    q = mult**2 * t.q[rows_n, g] + hq  # sum of written AGL², m²
+    c = mult * t.c[rows_n, g] + hc  # sum of written AGL x truth, m²
     s = np.einsum("nk,nk->n", w, t.scale) if scale is None else scale  # px/m
     u = unit(np.einsum("nk,nkd->nd", w, t.direction))  # (N, 2)
     cos_err = u[:, 0] * np.sin(t.angle_true) + u[:, 1] * np.cos(t.angle_true)
@@ -112,11 +249,11 @@ def score_rows(t: OofTable, w: np.ndarray, mult: np.ndarray, scale: np.ndarray |
     rows[:, _COL["agl_n"]] = t.n
     rows[:, _COL["agl_sum"]] = t.ysum
     rows[:, _COL["agl_sumsq"]] = t.ysq
-    rows[:, _COL["agl_sse"]] = mult**2 * q - 2 * mult * c + t.ysq
+    rows[:, _COL["agl_sse"]] = q - 2 * c + t.ysq
     rows[:, _COL["vflow_n"]] = 2 * t.n
     rows[:, _COL["vflow_sum"]] = st * (np.sin(t.angle_true) + np.cos(t.angle_true)) * t.ysum
     rows[:, _COL["vflow_sumsq"]] = st**2 * t.ysq
-    rows[:, _COL["vflow_sse"]] = (mult * s) ** 2 * q - 2 * mult * s * st * cos_err * c + st**2 * t.ysq
+    rows[:, _COL["vflow_sse"]] = s**2 * q - 2 * s * st * cos_err * c + st**2 * t.ysq
     sums = np.zeros((len(CITIES), len(FIELDS)))
     np.add.at(sums, t.city, rows)
     return GeoposeScore(sums).compute()
@@ -160,19 +297,22 @@ class BlendParams:
     scale_model: ScaleModel | None = None  # replaces the blended scale when set
 
     def rows(self, t: OofTable) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Per-tile (weights (N, K), multipliers (N,), scales (N,) or None) for `score_rows`."""
-        w = np.broadcast_to(np.asarray(self.weights, dtype=np.float64), (len(t.ids), t.k))
+        """Per-tile (grid candidates (N,), multipliers (N,), scales (N,) or None) for `score_rows`;
+        ValueError when the weights are off `weight_grid`."""
+        g = np.full(len(t.ids), grid_index(self.weights))
         mult = np.array([self.agl_mult.get(CITIES[c], 1.0) for c in t.city])
         scale = self.scale_model.predict(t.city, t.gsd) if self.scale_model else None
-        return w, mult, scale
+        return g, mult, scale
 
     def score(self, t: OofTable) -> dict[str, Any]:
         return score_rows(t, *self.rows(t))
 
     def apply(self, preds: Sequence[Prediction], gsd: float, city: str) -> Prediction:
-        """The final prediction of a tile from its per-config predictions."""
+        """The final prediction of a tile from its per-config predictions: AGL `written_agl`,
+        scale and direction blended as `blend_predictions` (or the scale model's scale)."""
         out = blend_predictions(preds, self.weights)
-        out.agl = np.clip(out.agl * self.agl_mult.get(city, 1.0), 0.0, AGL_MAX_M).astype(np.float32)
+        members = np.stack([p.agl for p in preds], axis=-1)  # (H, W, K) raw, m
+        out.agl = written_agl(members, self.weights, self.agl_mult.get(city, 1.0)).astype(np.float32)
         if self.scale_model is not None:
             out.scale = float(self.scale_model.predict(np.array([CITIES.index(city)]), np.array([gsd]))[0])
         return out
@@ -183,56 +323,43 @@ class BlendParams:
 
 # --- fitting ----------------------------------------------------------------------------------
 def fit_weights(t: OofTable, scale_model: ScaleModel | None = None) -> np.ndarray:
-    """Non-negative weights summing to 1 that maximise the official OOF score (SLSQP from the
-    plain mean and from near each member); never worse than the plain mean on `t`."""
-    k = t.k
-    uniform = np.full(k, 1.0 / k)
-    if k == 1:
-        return uniform
+    """The `weight_grid` candidate with the best official OOF score, each scored on exactly what
+    it writes; the plain mean unless a candidate beats it."""
+    grid = weight_grid(t.k)
     scale = scale_model.predict(t.city, t.gsd) if scale_model else None
     ones = np.ones(len(t.ids))
 
-    def loss(w: np.ndarray) -> float:
-        w = np.clip(w, 0.0, None)
-        if w.sum() <= 1e-12:
-            return 1e6
-        return -final(score_rows(t, np.broadcast_to(w, (len(ones), k)), ones, scale))
+    def score(g: int) -> float:
+        return final(score_rows(t, np.full(len(t.ids), g), ones, scale))
 
-    best_w, best = uniform, loss(uniform)
-    for x0 in [uniform, *(0.9 * np.eye(k) + 0.1 / k)]:
-        res = minimize(
-            loss,
-            x0,
-            method="SLSQP",
-            bounds=[(0.0, 1.0)] * k,
-            constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0},),
-            options={"maxiter": 200},
-        )
-        w = np.clip(res.x, 0.0, None)
-        w = w / w.sum() if w.sum() > 0 else uniform
-        if (f := loss(w)) < best - 1e-12:
-            best_w, best = w, f
-    return best_w
+    best_g = grid_index(np.full(t.k, 1.0 / t.k))
+    best = score(best_g)
+    for g in range(len(grid)):
+        if (f := score(g)) > best + 1e-12:
+            best_g, best = g, f
+    return grid[best_g].copy()
 
 
 def fit_city_multipliers(
     t: OofTable, weights: np.ndarray, scale_model: ScaleModel | None = None, bounds: tuple = (0.7, 1.5)
 ) -> dict[str, float]:
     """Per-city AGL factor maximising that city's OOF score (7th place found 1.05-1.20 by hand);
-    a city's score depends only on its own factor, so each is a 1-D search."""
+    a city's score depends only on its own factor, so each is a 1-D search within `bounds`."""
+    if not 0.0 <= bounds[0] <= bounds[1] <= MULT_MAX:
+        raise ValueError(f"multiplier bounds {bounds} must lie in [0, {MULT_MAX}]")
     out: dict[str, float] = {}
     for c in np.unique(t.city):
         sub = t.subset(t.city == c)
-        w, _, scale = BlendParams(list(weights), scale_model=scale_model).rows(sub)
-        out[CITIES[c]] = _best_multiplier(sub, CITIES[c], w, scale, bounds)
+        g, _, scale = BlendParams(list(weights), scale_model=scale_model).rows(sub)
+        out[CITIES[c]] = _best_multiplier(sub, CITIES[c], g, scale, bounds)
     return out
 
 
 def _best_multiplier(
-    sub: OofTable, city: str, w: np.ndarray, scale: np.ndarray | None, bounds: tuple
+    sub: OofTable, city: str, g: np.ndarray, scale: np.ndarray | None, bounds: tuple
 ) -> float:
     def loss(m: float) -> float:
-        return -score_rows(sub, w, np.full(len(sub.ids), m), scale)["cities"][city]
+        return -score_rows(sub, g, np.full(len(sub.ids), m), scale)["cities"][city]
 
     res = minimize_scalar(loss, bounds=bounds, method="bounded")
     return float(res.x) if res.fun < loss(1.0) else 1.0
@@ -241,22 +368,22 @@ def _best_multiplier(
 def fit_params(t: OofTable, use: set[str] | frozenset[str]) -> BlendParams:
     """Fit the refinements in `use` (a subset of REFINEMENTS) on `t`, in REFINEMENTS order."""
     scale_model = ScaleModel.fit(t.city, t.gsd, t.scale_true) if "scale_model" in use else None
-    w = fit_weights(t, scale_model) if "weights" in use else np.full(t.k, 1.0 / t.k)
+    w = fit_weights(t, scale_model) if "weights" in use else weight_grid(t.k)[grid_index(np.ones(t.k))]
     mult = fit_city_multipliers(t, w, scale_model) if "agl_mult" in use else {}
     return BlendParams(weights=w.tolist(), agl_mult=mult, scale_model=scale_model)
 
 
 def cross_fit_score(t: OofTable, use: set[str] | frozenset[str]) -> float:
     """Honest score of fitting `use`: each fold is scored with parameters fitted on the others."""
-    w = np.zeros((len(t.ids), t.k))
+    g = np.zeros(len(t.ids), dtype=np.int64)
     mult = np.ones(len(t.ids))
-    scale = t.scale @ np.full(t.k, 1.0 / t.k)  # overwritten where a scale model is fitted
+    scale = np.zeros(len(t.ids))
     for f in np.unique(t.fold):
         held = t.fold == f
         params = fit_params(t.subset(~held), use)
-        w[held], mult[held], s = params.rows(t.subset(held))
-        scale[held] = np.einsum("nk,nk->n", w[held], t.scale[held]) if s is None else s
-    return final(score_rows(t, w, mult, scale))
+        g[held], mult[held], s = params.rows(t.subset(held))
+        scale[held] = np.einsum("nk,nk->n", weight_grid(t.k)[g[held]], t.scale[held]) if s is None else s
+    return final(score_rows(t, g, mult, scale))
 
 
 def fit_blend(t: OofTable, refinements: Sequence[str] = REFINEMENTS) -> tuple[BlendParams, dict[str, Any]]:

@@ -4,8 +4,8 @@ validated submission, previews, report.
 Both inference passes are Ray Data `map_batches` over tile records with an actor class
 (RAY_NOTES section 8): each actor loads every member once (one actor per GPU, `num_gpus=1`, or CPU
 actors when there is no GPU) and calls the Ray-free `predict_tile`. OOF actors return per-tile
-statistics (a few numbers, see `blend.tile_stats`) and test actors write their tiles' prediction
-files themselves, so no AGL map ever travels through the object store.
+statistics (a few hundred numbers, see `blend.tile_stats`) and test actors write their tiles'
+prediction files themselves, so no AGL map ever travels through the object store.
 """
 
 from __future__ import annotations
