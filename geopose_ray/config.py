@@ -29,6 +29,9 @@ class DataConfig:
     val_crop: int = 0  # 0 = full tiles for validation; >0 = centre crop (fast search on big tiles)
     loader_workers: int = 0  # DataLoader worker processes per Train worker
     repeat: int = 1  # dataset repeats per epoch (1st place used 4)
+    epoch_samples: int = (
+        0  # >0: training crops per epoch (all workers), whatever the tile count; wins over repeat
+    )
     geo_aug: str = "d4"  # geometric augmentation preset: none | d4 | affine | full
     photo_aug: str = "light"  # photometric preset: none | light | medium | heavy
     aug_prob: float = 0.5
@@ -49,6 +52,7 @@ class ModelConfig:
     use_gsd: bool = True  # GSD as an extra channel of the AGL head
     use_city: bool = False  # city one-hot as extra input channels
     head_dropout: float = 0.0  # direction/scale MLP dropout
+    direction_head: str = "global"  # "global" (pooled MLP) | "dense" (per-pixel flow, MAG-weighted mean)
 
 
 @dataclass

@@ -163,12 +163,21 @@ class Criterion:
             city = batch["city"].to(pred["agl"].device)
             parts = {
                 "agl": self.agl_loss(pred["agl"], batch["agl"], city),
-                "mag": self.mag_loss(pred["mag"], batch["mag"], city),
+                "mag": self._mag_part(pred, batch, city),
                 "direction": direction_loss(pred["direction"], batch["direction"], self.dir_mse_lambda),
                 "scale": scale_loss(pred["scale"], batch["scale"]),
             }
             total = sum(self.weights[k] * v for k, v in parts.items())
         return total, {k: v.detach() for k, v in parts.items()}
+
+    def _mag_part(self, pred: dict[str, Tensor], batch: dict[str, Tensor], city: Tensor) -> Tensor:
+        """MAG loss; with a dense direction head ("flow" (B, 2, H, W) px) the flow's loss against
+        the true field mag * (sin a, cos a) is added, so every valid pixel supervises the angle."""
+        loss = self.mag_loss(pred["mag"], batch["mag"], city)
+        if "flow" in pred:
+            direction = batch["direction"].float().to(batch["mag"].device)[:, :, None, None]  # (B, 2, 1, 1)
+            loss = loss + self.mag_loss(pred["flow"], batch["mag"].float() * direction, city)
+        return loss
 
 
 def build_criterion(cfg: LossConfig, city_means: dict[str, tuple[float, float]] | None = None) -> Criterion:

@@ -244,20 +244,25 @@ def dist_sum(array: np.ndarray) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def _score_batch(score: GeoposeScore, batch: dict[str, Any], pred: dict[str, torch.Tensor]) -> None:
+def _score_batch(score: GeoposeScore, batch: dict[str, Any], pred: dict[str, torch.Tensor]) -> np.ndarray:
+    """Add a batch to `score`; returns the batch's summed (angle error deg, |scale error| / scale),
+    the image-level diagnostics that tell a wrong angle from a wrong scale."""
     agl_t = batch["agl"][:, 0].float().cpu().numpy()  # (B, H, W) m NaN
     agl_p = pred["agl"][:, 0].float().cpu().numpy()  # (B, H, W) m
     dir_t = batch["direction"].float().cpu().numpy()  # (B, 2) (sin, cos)
     dir_p = pred["direction"].float().cpu().numpy()
     scale_t = batch["scale"].float().cpu().numpy().reshape(-1)  # (B,) px/m
     scale_p = pred["scale"].float().cpu().numpy().reshape(-1)
+    errors = np.zeros(2)
     for b, c in enumerate(batch["city"].reshape(-1).tolist()):
+        angle_t, angle_p = math.atan2(dir_t[b, 0], dir_t[b, 1]), math.atan2(dir_p[b, 0], dir_p[b, 1])
         score.update(
-            CITIES[c], agl_t[b], agl_p[b],
-            float(scale_t[b]), math.atan2(dir_t[b, 0], dir_t[b, 1]),
-            float(scale_p[b]), math.atan2(dir_p[b, 0], dir_p[b, 1]),
+            CITIES[c], agl_t[b], agl_p[b], float(scale_t[b]), angle_t, float(scale_p[b]), angle_p,
             nan_pred_fails=True,
         )  # fmt: skip
+        errors[0] += abs(math.degrees(math.remainder(angle_p - angle_t, 2 * math.pi)))
+        errors[1] += abs(float(scale_p[b]) - float(scale_t[b])) / max(abs(float(scale_t[b])), 1e-9)
+    return errors
 
 
 def score_metrics(score: GeoposeScore) -> dict[str, float]:
@@ -292,7 +297,7 @@ def validate(
     """
     model.eval()
     dtype, _ = autocast_dtype(precision, device)
-    score, loss_sum, count = GeoposeScore(), 0.0, 0
+    score, loss_sum, count, errors = GeoposeScore(), 0.0, 0, np.zeros(2)
     for batch in loader:
         batch = to_device(batch, device)
         with _autocast(device, dtype):
@@ -301,15 +306,18 @@ def validate(
         loss, _ = criterion(pred, batch)
         n = batch["image"].shape[0]
         loss_sum, count = loss_sum + float(loss) * n, count + n
-        _score_batch(score, batch, pred)
-    totals = np.concatenate([score.to_array().ravel(), [loss_sum, count]])
+        errors += _score_batch(score, batch, pred)
+    totals = np.concatenate([score.to_array().ravel(), errors, [loss_sum, count]])
     if reduce is not None:
         totals = reduce(totals)
-    score = GeoposeScore.from_array(totals[:-2])  # the fold's sums (all ranks); shaped by GeoposeScore
+    score = GeoposeScore.from_array(totals[:-4])  # the fold's sums (all ranks); shaped by GeoposeScore
     if keep is not None:
         keep["val_score"] = score.to_array()
     metrics = score_metrics(score)
-    metrics["val_loss"] = float(totals[-2] / totals[-1]) if totals[-1] > 0 else math.nan
+    n = totals[-1]
+    metrics["val_loss"] = float(totals[-2] / n) if n > 0 else math.nan
+    metrics["angle_err_deg"] = float(totals[-4] / n) if n > 0 else math.nan  # mean |angle error|
+    metrics["scale_rel_err"] = float(totals[-3] / n) if n > 0 else math.nan  # mean |scale error| / scale
     return metrics
 
 

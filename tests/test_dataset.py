@@ -159,3 +159,12 @@ def test_city_means_match_the_pixels(train):
         mag = np.concatenate([io.read_agl(s.agl).ravel() * s.scale for s in tiles]).astype(np.float64)
         assert mean_agl == pytest.approx(np.nanmean(agl), rel=1e-6)
         assert mean_mag == pytest.approx(np.nanmean(mag), rel=1e-6)
+
+
+def test_epoch_samples_fix_the_epoch_length_whatever_the_tile_count(train):
+    """`length` cycles the samples: an epoch is a number of crops, not a number of tiles."""
+    from geopose_ray.data.dataset import GeoposeDataset
+
+    ds = GeoposeDataset(train[:3], crop=32, length=10)
+    assert len(ds) == 10
+    assert ds[7]["id"] == train[7 % 3].id

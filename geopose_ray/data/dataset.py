@@ -32,7 +32,9 @@ class GeoposeDataset(Dataset):
     """Items: image (3, H, W) float32 [0, 1]; agl (1, H, W) m NaN; mag (1, H, W) px NaN;
     scale () px/m; direction (2,) (sin a, cos a); gsd () m/px; city () int64; id str.
 
-    crop: training crop in px (None, or >= the tile size: the full tile). random_crop=False
+    crop: training crop in px (None, or >= the tile size: the full tile). `length` > 0 fixes the
+    items of one pass (sample i % n), so an epoch is a number of crops whatever the tile count.
+    random_crop=False
     takes the centre crop instead (fast validation on big tiles). `transform(image=, agl=,
     vflow=np.array([angle, scale, gsd]))` returns the same keys; mag is computed after it.
     """
@@ -45,6 +47,7 @@ class GeoposeDataset(Dataset):
         repeat: int = 1,
         seed: int = 0,
         random_crop: bool = True,
+        length: int = 0,
     ):
         if not samples:
             raise ValueError("GeoposeDataset needs at least one sample")
@@ -54,10 +57,11 @@ class GeoposeDataset(Dataset):
         self.repeat = max(1, int(repeat))
         self.seed = seed
         self.random_crop = random_crop
+        self.length = int(length)  # > 0: items per pass, cycling the samples (overrides repeat)
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
-        return len(self.samples) * self.repeat
+        return self.length if self.length > 0 else len(self.samples) * self.repeat
 
     def reseed(self, seed: int) -> None:
         """New crop (and augmentation, if the transform can be seeded) stream."""

@@ -59,7 +59,12 @@ def build_loaders(
     unpadded, so that summing over ranks counts every tile exactly once."""
     d, seed = cfg.data, cfg.train.seed
     train_ds = GeoposeDataset(
-        train, crop=d.crop, transform=build_train_transform_from_config(d), repeat=d.repeat, seed=seed + rank
+        train,
+        crop=d.crop,
+        transform=build_train_transform_from_config(d),
+        repeat=d.repeat,
+        seed=seed + rank,
+        length=d.epoch_samples,
     )
     val_ds = GeoposeDataset(val[rank::world_size], crop=d.val_crop or None, random_crop=False, seed=seed)
     common = {

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from geopose_ray.config import ModelConfig
 from geopose_ray.constants import CITIES
-from geopose_ray.models.heads import DenseHead, DirectionHead, build_scale_head
+from geopose_ray.models.heads import DenseHead, DirectionHead, build_scale_head, pooled_direction
 from geopose_ray.models.weights import load_encoder_weights
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,19 @@ class DecoderShape:
     deepest_channels: int  # channels of the deepest encoder map
 
 
+DIRECTION_HEADS = ("global", "dense")
+
+
 class GeoposeModel(nn.Module):
     """smp encoder + decoder -> {"agl" (B, 1, H, W) m, "mag" (B, 1, H, W) px, "scale" (B, 1) px/m,
-    "direction" (B, 2) (sin, cos) unnormalised}. Takes the [0, 1] image and normalises it itself."""
+    "direction" (B, 2) (sin, cos) unnormalised}. Takes the [0, 1] image and normalises it itself.
+
+    `direction_head`: "global" pools the deepest encoder map into an MLP (the baseline's image-level
+    head); "dense" also predicts the per-pixel flow vector ("flow" (B, 2, H, W) px, also returned)
+    and the direction is the MAG-weighted circular mean of its directions (`heads.pooled_direction`).
+    MAG keeps its own rotation-invariant head in both, so the scale fit does not depend on how sure
+    the flow is of its direction.
+    """
 
     def __init__(
         self,
@@ -77,8 +87,12 @@ class GeoposeModel(nn.Module):
         use_gsd: bool = True,
         use_city: bool = False,
         head_dropout: float = 0.0,
+        direction_head: str = "global",
     ):
         super().__init__()
+        if direction_head not in DIRECTION_HEADS:
+            raise ValueError(f"unknown direction_head {direction_head!r}; valid: {DIRECTION_HEADS}")
+        self.dense_direction = direction_head == "dense"
         self.encoder, self.decoder = encoder, decoder
         self.use_gsd, self.use_city = use_gsd, use_city
         self._divisor = divisor
@@ -87,7 +101,10 @@ class GeoposeModel(nn.Module):
         self.agl_head = DenseHead(shape.channels, shape.stride, extra_channels=int(use_gsd))
         self.mag_head = DenseHead(shape.channels, shape.stride)
         self.scale_head = build_scale_head(scale_head, shape.deepest_channels, use_gsd, head_dropout)
-        self.direction_head = DirectionHead(shape.deepest_channels, dropout=head_dropout)
+        if self.dense_direction:
+            self.flow_head = DenseHead(shape.channels, shape.stride, out_channels=2)
+        else:
+            self.direction_head = DirectionHead(shape.deepest_channels, dropout=head_dropout)
 
     @property
     def divisor(self) -> int:
@@ -118,10 +135,16 @@ class GeoposeModel(nn.Module):
         else:  # smp 0.6 decoders take the feature list [x, s2, s4, s8, s16, s32]
             features, decoded = out, self.decoder(out)
         agl = self.agl_head(decoded, gsd.view(-1, 1) if self.use_gsd else None)  # (B, 1, H, W) m
-        mag = self.mag_head(decoded)  # (B, 1, H, W) px
         deepest = features[-1]  # (B, C, H/32, W/32)
-        scale = self.scale_head(agl=agl, mag=mag, deepest=deepest, gsd=gsd)  # (B, 1) px/m
-        return {"agl": agl, "mag": mag, "scale": scale, "direction": self.direction_head(deepest)}
+        mag = self.mag_head(decoded)  # (B, 1, H, W) px
+        out = {"agl": agl, "mag": mag}
+        if self.dense_direction:
+            out["flow"] = self.flow_head(decoded)  # (B, 2, H, W) px: (x = column, y = row down)
+            out["direction"] = pooled_direction(out["flow"], mag.detach())  # (B, 2)
+        else:
+            out["direction"] = self.direction_head(deepest)  # (B, 2)
+        out["scale"] = self.scale_head(agl=agl, mag=mag, deepest=deepest, gsd=gsd)  # (B, 1) px/m
+        return out
 
 
 def width_kwargs(arch: str, decoder_channels: int) -> dict[str, Any]:
@@ -220,4 +243,5 @@ def build_model(cfg: ModelConfig) -> GeoposeModel:
         use_gsd=cfg.use_gsd,
         use_city=cfg.use_city,
         head_dropout=cfg.head_dropout,
+        direction_head=cfg.direction_head,
     )

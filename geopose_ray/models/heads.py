@@ -29,7 +29,7 @@ def _upsample_steps(stride: int) -> int:
 
 
 class DenseHead(nn.Module):
-    """Decoder features (B, C, H/s, W/s) -> one full-resolution map (B, 1, H, W).
+    """Decoder features (B, C, H/s, W/s) -> full-resolution maps (B, out_channels, H, W).
 
     Decoders that stop at stride s > 1 (FPN, DeepLabV3Plus, PAN, UPerNet, Segformer: s = 4)
     get log2(s) gradual steps of conv-bn-relu + bilinear x2 (as the 1st/2nd place heads) instead
@@ -37,7 +37,7 @@ class DenseHead(nn.Module):
     (the GSD plane) are concatenated to the decoder features first.
     """
 
-    def __init__(self, in_channels: int, stride: int = 1, extra_channels: int = 0):
+    def __init__(self, in_channels: int, stride: int = 1, extra_channels: int = 0, out_channels: int = 1):
         super().__init__()
         layers: list[nn.Module] = []
         ch = in_channels + extra_channels
@@ -48,7 +48,7 @@ class DenseHead(nn.Module):
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
             ]
             ch = out
-        layers.append(nn.Conv2d(ch, 1, kernel_size=3, padding=1))
+        layers.append(nn.Conv2d(ch, out_channels, kernel_size=3, padding=1))
         self.body = nn.Sequential(*layers)
 
     def forward(self, features: Tensor, extra: Tensor | None = None) -> Tensor:
@@ -78,6 +78,22 @@ class DirectionHead(nn.Module):
 
     def forward(self, deepest: Tensor) -> Tensor:
         return self.mlp(torch.flatten(F.adaptive_avg_pool2d(deepest, 1), 1))
+
+
+def pooled_direction(flow: Tensor, mag: Tensor) -> Tensor:
+    """Per-pixel flow (B, 2, H, W) px and MAG (B, 1, H, W) px -> the tile's direction (B, 2),
+    (sin a, cos a) with norm <= 1: the MAG-weighted circular mean of the flow's directions.
+
+    Every building pixel votes for the angle with the weight of its parallax, and flat ground
+    (MAG ~ 0) abstains. Unit vectors, not the raw flow, vote: where the direction is uncertain the
+    flow shrinks towards 0, and would otherwise drown. The norm is 1 when all votes agree, so the
+    direction loss sees a unit vector on a coherent field. Runs in fp32.
+    """
+    with torch.autocast(device_type=flow.device.type, enabled=False):
+        f = flow.float()
+        unit = f / f.square().sum(1, keepdim=True).add(1e-6).sqrt()  # (B, 2, H, W)
+        w = mag.float().clamp_min(0.0)  # (B, 1, H, W) px
+        return (w * unit).sum(dim=(2, 3)) / (w.sum(dim=(2, 3)) + 1e-6)  # (B, 2)
 
 
 class LstsqScaleHead(nn.Module):

@@ -1,4 +1,4 @@
-"""CLI: `python -m geopose_ray.synthetic OUT_DIR [--size N] [--per-city K] [--test-per-city T] [--seed S]`."""
+"""CLI: `python -m geopose_ray.synthetic OUT_DIR [--size N] [--per-city K] [--test-per-city T] [--seed S] [--zoom Z]`."""
 
 from __future__ import annotations
 
@@ -19,16 +19,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-city", type=int, default=8, help="train tiles per city (default 8)")
     p.add_argument("--test-per-city", type=int, default=2, help="test tiles per city (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--zoom", type=float, help="building size and height multiplier (default: sqrt(size / 256))"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.size < MIN_SIZE or args.per_city < 1 or args.test_per_city < 0:
-        parser.error(f"need --size >= {MIN_SIZE}, --per-city >= 1 and --test-per-city >= 0")
+    if args.size < MIN_SIZE or args.per_city < 1 or args.test_per_city < 0 or (args.zoom or 1) <= 0:
+        parser.error(f"need --size >= {MIN_SIZE}, --per-city >= 1, --test-per-city >= 0 and --zoom > 0")
     start = time.perf_counter()
-    out = generate(args.out_dir, args.size, args.per_city, args.test_per_city, args.seed)
+    out = generate(args.out_dir, args.size, args.per_city, args.test_per_city, args.seed, args.zoom)
     print(
         f"{out}: {args.per_city} train + {args.test_per_city} test tiles per city, "
         f"{args.size} px ({time.perf_counter() - start:.1f} s)"

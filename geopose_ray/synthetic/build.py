@@ -99,24 +99,29 @@ def _ids(rng: np.random.Generator, n: int) -> list[str]:
     return out
 
 
-def _margin(tile: TilePlan, size: int) -> int:
+def _margin(tile: TilePlan, size: int, zoom: float) -> int:
     """px of scene around the tile: the largest parallax plus the crop jitter."""
     style = STYLES[tile.city]
-    return int(np.ceil(style.height_max * zoom_for(size) * style.scale[1])) + size // 8 + 2
+    return int(np.ceil(style.height_max * zoom * style.scale[1])) + size // 8 + 2
 
 
-def scene_for(tile: TilePlan, size: int) -> Scene:
-    """The ground-plane scene of `tile` (shared by all acquisitions of its group)."""
-    n_px = size + 2 * _margin(tile, size)
+def scene_for(tile: TilePlan, size: int, zoom: float | None = None) -> Scene:
+    """The ground-plane scene of `tile` (shared by all acquisitions of its group); `zoom`
+    multiplies lengths and heights (None: `zoom_for(size)`)."""
+    zoom = zoom_for(size) if zoom is None else zoom
+    n_px = size + 2 * _margin(tile, size, zoom)
     rng = np.random.default_rng([*tile.scene_seed, 1])
-    return make_scene(rng, STYLES[tile.city], n_px, tile.gsd, zoom_for(size))
+    return make_scene(rng, STYLES[tile.city], n_px, tile.gsd, zoom)
 
 
-def render_tile(tile: TilePlan, size: int, scene: Scene | None = None) -> tuple[np.ndarray, np.ndarray]:
+def render_tile(
+    tile: TilePlan, size: int, scene: Scene | None = None, zoom: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(size, size, 3) uint8 RGB with noise and (size, size) float32 AGL m in the image frame
     with NaN no-data. The scene is larger than the tile, so parallax enters from outside."""
-    scene = scene if scene is not None else scene_for(tile, size)
-    margin, jitter = _margin(tile, size), size // 8  # jitter: crop offset between acquisitions
+    zoom = zoom_for(size) if zoom is None else zoom
+    scene = scene if scene is not None else scene_for(tile, size, zoom)
+    margin, jitter = _margin(tile, size, zoom), size // 8  # jitter: crop offset between acquisitions
     rgb, agl = render_oblique(scene.height, scene.albedo, tile.scale, tile.angle)
     rng = np.random.default_rng([*tile.scene_seed, 2, tile.view])
     r0, c0 = margin + rng.integers(-jitter, jitter + 1, 2)
@@ -129,9 +134,17 @@ def render_tile(tile: TilePlan, size: int, scene: Scene | None = None) -> tuple[
 
 
 def generate(
-    out_dir: str | Path, size: int = 256, per_city: int = 8, test_per_city: int = 2, seed: int = 0
+    out_dir: str | Path,
+    size: int = 256,
+    per_city: int = 8,
+    test_per_city: int = 2,
+    seed: int = 0,
+    zoom: float | None = None,
 ) -> Path:
-    """Write the set into `out_dir` (created); a complete set with the same parameters is kept."""
+    """Write the set into `out_dir` (created); a complete set with the same parameters is kept.
+
+    `zoom` multiplies building sizes (px) and heights (m); None: `zoom_for(size)`, which keeps
+    a 64 px tile's parallax at a few px. Larger zooms put fewer, larger buildings in a tile."""
     if size < MIN_SIZE or per_city < 1 or test_per_city < 0:
         raise ValueError(
             f"need size >= {MIN_SIZE}, per_city >= 1, test_per_city >= 0; got {size}, {per_city}, {test_per_city}"
@@ -143,6 +156,7 @@ def generate(
         "per_city": per_city,
         "test_per_city": test_per_city,
         "seed": seed,
+        "zoom": round(zoom_for(size) if zoom is None else float(zoom), 4),
     }
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")
@@ -155,8 +169,8 @@ def generate(
         scene, scene_seed = None, None
         for tile in tiles:  # the acquisitions of one scene are consecutive: build each scene once
             if tile.scene_seed != scene_seed:
-                scene, scene_seed = scene_for(tile, size), tile.scene_seed
-            _write_tile(out, tile, *render_tile(tile, size, scene))
+                scene, scene_seed = scene_for(tile, size, params["zoom"]), tile.scene_seed
+            _write_tile(out, tile, *render_tile(tile, size, scene, params["zoom"]))
         _write_tables(out, tiles)
         _write_manifest(out, params, complete=True)
     return out
@@ -205,7 +219,7 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple[str, ...]])
         writer.writerows(rows)
 
 
-def _complete(out: Path, params: dict[str, int]) -> bool:
+def _complete(out: Path, params: dict[str, float]) -> bool:
     """Manifest matches and every tile file of the plan exists (cheap: no decoding)."""
     try:
         manifest = json.loads((out / MANIFEST).read_text())
@@ -233,7 +247,7 @@ def _refuse_foreign(out: Path) -> None:
         raise InputError(out, f"holds a data set without {MANIFEST}; refusing to overwrite it")
 
 
-def _clear_previous(out: Path, params: dict[str, int]) -> None:
+def _clear_previous(out: Path, params: dict[str, float]) -> None:
     """Remove an older synthetic set. The manifest goes first, marked incomplete: an interrupted
     rewrite never looks complete, yet the folder stays recognisably ours."""
     _write_manifest(out, params, complete=False)
@@ -243,5 +257,5 @@ def _clear_previous(out: Path, params: dict[str, int]) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _write_manifest(out: Path, params: dict[str, int], complete: bool) -> None:
+def _write_manifest(out: Path, params: dict[str, float], complete: bool) -> None:
     atomic_write_text(out / MANIFEST, json.dumps({**params, "complete": complete}, indent=1))

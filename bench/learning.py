@@ -1,0 +1,151 @@
+"""The learning study: what makes the embedded default learnable, measured through `train_loop.fit`.
+
+    python bench/learning.py --out docs/learning            # every setting, then the plots
+    python bench/learning.py --only dense_r18 global_r18    # some settings (results are merged)
+    python bench/learning.py --plot-only --out docs/learning
+
+Each setting is a synthetic set (tile size, tiles per city, seed) plus Config overrides. It trains
+in this process (no Ray), validates on full tiles of fold 0 after every epoch and records the
+metrics against wall-clock seconds. `results.json` in --out keeps every run; `learning_curves.png`
+plots agl_r2, vflow_r2 and the score against seconds, one line per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+# (size px, train tiles per city, test tiles per city, seed, zoom or None) of each synthetic set
+SETS: dict[str, tuple[int, int, int, int, float | None]] = {
+    "s256x8": (256, 8, 2, 0, None),  # the old embedded default: 32 train tiles
+    "s128x60": (128, 60, 10, 5, None),  # zoom sqrt(128/256) = 0.71
+    "s128x60z1": (128, 60, 10, 5, 1.0),
+    "s64x150": (64, 150, 10, 5, None),
+}
+
+BASE: dict[str, Any] = {
+    "n_folds": 5,
+    "encoder": "resnet18",
+    "arch": "Unet",
+    "crop": 96,
+    "batch_size": 16,
+    "val_batch_size": 8,
+    "repeat": 1,
+    "lr": 2e-3,
+    "schedule": "cosine",
+    "warmup_epochs": 0.5,
+    "precision": "fp32",
+    "photo_aug": "none",
+    "encoder_weights": None,
+    "epochs": 8,
+}
+
+# name -> (set, overrides of BASE)
+SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "old_default": ("s256x8", {"crop": 128, "batch_size": 8, "repeat": 16, "lr": 1e-3, "epochs": 4}),
+    "global_r18": ("s128x60", {"direction_head": "global"}),
+    "dense_r18": ("s128x60", {"direction_head": "dense"}),
+    "dense_r10t": ("s128x60", {"direction_head": "dense", "encoder": "tu-resnet10t"}),
+    "dense_r18_narrow": ("s128x60", {"direction_head": "dense", "decoder_channels": 8}),
+    "dense_r18_crop64": ("s128x60", {"direction_head": "dense", "crop": 64, "batch_size": 32}),
+    "dense_r18_lr1e-3": ("s128x60", {"direction_head": "dense", "lr": 1e-3}),
+    "dense_r18_dirw1": ("s128x60", {"direction_head": "dense", "dir_weight": 1.0, "scale_weight": 1.0}),
+    "dense_r18_96px": ("s96x100", {"direction_head": "dense", "crop": 96}),
+    "global_r18_96px": ("s96x100", {"direction_head": "global", "crop": 96}),
+    "dense_r18_64px": ("s64x150", {"direction_head": "dense", "crop": 64, "batch_size": 32}),
+}
+KEEP = (
+    "epoch", "train_loss", "train_agl", "train_mag", "train_direction", "val_loss",
+    "score", "agl_r2", "vflow_r2", "angle_err_deg", "scale_rel_err",
+)  # fmt: skip
+
+
+def make_set(root: Path, name: str) -> Path:
+    from geopose_ray.synthetic import generate
+
+    size, per_city, test_per_city, seed, zoom = SETS[name]
+    return generate(root / name, size, per_city, test_per_city, seed, zoom)
+
+
+def run_setting(name: str, data_root: Path, threads: int) -> dict[str, Any]:
+    """Train one setting; returns {"name", "set", "config", "curve": [{wall_s, metrics...}]}."""
+    from geopose_ray.config import Config
+    from geopose_ray.data.loaders import prepare_cache
+    from geopose_ray.train_loop import fit
+
+    set_name, overrides = SETTINGS[name]
+    flat = {**BASE, **overrides, "data_dir": str(make_set(data_root, set_name)), "threads": threads}
+    cfg = Config.from_dict(flat)
+    prepare_cache(cfg)  # conversion is not training time
+    curve: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+
+    def reporter(metrics: dict[str, float], _state: Any) -> None:
+        row = {"wall_s": round(time.perf_counter() - t0, 1), **{k: metrics.get(k) for k in KEEP}}
+        curve.append(row)
+        print(f"  {name}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if v is not None), flush=True)
+
+    fit(cfg, reporter=reporter)
+    return {"name": name, "set": set_name, "config": {**BASE, **overrides}, "curve": curve}
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    """agl_r2, vflow_r2 and score against wall seconds, one line per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("agl_r2", "vflow_r2", "score")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5), sharex=True)
+    for name, res in sorted(results.items()):
+        xs = [r["wall_s"] for r in res["curve"]]
+        for ax, key in zip(axes, keys):
+            ax.plot(xs, [r[key] for r in res["curve"]], marker="o", ms=3, label=name)
+    for ax, key in zip(axes, keys):
+        ax.set_title(key)
+        ax.set_xlabel("wall-clock s (2 cores, one process)")
+        ax.set_ylim(-0.5, 1.0)
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="docs/learning", help="folder of results.json and the plot")
+    p.add_argument("--data-root", default="runs/study", help="where the synthetic sets are generated")
+    p.add_argument("--only", nargs="*", choices=sorted(SETTINGS), help="settings to run (default: all)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument("--plot-only", action="store_true")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "results.json"
+    results = json.loads(store.read_text()) if store.is_file() else {}
+    if not args.plot_only:
+        for name in args.only or list(SETTINGS):
+            print(f"setting {name}", flush=True)
+            results[name] = run_setting(name, Path(args.data_root), args.threads)
+            store.write_text(json.dumps(results, indent=1))
+    plot(results, out / "learning_curves.png")
+    for name, res in sorted(results.items()):
+        last = res["curve"][-1]
+        print(f"{name:20s} {last['wall_s']:7.0f} s  score {last['score']:.3f}  agl_r2 {last['agl_r2']:.3f}  "
+              f"vflow_r2 {last['vflow_r2']:.3f}  angle {last['angle_err_deg']:.1f} deg")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
