@@ -38,13 +38,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pending-trials", type=int, help="trials admitted beyond what fits, so an autoscaler adds "
                    "nodes (default: 0 on a local instance, 1 with --address)")  # fmt: skip
     p.add_argument("--fold", type=int, default=0, help="validation fold of the search")
-    p.add_argument("--folds", help="refit folds: a count or a comma list (default: 2 = folds 0,1)")
+    p.add_argument("--folds", help="refit folds: a count or a comma list (default: the search's --fold, "
+                   "whose full-budget trials are reused, so nothing is retrained)")  # fmt: skip
     p.add_argument("--refit-top", type=int, help="refit the K best configs on every fold (default: 2 with no "
                    "--space, else 0)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="finish the interrupted experiment --name")
     p.add_argument("--max-failures", type=int, default=1, help="Train restarts per trial after a crash")
     p.add_argument("--seed", type=int, default=0, help="Optuna TPE sampler seed")
     p.add_argument("--max-epochs", type=int, help="override the space's scheduler.max_epochs")
+    p.add_argument("--verbose", action="store_true", help="Ray's full console: every worker's output")
     return p.parse_args(argv)
 
 
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
+    from geopose_ray import console
     from geopose_ray.tune.refit import parse_folds
     from geopose_ray.tune.report import format_table
     from geopose_ray.tune.search import (
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     opts.fixed_cluster = address == "local"
     if address == "local":
         pin_local_address()
-    ray.init(address=address, include_dashboard=True)  # dashboard ON: ASHA stops need the State API
+    quiet = console.setup(args.verbose)
+    ray.init(address=address, include_dashboard=True, **quiet)  # dashboard ON: ASHA stops need the State API
     try:
         res = run_search(opts)
     finally:

@@ -108,7 +108,7 @@ def restore_state(
 ) -> int:
     """Load a checkpoint state; returns the number of completed epochs. Rank 0 restores the saved
     RNG exactly; other ranks reseed by rank and epoch (the state holds rank 0's RNG only)."""
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if state["scaler"]:  # empty when saved by a disabled scaler (CPU / bf16 / fp32 runs)
         scaler.load_state_dict(state["scaler"])
@@ -122,6 +122,19 @@ def restore_state(
         np.random.seed(seed % 2**32)
         random.seed(seed)
     return epoch
+
+
+UNIT_BUFFERS = ("agl_unit", "mag_unit")  # GeoposeModel output units, absent from older checkpoints
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(weights)`, strict, except that a checkpoint written before the
+    dense heads had output units loads with units of 1 (which is what it was trained with)."""
+    weights = dict(weights)
+    for name in UNIT_BUFFERS:
+        if name in model.state_dict() and name not in weights:
+            weights[name] = torch.ones(())
+    model.load_state_dict(weights)
 
 
 def _check_finite(weights: dict[str, torch.Tensor]) -> None:
@@ -166,7 +179,7 @@ def init_from_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
     afresh. The architecture must match exactly (a mismatch names the folder, exit 2)."""
     weights = load_state(directory)["model"]
     try:
-        model.load_state_dict(weights)
+        load_weights(model, weights)
     except RuntimeError as e:
         first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
         raise InputError(directory, f"init_checkpoint does not fit this model ({first[:200]})") from None
@@ -217,5 +230,5 @@ def load_model_from_checkpoint(
     cfg = Config.from_dict(state["config"], strict=False)
     cfg.model.encoder_weights = None  # the checkpoint holds every weight; never fetch pretrained ones
     model = build_model(cfg.model)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"])
     return model.to(map_location).eval(), cfg

@@ -38,11 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def ensure_default_data(data_dir: Path) -> Path:
     """The embedded synthetic set in `data_dir`, generated (with the generator's defaults, as
-    every other entry point) unless a data set is already there."""
+    every other entry point) unless a data set is already there. A synthetic set written with
+    other parameters (an older default) is regenerated; a foreign set is used as it is."""
     from geopose_ray.synthetic import generate
+    from geopose_ray.synthetic.build import MANIFEST
 
-    if not (data_dir / "geopose_train.csv").is_file():
-        print(f"generating the synthetic data set in {data_dir}", file=sys.stderr)
+    if (data_dir / MANIFEST).is_file() or not (data_dir / "geopose_train.csv").is_file():
+        print(f"synthetic data set: {data_dir} (written when missing or outdated)", file=sys.stderr)
         generate(data_dir)
     return data_dir
 

@@ -23,7 +23,7 @@ from torch import nn
 from geopose_ray.checkpoint import init_from_checkpoint, make_state, restore_state
 from geopose_ray.config import Config, OptimConfig
 from geopose_ray.constants import CITIES
-from geopose_ray.data.dataset import city_means
+from geopose_ray.data.dataset import city_means, target_units
 from geopose_ray.data.loaders import build_loaders, split_samples, start_epoch
 from geopose_ray.losses import build_criterion
 from geopose_ray.metrics import GeoposeScore
@@ -346,6 +346,8 @@ def fit(
     model = build_model(cfg.model)
     if cfg.model.init_checkpoint and start_state is None:  # a resumed run has its own weights
         init_from_checkpoint(model, cfg.model.init_checkpoint)
+    elif start_state is None:
+        model.set_target_units(*target_units(train))
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -168,3 +168,21 @@ def test_epoch_samples_fix_the_epoch_length_whatever_the_tile_count(train):
     ds = GeoposeDataset(train[:3], crop=32, length=10)
     assert len(ds) == 10
     assert ds[7]["id"] == train[7 % 3].id
+
+
+def test_target_units_are_the_rms_of_the_valid_targets(train):
+    """(AGL m, MAG px) RMS over the valid pixels: what the model's dense heads output in."""
+    import math
+
+    import numpy as np
+
+    from geopose_ray.data import io
+    from geopose_ray.data.dataset import target_units
+
+    agl_sq = mag_sq = count = 0.0
+    for s in train:
+        a = io.read_agl(s.agl).astype(np.float64)
+        a = a[np.isfinite(a)]
+        agl_sq, mag_sq, count = agl_sq + (a**2).sum(), mag_sq + ((a * s.scale) ** 2).sum(), count + a.size
+    agl, mag = target_units(train, max_tiles=0)
+    assert agl == pytest.approx(math.sqrt(agl_sq / count)) and mag == pytest.approx(math.sqrt(mag_sq / count))

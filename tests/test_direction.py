@@ -62,3 +62,26 @@ def test_every_direction_head_trains_through_the_criterion(head: str):
 def test_unknown_direction_head_is_refused():
     with pytest.raises(ValueError, match="direction_head"):
         build_model(ModelConfig(encoder="resnet18", direction_head="sideways"))
+
+
+def test_output_units_scale_the_dense_heads_and_travel_with_the_weights():
+    """Heads output in the data's units (target RMS), and the units are part of the state dict,
+    so a checkpoint predicts at the scale it was trained at; older checkpoints load with units 1."""
+    from geopose_ray.checkpoint import load_weights
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(encoder="resnet18", direction_head="dense")
+    model = build_model(cfg).eval()
+    x, gsd = torch.rand(1, 3, 64, 64), torch.full((1,), 0.4)
+    with torch.no_grad():
+        base = model(x, gsd)
+        model.set_target_units(50.0, 4.0)
+        scaled = model(x, gsd)
+    assert torch.allclose(scaled["agl"], base["agl"] * 50.0, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(scaled["flow"], base["flow"] * 4.0, rtol=1e-5, atol=1e-6)
+    fresh = build_model(cfg)
+    load_weights(fresh, model.state_dict())
+    assert float(fresh.agl_unit) == 50.0 and float(fresh.mag_unit) == 4.0
+    old = {k: v for k, v in model.state_dict().items() if k not in ("agl_unit", "mag_unit")}
+    load_weights(fresh, old)
+    assert float(fresh.agl_unit) == 1.0

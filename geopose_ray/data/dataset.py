@@ -26,6 +26,7 @@ from geopose_ray.data import io, transforms
 from geopose_ray.data.cache import CachedSample
 
 Transform = Callable[..., dict[str, Any]]
+MIN_UNIT = 0.1  # m or px: the smallest output unit (a set of flat tiles)
 
 
 class GeoposeDataset(Dataset):
@@ -158,3 +159,22 @@ def city_means(samples: Sequence[CachedSample], max_per_city: int = 0) -> dict[s
         if count:
             means[city] = (total_agl / count, total_mag / count)
     return means
+
+
+def target_units(samples: Sequence[CachedSample], max_tiles: int = 32) -> tuple[float, float]:
+    """(AGL m, MAG px): the root mean square of the valid training targets, over at most
+    `max_tiles` tiles spread over the ids. The model's dense heads output in these units, so a data
+    set of 200 m towers and one of 5 m houses both start with outputs of the targets' size."""
+    tiles = sorted((s for s in samples if s.agl is not None and math.isfinite(s.scale)), key=lambda s: s.id)
+    step = max(1, math.ceil(len(tiles) / max_tiles)) if max_tiles > 0 else 1
+    sq_agl = sq_mag = 0.0
+    count = 0
+    for s in tiles[::step]:
+        agl = io.read_agl(s.agl).astype(np.float64)
+        valid = agl[np.isfinite(agl)]
+        sq_agl += float(np.square(valid).sum())
+        sq_mag += float(np.square(valid * s.scale).sum())
+        count += valid.size
+    if count == 0:
+        return 1.0, 1.0
+    return max(math.sqrt(sq_agl / count), MIN_UNIT), max(math.sqrt(sq_mag / count), MIN_UNIT)

@@ -5,7 +5,9 @@ Both inference passes are Ray Data `map_batches` over tile records with an actor
 (RAY_NOTES section 8): each actor loads every member once (one actor per GPU, `num_gpus=1`, or CPU
 actors when there is no GPU) and calls the Ray-free `predict_tile`. OOF actors return per-tile
 statistics (a few hundred numbers, see `blend.tile_stats`) and test actors write their tiles'
-prediction files themselves, so no AGL map ever travels through the object store.
+prediction files themselves, so no AGL map ever travels through the object store. With a truth/
+folder, test actors also return each tile's official metric sums for every member config alone,
+the plain mean and the blend, so the best member's test score comes without a second test pass.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from geopose_ray.ensemble.blend import BlendParams, OofTable, fit_blend, tile_st
 from geopose_ray.ensemble.members import Member, cache_dir_for, group_by_config, lead_config
 from geopose_ray.ensemble.preview import write_previews
 from geopose_ray.errors import InputError
-from geopose_ray.predict import blend_predictions, load_member, predict_tile
+from geopose_ray.metrics import GeoposeScore, image_sums
+from geopose_ray.predict import Prediction, blend_predictions, load_member, predict_tile
 
 REPORT_JSON = "ensemble_report.json"
 
@@ -41,7 +44,8 @@ class EnsemblePredictor:
 
     mode "oof": a row names, per config, the fold whose member did not train on the tile; returns
     the tile's blend statistics. mode "test": every fold member of a config predicts, their mean
-    is the config's prediction, `params` blends the configs, and the tile's files are written.
+    is the config's prediction, `params` blends the configs, and the tile's files are written;
+    with `truth_dir`, the tile's `truth_sums` come back too.
     """
 
     def __init__(
@@ -53,11 +57,13 @@ class EnsemblePredictor:
         params: BlendParams | None = None,
         pred_dir: str | None = None,
         threads: int = 0,
+        truth_dir: str | None = None,
     ):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if threads and self.device == "cpu":
             torch.set_num_threads(threads)
         self.mode, self.tta, self.max_tile, self.params, self.pred_dir = mode, tta, max_tile, params, pred_dir
+        self.truth_dir = Path(truth_dir) if truth_dir else None
         self.models = [{int(f): load_member(p, self.device)[0] for f, p in c.items()} for c in configs]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -88,9 +94,37 @@ class EnsemblePredictor:
         from geopose_ray.submission import write_prediction
 
         per_config = [blend_predictions(self._predict(list(m.values()), row)) for m in self.models]
-        pred = self.params.apply(per_config, float(row["gsd"]), str(row["city"]))
-        write_prediction(self.pred_dir, f"{row['city']}_{row['id']}", pred.agl, pred.scale, pred.angle)
-        return {"id": str(row["id"]), "scale": pred.scale, "angle": pred.angle}
+        gsd, city, stem = float(row["gsd"]), str(row["city"]), f"{row['city']}_{row['id']}"
+        pred = self.params.apply(per_config, gsd, city)
+        write_prediction(self.pred_dir, stem, pred.agl, pred.scale, pred.angle)
+        out = {"id": str(row["id"]), "city": city, "scale": pred.scale, "angle": pred.angle}
+        if self.truth_dir is not None:
+            out["sums"] = truth_sums(self.truth_dir, stem, per_config, pred, gsd, city)
+        return out
+
+
+def truth_sums(
+    truth_dir: Path, stem: str, per_config: list[Prediction], blend: Prediction, gsd: float, city: str
+) -> dict[str, Any] | None:
+    """The tile's official metric sums (`metrics.image_sums`) of what each member config alone,
+    the plain mean and the blend would write, against truth/; None when the tile has no truth.
+    Each AGL is rounded to whole cm as its file would be, so the sums equal what
+    `score.score_dirs` reads back from written files."""
+    from geopose_ray.submission import prediction_paths
+
+    agl_path, vflow_path = prediction_paths(truth_dir, stem)
+    if not (agl_path.is_file() and vflow_path.is_file()):
+        return None
+    truth_agl, truth = io.read_agl(agl_path), io.read_vflow(vflow_path)  # (H, W) m NaN; px/m, rad
+    k = len(per_config)
+    alone = [BlendParams(np.eye(k)[i].tolist()).apply(per_config, gsd, city) for i in range(k)]
+    mean = BlendParams([1.0 / k] * k).apply(per_config, gsd, city)
+
+    def sums(p: Prediction) -> list[float]:
+        written = io.agl_cm_to_m(io.agl_m_to_cm(p.agl))  # as the file holds it
+        return image_sums(truth_agl, written, truth.scale, truth.angle, p.scale, p.angle).tolist()
+
+    return {"members": [sums(p) for p in alone], "plain_mean": sums(mean), "blend": sums(blend)}
 
 
 def _pool(num_actors: int | None, n_items: int) -> tuple[int, dict[str, float], int]:
@@ -193,13 +227,23 @@ def run_ensemble(
     pred_dir = out_dir / "predictions"
     shutil.rmtree(pred_dir, ignore_errors=True)  # a stale tile from an earlier run must not be packed
     pred_dir.mkdir(parents=True)
+    truth = data_dir / "truth"
     t0 = time.perf_counter()
     written = run_actors(
-        [_record(s) for s in test], num_actors, mode="test", params=params, pred_dir=str(pred_dir), **common
+        [_record(s) for s in test],
+        num_actors,
+        mode="test",
+        params=params,
+        pred_dir=str(pred_dir),
+        truth_dir=str(truth) if truth.is_dir() else None,
+        **common,
     )
     timings["test_s"] = time.perf_counter() - t0
     report = {"configs": _config_rows(configs, fit), "tta": tta, "oof": fit, "test_tiles": len(written)}
     report.update(finish(pred_dir, out_dir, data_dir, test, n_previews), timings=timings)
+    report["test"] = test_table(written, report["test_score"])
+    for row, score in zip(report["configs"], (report["test"] or {}).get("members", [])):
+        row["test"] = score
     report = json_safe(report)
     atomic_write_text(out_dir / REPORT_JSON, json.dumps(report, indent=2))
     return report
@@ -233,6 +277,68 @@ def finish(
         "previews": [str(p) for p in previews],
         "test_score": score_dirs(truth, archive) if truth else None,
     }
+
+
+def test_table(results: dict[str, dict], official: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Test-truth scores from the test actors' `truth_sums`: each member config alone, the plain
+    mean, the blend (`blend`: the official score of the archive; `blend_from_actors`: the same
+    from the actors' sums, which shows both are scored alike) and the blend's gain over the best
+    member. None when no test tile has truth."""
+    scored = [r for r in results.values() if r.get("sums")]
+    if not scored:
+        return None
+
+    def score(pick: Any) -> float:
+        total = GeoposeScore()
+        for r in scored:
+            total.add_image_sums(r["city"], np.asarray(pick(r["sums"])))
+        return float(total.compute()["final"])
+
+    members = [score(lambda s, i=i: s["members"][i]) for i in range(len(scored[0]["sums"]["members"]))]
+    best = max((m for m in members if math.isfinite(m)), default=math.nan)
+    blend = float(official["final"]) if official else math.nan
+    return {
+        "tiles": len(scored),
+        "members": members,
+        "plain_mean": score(lambda s: s["plain_mean"]),
+        "blend": blend,
+        "blend_from_actors": score(lambda s: s["blend"]),
+        "best_member": best,
+        "gain": blend - best,
+    }
+
+
+def blend_table(report: dict[str, Any]) -> list[str]:
+    """The console's blend table: OOF and test score of every member config, of the plain mean
+    and of the fitted blend, then `best member test X  blend test Y  (gain +Z)` when there is truth."""
+    fit, test = report["oof"], report.get("test") or {}
+
+    def row(name: str, folds: str, oof: Any, score: Any) -> str:
+        return f"  {name:<24} {folds:<8} {_num(oof):>10} {_num(score):>10}"
+
+    lines = [
+        f"blend table (OOF: {fit.get('tiles', 0)} tiles, {fit.get('validation', '-')}; "
+        f"test: {test.get('tiles', 0)} tiles with truth)",
+        f"  {'member config':<24} {'folds':<8} {'OOF':>10} {'test':>10}",
+    ]
+    for c in report["configs"]:
+        lines.append(row(c["config_id"], ",".join(map(str, c["folds"])), c["oof"], c.get("test")))
+    lines.append(row("plain mean", "", fit.get("plain_mean"), test.get("plain_mean")))
+    kept = ", ".join(fit.get("kept") or []) or "none"
+    lines.append(row("blend", "", fit.get("blend"), test.get("blend")) + f"  kept: {kept}")
+    if test.get("blend") is not None and test.get("best_member") is not None:
+        lines.append(
+            f"best member test {_num(test['best_member'])}  blend test {_num(test['blend'])}  "
+            f"(gain {test['gain']:+.4f})"
+        )
+    return lines
+
+
+def _num(x: Any) -> str:
+    """A score in a table cell: 4 decimals, scientific when huge (diverged), '-' when missing."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.3e}"
 
 
 def _config_rows(configs: list[tuple[str, dict[int, Member]]], fit: dict[str, Any]) -> list[dict[str, Any]]:

@@ -98,6 +98,9 @@ class GeoposeModel(nn.Module):
         self._divisor = divisor
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # output units of the dense heads (set from the training targets, saved with the weights)
+        self.register_buffer("agl_unit", torch.ones(()))  # m
+        self.register_buffer("mag_unit", torch.ones(()))  # px
         self.agl_head = DenseHead(shape.channels, shape.stride, extra_channels=int(use_gsd))
         self.mag_head = DenseHead(shape.channels, shape.stride)
         self.scale_head = build_scale_head(scale_head, shape.deepest_channels, use_gsd, head_dropout)
@@ -105,6 +108,13 @@ class GeoposeModel(nn.Module):
             self.flow_head = DenseHead(shape.channels, shape.stride, out_channels=2)
         else:
             self.direction_head = DirectionHead(shape.deepest_channels, dropout=head_dropout)
+
+    @torch.no_grad()
+    def set_target_units(self, agl_m: float, mag_px: float) -> None:
+        """Scale the AGL head's output by `agl_m` and the MAG/flow heads' by `mag_px` (e.g. the
+        targets' RMS, `data.dataset.target_units`), so that training starts at the data's scale."""
+        self.agl_unit.fill_(float(agl_m))
+        self.mag_unit.fill_(float(mag_px))
 
     @property
     def divisor(self) -> int:
@@ -134,12 +144,16 @@ class GeoposeModel(nn.Module):
             features, decoded = out[0], self.decoder(*out)
         else:  # smp 0.6 decoders take the feature list [x, s2, s4, s8, s16, s32]
             features, decoded = out, self.decoder(out)
-        agl = self.agl_head(decoded, gsd.view(-1, 1) if self.use_gsd else None)  # (B, 1, H, W) m
+        agl = (
+            self.agl_head(decoded, gsd.view(-1, 1) if self.use_gsd else None) * self.agl_unit
+        )  # (B, 1, H, W) m
         deepest = features[-1]  # (B, C, H/32, W/32)
-        mag = self.mag_head(decoded)  # (B, 1, H, W) px
+        mag = self.mag_head(decoded) * self.mag_unit  # (B, 1, H, W) px
         out = {"agl": agl, "mag": mag}
         if self.dense_direction:
-            out["flow"] = self.flow_head(decoded)  # (B, 2, H, W) px: (x = column, y = row down)
+            out["flow"] = (
+                self.flow_head(decoded) * self.mag_unit
+            )  # (B, 2, H, W) px: (x = column, y = row down)
             out["direction"] = pooled_direction(out["flow"], mag.detach())  # (B, 2)
         else:
             out["direction"] = self.direction_head(deepest)  # (B, 2)

@@ -6,7 +6,13 @@ import argparse
 import time
 
 from geopose_ray.errors import run_cli
-from geopose_ray.synthetic.build import MIN_SIZE, generate
+from geopose_ray.synthetic.build import (
+    DEFAULT_PER_CITY,
+    DEFAULT_SIZE,
+    DEFAULT_TEST_PER_CITY,
+    MIN_SIZE,
+    generate,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,9 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the synthetic city (ARG, ATL, JAX, OMA) in the DrivenData layout.",
     )
     p.add_argument("out_dir", help="output folder (created; kept if it already holds this exact set)")
-    p.add_argument("--size", type=int, default=256, help="tile size, px (default 256)")
-    p.add_argument("--per-city", type=int, default=8, help="train tiles per city (default 8)")
-    p.add_argument("--test-per-city", type=int, default=2, help="test tiles per city (default 2)")
+    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="tile size, px (default %(default)s)")
+    p.add_argument(
+        "--per-city", type=int, default=DEFAULT_PER_CITY, help="train tiles per city (default %(default)s)"
+    )
+    p.add_argument(
+        "--test-per-city",
+        type=int,
+        default=DEFAULT_TEST_PER_CITY,
+        help="test tiles per city (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--zoom", type=float, help="building size and height multiplier (default: sqrt(size / 256))"

@@ -39,6 +39,9 @@ NODATA_FRAC = (0.001, 0.005)  # share of AGL pixels without a (simulated) lidar 
 NOISE_STD = 3.0  # uint8 levels of sensor noise
 MIN_SIZE = 16  # px
 SPLIT_SEED = {"train": 0, "test": 1}
+# The embedded default (docs/LEARNING.md): hundreds of small tiles, so that image-level labels are
+# seen often enough to generalise and the set is written in seconds.
+DEFAULT_SIZE, DEFAULT_PER_CITY, DEFAULT_TEST_PER_CITY = 128, 60, 10
 
 
 @dataclass(frozen=True)
@@ -135,9 +138,9 @@ def render_tile(
 
 def generate(
     out_dir: str | Path,
-    size: int = 256,
-    per_city: int = 8,
-    test_per_city: int = 2,
+    size: int = DEFAULT_SIZE,
+    per_city: int = DEFAULT_PER_CITY,
+    test_per_city: int = DEFAULT_TEST_PER_CITY,
     seed: int = 0,
     zoom: float | None = None,
 ) -> Path:

@@ -82,9 +82,16 @@ def reusable(
 
 
 def build_refit_tuner(
-    configs: list[dict], jobs: list[tuple[int, int]], trainable: Any, settings: DriverSettings, conc: int
+    configs: list[dict],
+    jobs: list[tuple[int, int]],
+    trainable: Any,
+    settings: DriverSettings,
+    conc: int,
+    space: SearchSpace,
 ) -> Any:
     from ray import tune
+
+    from geopose_ray.tune import progress
 
     return tune.Tuner(
         trainable,
@@ -95,7 +102,13 @@ def build_refit_tuner(
         tune_config=tune.TuneConfig(  # FIFO scheduler: no early stopping
             num_samples=1, max_concurrent_trials=conc, trial_dirname_creator=trial_dirname
         ),
-        run_config=tune.RunConfig(name=settings.experiment, storage_path=settings.storage_path),
+        run_config=tune.RunConfig(
+            name=settings.experiment,
+            storage_path=settings.storage_path,
+            **progress.run_config_kwargs(
+                space.searched(), space.scheduler.max_epochs, ["member/config_rank", "member/fold"]
+            ),
+        ),
     )
 
 
@@ -206,7 +219,7 @@ def run_refit(
         trainable = make_trainable(refit_settings)
         exists = tune.Tuner.can_restore(str(refit_dir))
         fit_or_resume(
-            lambda: build_refit_tuner(configs, jobs, trainable, refit_settings, concurrent),
+            lambda: build_refit_tuner(configs, jobs, trainable, refit_settings, concurrent, space),
             refit_dir,
             trainable,
             resume and exists,  # a resumed search may not have reached its refit yet

@@ -22,6 +22,7 @@ import pandas as pd
 from geopose_ray import paths
 from geopose_ray.atomic import atomic_write_text
 from geopose_ray.errors import InputError
+from geopose_ray.tune import progress
 from geopose_ray.tune.capacity import Capacity, ElasticLimiter, cluster_resources, knows_every_need
 from geopose_ray.tune.driver import (
     METRIC,
@@ -54,7 +55,7 @@ class SearchOptions:
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float | None = None
     fold: int = 0
-    folds: tuple[int, ...] | None = None  # refit folds; None: range(refit fold count) = (0, 1)
+    folds: tuple[int, ...] | None = None  # refit folds; None: the search fold (its trials are reused)
     refit_top: int = 0
     resume: bool = False
     seed: int = 0
@@ -251,7 +252,11 @@ def build_tuner(
             max_concurrent_trials=None,  # the ElasticLimiter decides, from the live cluster
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            **progress.run_config_kwargs(space.searched(), sched.max_epochs, progress.columns(space)),
+        ),
     )
 
 
@@ -323,7 +328,7 @@ def run_search(opts: SearchOptions) -> SearchResult:
             "search interrupted: %d trials unfinished; finish with --resume", report.unfinished(board)
         )
     elif opts.refit_top > 0:
-        folds = opts.folds if opts.folds is not None else (0, 1)
+        folds = opts.folds if opts.folds is not None else (opts.fold,)  # reuses the search trials
         concurrent = capacity.limit(*cluster_resources())  # refits: fixed, from the cluster as it is now
         out = refit.run_refit(exp_dir, space, settings, opts.refit_top, folds, concurrent, opts.resume)
         result.members, result.members_path, result.refit_leaderboard = out
