@@ -36,20 +36,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--checkpoints", nargs="+", type=Path, default=None, help="explicit member folders")
     ap.add_argument("--max-tile", type=int, default=None, help="predict larger tiles in overlapping windows")
     ap.add_argument("--actors", type=int, default=None, help="inference actors (default: one per GPU)")
+    ap.add_argument("--verbose", action="store_true", help="Ray's full console: every worker's output")
     args = ap.parse_args(argv)
     if args.top_k < 1:
         ap.error("--top-k must be >= 1")
     return args
 
 
-def _init_ray(address: str | None) -> None:
-    """Join `address`, or start a fresh local instance (never a stale one, RAY_NOTES section 0)."""
+def _init_ray(address: str | None, verbose: bool) -> None:
+    """Join `address`, or start a fresh local instance (never a stale one, RAY_NOTES section 0),
+    with the console of `geopose_ray.console`."""
     import ray
+
+    from geopose_ray import console
 
     if ray.is_initialized():
         return
+    quiet = console.setup(verbose)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, include_dashboard=True if address == "local" else None)
+    ray.init(address=address, include_dashboard=True if address == "local" else None, **quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     # a bad data set fails here, in seconds, before Ray starts (the same check convert makes)
     validate_unless_cached(data, ms.cache_dir_for(data, ms.lead_config(members)))
     out = args.out or storage / name / "ensemble"
-    _init_ray(args.address)
+    _init_ray(args.address, args.verbose)
     from geopose_ray.ensemble.job import REPORT_JSON, run_ensemble
 
     report = run_ensemble(members, data, out, tta=args.tta, max_tile=args.max_tile, num_actors=args.actors)
