@@ -4,9 +4,10 @@
     python run_ensemble.py --data DIR --name NAME --top-k 3 --tta d4 --address auto
     python run_ensemble.py --data DIR --checkpoints CKPT_DIR ...   # explicit members
 
-Prints the out-of-fold score of every member config, of the plain mean and of the fitted blend,
-then the archive path (only once `check_submission` accepted it; exit 1 otherwise) and, when the
-data has a truth/ folder (the synthetic set), the submission's official score.
+Prints the blend table: the out-of-fold score of every member config, of the plain mean and of
+the fitted blend and, when the data has a truth/ folder (the synthetic set), their official test
+scores and `best member test X  blend test Y  (gain +Z)`; then the archive path (only once
+`check_submission` accepted it; exit 1 otherwise) and the submission's official score.
 """
 
 from __future__ import annotations
@@ -76,14 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     validate_unless_cached(data, ms.cache_dir_for(data, ms.lead_config(members)))
     out = args.out or storage / name / "ensemble"
     _init_ray(args.address, args.verbose)
-    from geopose_ray.ensemble.job import REPORT_JSON, run_ensemble
+    from geopose_ray.ensemble.job import REPORT_JSON, blend_table, run_ensemble
 
     report = run_ensemble(members, data, out, tta=args.tta, max_tile=args.max_tile, num_actors=args.actors)
-    fit = report["oof"]
-    print(f"out-of-fold ({fit.get('tiles', 0)} tiles, {fit.get('validation', '-')}):")
-    for row in report["configs"]:
-        print(f"  {row['config_id']:<24} folds {row['folds']}  OOF {row['oof']}")
-    print(f"  plain mean {fit.get('plain_mean')}  fitted blend {fit.get('blend')}  kept {fit.get('kept')}")
+    print(*blend_table(report), sep="\n")
     print(f"report: {out / REPORT_JSON}")
     if not report["valid"]:
         print("submission INVALID:", *report["problems"], sep="\n  ")

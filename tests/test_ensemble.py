@@ -179,6 +179,93 @@ def test_finish_refuses_an_incomplete_submission(synthetic_dir, tmp_path):
     assert any(test[0].stem in p for p in out["problems"])
 
 
+def _truth_tiles(truth: Path, rng) -> list[tuple[str, str]]:
+    """One 8 px truth tile per city in the official format (some no-data pixels); (stem, city)."""
+    import numpy as np
+
+    from geopose_ray.data import io
+    from geopose_ray.submission import prediction_paths
+
+    tiles = []
+    for city in ("ARG", "ATL", "JAX", "OMA"):
+        stem = f"{city}_t{city.lower()}"
+        agl = rng.uniform(0.0, 30.0, (8, 8)).astype(np.float32)
+        agl[0, :3] = np.nan
+        agl_path, vflow_path = prediction_paths(truth, stem)
+        truth.mkdir(exist_ok=True)
+        io.write_agl_cm(agl_path, agl)
+        io.write_vflow(vflow_path, io.VFlow(scale=rng.uniform(1.0, 3.0), angle=rng.uniform(-3.0, 3.0)))
+        tiles.append((stem, city))
+    return tiles
+
+
+def test_member_and_blend_test_scores_equal_the_official_scorer_on_written_files(tmp_path):
+    """Each member config alone, the plain mean and the blend, scored from the actors' sums,
+    equal `score_dirs` on the files that prediction would write (cm-rounded, clipped)."""
+    import numpy as np
+
+    from geopose_ray.ensemble.blend import BlendParams
+    from geopose_ray.ensemble.job import blend_table, test_table, truth_sums
+    from geopose_ray.predict import Prediction
+    from geopose_ray.score import score_dirs
+    from geopose_ray.submission import write_prediction
+
+    rng = np.random.default_rng(0)
+    truth = tmp_path / "truth"
+    params = BlendParams([0.75, 0.25], agl_mult={"JAX": 1.1})
+    variants = {"a": BlendParams([1.0, 0.0]), "b": BlendParams([0.0, 1.0]), "mean": BlendParams([0.5, 0.5])}
+    results = {}
+    for stem, city in _truth_tiles(truth, rng):
+        per_config = [  # raw member AGL reaches below 0: what is written is clipped
+            Prediction(
+                rng.uniform(-2.0, 35.0, (8, 8)).astype(np.float32), rng.uniform(1, 3), rng.normal(size=2)
+            )
+            for _ in range(2)
+        ]
+        blend = params.apply(per_config, 0.5, city)
+        for name, p in [
+            *((n, v.apply(per_config, 0.5, city)) for n, v in variants.items()),
+            ("blend", blend),
+        ]:
+            write_prediction(tmp_path / name, stem, p.agl, p.scale, p.angle)
+        results[stem] = {"city": city, "sums": truth_sums(truth, stem, per_config, blend, 0.5, city)}
+    results["no-truth"] = {
+        "city": "ARG",
+        "sums": truth_sums(truth, "ARG_missing", per_config, blend, 0.5, "ARG"),
+    }
+    assert results["no-truth"]["sums"] is None
+    official = {n: score_dirs(truth, tmp_path / n) for n in (*variants, "blend")}
+    table = test_table(results, official["blend"])
+    assert table["tiles"] == 4
+    assert table["members"] == pytest.approx([official["a"]["final"], official["b"]["final"]], rel=1e-9)
+    assert table["plain_mean"] == pytest.approx(official["mean"]["final"], rel=1e-9)
+    assert table["blend_from_actors"] == pytest.approx(table["blend"], rel=1e-9)
+    assert table["gain"] == pytest.approx(table["blend"] - max(table["members"]))
+    assert test_table({"x": {"city": "ARG", "sums": None}}, None) is None
+    report = {
+        "oof": {
+            "tiles": 12,
+            "validation": "in-sample (one fold)",
+            "plain_mean": 0.1,
+            "blend": 0.2,
+            "kept": [],
+        },
+        "configs": [
+            {"config_id": c, "folds": [0, 1], "oof": o, "test": t}
+            for c, o, t in zip("ab", (0.1, None), table["members"])
+        ],
+        "test": table,
+    }
+    lines = blend_table(report)
+    assert [ln.split()[0] for ln in lines[2:6]] == ["a", "b", "plain", "blend"]
+    assert lines[3].split()[2] == "-" and "kept: none" in lines[5]  # a missing OOF score
+    assert lines[-1].startswith(
+        f"best member test {max(table['members']):.4f}  blend test {table['blend']:.4f}"
+    )
+    assert lines[-1].endswith(f"(gain {table['gain']:+.4f})")
+    assert not blend_table({**report, "test": None})[-1].startswith("best member")
+
+
 def _checkpoints(exp: Path) -> list[dict]:
     """Untrained members in the real checkpoint format: config A on folds 0-2, B on folds 0-1."""
     import torch
@@ -217,6 +304,12 @@ def test_end_to_end_cli_writes_a_valid_scored_submission(ray_session, synthetic_
     score = score_dirs(synthetic_dir / "truth", archive)
     assert math.isfinite(score["final"]) and not score["failures"]
     assert report["test_score"]["final"] == pytest.approx(score["final"])
+    test = report["test"]  # every member config alone on the test truth, from the same test pass
+    assert test["tiles"] == report["test_tiles"] and len(test["members"]) == 2
+    assert test["blend"] == pytest.approx(score["final"])
+    assert test["blend_from_actors"] == pytest.approx(score["final"], rel=1e-6)
+    assert [c["test"] for c in report["configs"]] == test["members"]
+    assert f"best member test {test['best_member']:.4f}  blend test {score['final']:.4f}" in out
     assert [c["config_id"] for c in report["configs"]] == ["A", "B"]
     oof = report["oof"]
     assert oof["folds"] == 2 and oof["tiles"] > 0  # tiles of folds 0 and 1, which both configs cover
