@@ -54,13 +54,13 @@ OLD_WEIGHTS = {"mag_weight": 2.0, "dir_weight": 10.0, "scale_weight": 10.0}  # t
 
 # name -> (set, overrides of BASE)
 SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "old_set_global": ("s256x8", {"direction_head": "global", "crop": 128, **OLD_WEIGHTS}),
-    "global": ("s128x60", {"direction_head": "global"}),
+    "old_default": ("s256x8", {"direction_head": "global", "crop": 128, **OLD_WEIGHTS}),
     "global_oldw": ("s128x60", {"direction_head": "global", **OLD_WEIGHTS}),
-    "dense": ("s128x60", {}),
+    "global": ("s128x60", {"direction_head": "global"}),
     "dense_oldw": ("s128x60", OLD_WEIGHTS),
-    "dense_r10t": ("s128x60", {"encoder": "tu-resnet10t"}),
-    "dense_narrow": ("s128x60", {"decoder_channels": 8}),
+    "dense": ("s128x60", {}),
+    "dense_dc8": ("s128x60", {"decoder_channels": 8}),
+    "dense_r10t_dc8": ("s128x60", {"encoder": "tu-resnet10t", "decoder_channels": 8}),
     "dense_bs8": ("s128x60", {"batch_size": 8}),
     "dense_crop96": ("s128x60", {"crop": 96, "batch_size": 7}),  # ~ the same pixels per step
     "dense_noaug": ("s128x60", {"geo_aug": "none"}),
@@ -68,6 +68,7 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense_lr1e-2": ("s128x60", {"lr": 1e-2}),
     "dense_zoom1": ("s128x60z1", {}),
     "dense_64px": ("s64x150", {}),
+    "r10t_dc8_20ep": ("s128x60", {"encoder": "tu-resnet10t", "decoder_channels": 8, "epochs": 20}),
 }
 KEEP = (
     "epoch", "train_loss", "train_agl", "train_mag", "train_direction", "val_loss",
