@@ -54,7 +54,7 @@ OLD_WEIGHTS = {"mag_weight": 2.0, "dir_weight": 10.0, "scale_weight": 10.0}  # t
 
 # name -> (set, overrides of BASE)
 SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "old_default": ("s256x8", {"direction_head": "global", "crop": 128, **OLD_WEIGHTS}),
+    "old_default": ("s256x8", {"direction_head": "global", "crop": 128, "batch_size": 4, **OLD_WEIGHTS}),
     "global_oldw": ("s128x60", {"direction_head": "global", **OLD_WEIGHTS}),
     "global": ("s128x60", {"direction_head": "global"}),
     "dense_oldw": ("s128x60", OLD_WEIGHTS),
