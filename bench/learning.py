@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -114,13 +115,14 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
     keys = ("agl_r2", "vflow_r2", "score", "angle_err_deg")
     fig, axes = plt.subplots(1, 4, figsize=(21, 5), sharex=True)
-    for name, res in sorted(results.items()):
+    for i, (name, res) in enumerate(sorted(results.items())):
         xs = [r["wall_s"] for r in res["curve"]]
+        style = {"color": plt.cm.tab20(i % 20), "ls": "--" if "global" in name or "old" in name else "-"}
         for ax, key in zip(axes, keys):
-            ax.plot(xs, [r[key] for r in res["curve"]], marker="o", ms=3, label=name)
+            ax.plot(xs, [r[key] for r in res["curve"]], marker="o", ms=3, label=name, **style)
     for ax, key in zip(axes, keys):
         ax.set_title(key)
-        ax.set_xlabel("wall-clock s (2 cores, one process)")
+        ax.set_xlabel("wall-clock s (one thread; two settings at once on 2 cores)")
         ax.set_ylim(*((0, 100) if key == "angle_err_deg" else (-0.5, 1.0)))
         ax.axhline(0.0, color="grey", lw=0.5)
         ax.grid(alpha=0.3)
@@ -128,6 +130,26 @@ def plot(results: dict[str, dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def table(results: dict[str, dict]) -> str:
+    """Markdown rows: each setting's changes against BASE and its last and best epochs."""
+    head = (
+        "| setting | set | changes against the base | epochs x steps | wall s | score | agl_r2 | vflow_r2 "
+        "| angle error deg | scale error | best score (epoch) |\n" + "|---" * 11 + "|\n"
+    )
+    rows = []
+    for name, res in results.items():
+        last, best = res["curve"][-1], max(res["curve"], key=lambda r: r["score"])
+        changes = {k: v for k, v in res["config"].items() if BASE.get(k) != v} or "-"
+        steps = math.ceil(res["config"]["epoch_samples"] / res["config"]["batch_size"])
+        rows.append(
+            f"| {name} | {res['set']} | {changes} | {int(last['epoch'])} x {steps} | {last['wall_s']:.0f} "
+            f"| {last['score']:.3f} | {last['agl_r2']:.3f} | {last['vflow_r2']:.3f} "
+            f"| {last['angle_err_deg']:.1f} | {last.get('scale_rel_err', math.nan):.3f} "
+            f"| {best['score']:.3f} ({int(best['epoch'])}) |"
+        )
+    return head + "\n".join(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     results = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
     plot(results, out / "learning_curves.png")
+    (out / "table.md").write_text(table(results))
     for name, res in sorted(results.items()):
         last = res["curve"][-1]
         print(f"{name:20s} {last['wall_s']:7.0f} s  score {last['score']:.3f}  agl_r2 {last['agl_r2']:.3f}  "
