@@ -77,12 +77,13 @@ def test_ray_overhead_bare_loop_stops_at_the_target_and_checkpoints(synthetic_di
 
 def test_no_stop_space_keeps_the_smoke_search_but_has_one_rung(tmp_path):
     smoke = load_space(common.SMOKE_SPACE)
-    path = common.derived_space(tmp_path / "no_stop.yaml", scheduler={"grace_period": 3})
+    budget = smoke.scheduler.max_epochs
+    path = common.derived_space(tmp_path / "no_stop.yaml", scheduler={"grace_period": budget})
     derived = load_space(path)
     assert derived.scheduler.grace_period == derived.scheduler.max_epochs == smoke.scheduler.max_epochs
     assert derived.parameters == smoke.parameters and derived.fixed == smoke.fixed
     with pytest.raises(InputError):  # validated: grace beyond the budget is refused
-        common.derived_space(tmp_path / "bad.yaml", scheduler={"grace_period": 9})
+        common.derived_space(tmp_path / "bad.yaml", scheduler={"grace_period": budget + 1})
 
 
 def _board(scores, epochs, ids):
