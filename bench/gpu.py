@@ -47,7 +47,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from geopose_ray.config import Config, ModelConfig
+from geopose_ray.config import ModelConfig
 from geopose_ray.models import build_model
 from geopose_ray.predict import predict_tile
 
@@ -234,32 +234,11 @@ def trainer(
     encoder: str, precision: str, channels_last: bool, device: torch.device
 ) -> tuple[Any, Any, Callable]:
     """(model, criterion, epoch) where epoch(batches) runs the training core's `train_one_epoch`
-    (autocast, GradScaler for fp16, clipping) with the optimizer the project builds."""
-    from geopose_ray.losses import build_criterion
-    from geopose_ray.train_loop import autocast_dtype, build_optimizer, train_one_epoch
+    (autocast, GradScaler for fp16, clipping) with the optimizer the project builds: the CPU
+    precision bench's trainer, imported here because it needs the data stack (rasterio)."""
+    from bench.precision import trainer as core_trainer
 
-    cfg = Config.from_dict(
-        {
-            "arch": "Unet",
-            "encoder": encoder,
-            "encoder_weights": None,
-            "lr": 1e-4,
-            "precision": precision,
-            "channels_last": channels_last,
-        }
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg.model).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(precision, device)[1])
-    criterion = build_criterion(cfg.loss, None)
-    return (
-        model,
-        criterion,
-        lambda b: train_one_epoch(model, b, criterion, optimizer, None, scaler, device, cfg),
-    )
+    return core_trainer(precision, channels_last, device, encoder)
 
 
 def step_flops(model: torch.nn.Module, criterion: Any, batch: dict[str, torch.Tensor]) -> float:

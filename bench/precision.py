@@ -54,9 +54,12 @@ def make_batches(n: int, batch: int, size: int, seed: int = 0) -> list[dict[str,
     return out
 
 
-def trainer(precision: str, channels_last: bool, device: str, encoder: str) -> Callable[[list], dict]:
-    """A model from seeded weights with its optimizer and scaler; returns `epoch(batches) ->
-    metrics`, one `train_one_epoch` over the given batches."""
+def trainer(
+    precision: str, channels_last: bool, device: str | torch.device, encoder: str
+) -> tuple[torch.nn.Module, Any, Callable[[list], dict]]:
+    """A model from seeded weights with its optimizer and scaler; returns (model, criterion,
+    epoch) where `epoch(batches) -> metrics` is one `train_one_epoch` over the given batches.
+    Also bench/gpu.py's trainer (it imports no Ray)."""
     from geopose_ray.losses import build_criterion
     from geopose_ray.models import build_model
     from geopose_ray.train_loop import autocast_dtype, build_optimizer, train_one_epoch
@@ -79,7 +82,7 @@ def trainer(precision: str, channels_last: bool, device: str, encoder: str) -> C
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler(dev.type, enabled=autocast_dtype(precision, dev)[1])
     criterion = build_criterion(cfg.loss, None)
-    return lambda batches: train_one_epoch(model, batches, criterion, optimizer, None, scaler, dev, cfg)
+    return model, criterion, lambda b: train_one_epoch(model, b, criterion, optimizer, None, scaler, dev, cfg)
 
 
 def train_rates(
@@ -92,7 +95,7 @@ def train_rates(
     """Best img/s of each (precision, channels_last) over `rounds` epochs, the variants taking
     turns within each round (load drift on a shared machine hits all of them), after a
     one-batch warm-up each (allocator, kernels, autotuning); and the last training loss."""
-    runners = {v: trainer(*v, device, encoder) for v in variants}
+    runners = {v: trainer(*v, device, encoder)[2] for v in variants}
     for epoch in runners.values():
         epoch(batches[:1])
     best: dict[tuple[str, bool], dict[str, float]] = {}
