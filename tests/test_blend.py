@@ -52,19 +52,13 @@ def _tiles(n=24, noise=(1.0, 3.0, 6.0), angle_noise=0.2, under=None, gsd_scale=F
             )
             for k, s in enumerate(noise)
         ]
-        tiles.append(
-            {
-                "id": f"t{i:03d}",
-                "city": city,
-                "fold": i % 3,
-                "gsd": gsd,
-                "y": y,
-                "st": st,
-                "at": at,
-                "preds": preds,
-            }
-        )
+        tiles.append(_tile(f"t{i:03d}", city, i % 3, gsd, y, st, at, preds))
     return tiles
+
+
+def _tile(tile_id, city, fold, gsd, y, st, at, preds) -> dict:
+    """One OOF record: truth AGL `y`, scale `st`, angle `at` and the members' predictions."""
+    return {"id": tile_id, "city": city, "fold": fold, "gsd": gsd, "y": y, "st": st, "at": at, "preds": preds}
 
 
 def _raw_tiles(n=24, seed=0, size=16):
@@ -89,18 +83,7 @@ def _raw_tiles(n=24, seed=0, size=16):
             )
             for s in (1.0, 2.0, 4.0)
         ]
-        tiles.append(
-            {
-                "id": f"r{i:03d}",
-                "city": city,
-                "fold": i % 3,
-                "gsd": gsd,
-                "y": y,
-                "st": st,
-                "at": at,
-                "preds": preds,
-            }
-        )
+        tiles.append(_tile(f"r{i:03d}", city, i % 3, gsd, y, st, at, preds))
     return tiles
 
 
