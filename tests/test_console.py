@@ -1,0 +1,47 @@
+"""The console: one line per finished trial and Ray's terse status table (`console`, `tune/progress`)."""
+
+from __future__ import annotations
+
+from test_search import PLAIN_SPACE, write_space
+
+from geopose_ray.tune.space import load_space
+
+
+def test_console_trial_lines_and_terse_status_table(tmp_path, monkeypatch, capsys):
+    """One line per finished trial (search, ASHA-stopped, refit, errored), and Ray's status table
+    through a CLIReporter only once `console.setup` chose Tune's terse output engine."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from geopose_ray import console
+    from geopose_ray.tune import progress
+
+    space = load_space(write_space(tmp_path, PLAIN_SPACE))
+    assert progress.columns(space) == ["agl_loss", "lr"]  # huber_delta is conditional
+    lines = progress.TrialLines(space.searched(), max_epochs=2)
+
+    def trial(tid: str, config: dict, scores: list[float]) -> SimpleNamespace:
+        stats = {"epoch": {"max": len(scores)}, "score": {"max": max(scores)}} if scores else {}
+        return SimpleNamespace(trial_id=tid, config=config, metric_analysis=stats, last_result={})
+
+    lines.on_trial_complete(0, [], trial("a1", {"agl_loss": "mse", "lr": 0.00123456, "crop": 64}, [0.1, 0.3]))
+    lines.on_trial_complete(0, [], trial("b2", {"agl_loss": "huber", "huber_delta": 2.5, "lr": 0.1}, [-2e8]))
+    refit_cfg = {
+        "refit_configs": [{"agl_loss": "mse", "lr": 0.01, "fold": 0}],
+        "member": {"config_rank": 0, "fold": 2},
+    }
+    lines.on_trial_complete(0, [], trial("c_00001", refit_cfg, [0.2, 0.25]))
+    lines.on_trial_error(0, [], trial("d4", {"agl_loss": "mse", "lr": 0.1}, []))
+    assert capsys.readouterr().out.splitlines() == [
+        "trial a1  agl_loss=mse lr=0.001235  epochs 2/2  best 0.3  finished",
+        "trial b2  agl_loss=huber huber_delta=2.5 lr=0.1  epochs 1/2  best -2e+08  stopped by ASHA",
+        "trial c_00001  refit #0 fold 2 agl_loss=mse lr=0.01  epochs 2/2  best 0.25  finished",
+        "trial d4  agl_loss=mse lr=0.1  epochs 0/2  best -  ERROR (traceback above)",
+    ]
+    monkeypatch.setenv(console.LEGACY_OUTPUT_ENV, "1")
+    assert set(progress.run_config_kwargs(space.searched(), 2, ["lr"])) == {"callbacks"}
+    monkeypatch.setenv(console.LEGACY_OUTPUT_ENV, "0")
+    terse = progress.run_config_kwargs(space.searched(), 2, ["lr"])
+    assert terse["verbose"] == 1 and isinstance(terse["progress_reporter"], tune.CLIReporter)
+    assert console.setup(verbose=True) == {"log_to_driver": True}  # Ray's full console, untouched
