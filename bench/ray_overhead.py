@@ -142,7 +142,7 @@ def run(args: Any) -> list[dict[str, Any]]:
     data = common.synthetic_set(work, 256, per_city=8, test_per_city=2)
     space = load_space(overhead_space(work))
     cfg = Config.from_dict({**space.defaults(), "data_dir": str(data)})
-    split_samples(cfg)  # convert the cache and write folds.csv before anything is timed
+    split_samples(cfg)  # convert the cache before anything is timed
     storage = work / "ray_overhead" / "storage"
     shutil.rmtree(storage, ignore_errors=True)
     storage.mkdir(parents=True)

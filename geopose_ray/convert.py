@@ -1,12 +1,12 @@
 """Convert a DrivenData-layout data set into the tiled-GeoTIFF cache, as parallel Ray tasks.
 
-    python -m geopose_ray.convert DATA_DIR [--cache DIR] [--compress none|deflate]
-                                  [--folds K] [--seed S] [--fold-mode city|group] [--address ADDR]
+    python -m geopose_ray.convert DATA_DIR [--cache DIR] [--compress none|deflate] [--address ADDR]
 
 Every file of both splits is checked first (minutes, not hours): a bad file stops the command
 with exit code 2 and one line naming it before anything is converted. Then each tile is one Ray
 task (see `data/cache.py` for the cache layout and why re-runs and concurrent runs are safe),
-and finally `samples.csv` and `folds.csv` are written.
+and finally `samples.csv` is written. The cache holds no folds: every run computes its own from
+its config (`data.folds.config_folds`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from geopose_ray import paths
-from geopose_ray.data import cache, folds, layout
+from geopose_ray.data import cache, layout
 from geopose_ray.errors import InputError, run_cli
 
 LOCAL_CPUS = 4  # a local instance started just for conversion stays small
@@ -31,14 +31,11 @@ def convert(
     data_dir: str | Path,
     cache_dir: str | Path | None = None,
     compress: str = "none",
-    n_folds: int = 5,
-    seed: int = 0,
-    fold_mode: str = "city",
     address: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Validate, convert every tile not yet in the cache, write samples.csv and folds.csv;
-    returns the cache folder. Uses the running Ray instance if there is one."""
+    """Validate, convert every tile not yet in the cache, write samples.csv; returns the cache
+    folder. Uses the running Ray instance if there is one."""
     data_dir = Path(data_dir).resolve()  # Ray workers need absolute paths
     cache_dir = Path(cache_dir).resolve() if cache_dir else paths.default_cache_dir(data_dir)
     samples = cache.load_all(data_dir)
@@ -47,35 +44,16 @@ def convert(
         _init_ray(address)
         _run_tasks(todo, cache_dir, compress, progress)
     cache.write_samples_csv(samples, cache_dir)
-    write_cache_folds(cache_dir, n_folds, seed, fold_mode)
     return cache_dir
 
 
-def write_cache_folds(cache_dir: Path, n_folds: int, seed: int, fold_mode: str = "city") -> Path:
-    """(Re)write folds.csv for the cached training samples."""
-    train = cache.load_cache(cache_dir, "train")
-    assignment = folds.make_folds(train, n_folds, seed, fold_mode)
-    return folds.write_folds(cache_dir / cache.FOLDS_CSV, train, assignment)
-
-
-def ensure_cache(
-    data_dir: str | Path,
-    cache_dir: str | Path | None = None,
-    n_folds: int = 5,
-    seed: int = 0,
-    fold_mode: str = "city",
-) -> Path:
+def ensure_cache(data_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
     """The cache for `data_dir`, converting only when it is missing or incomplete (a listed
-    tile not converted, or the data set gained or lost tiles); folds.csv is rewritten if the
-    requested folds differ from the stored ones."""
+    tile not converted, or the data set gained or lost tiles)."""
     data_dir = Path(data_dir)
     cache_dir = Path(cache_dir) if cache_dir else paths.default_cache_dir(data_dir)
     if not cache.is_current(data_dir, cache_dir):
-        return convert(data_dir, cache_dir, n_folds=n_folds, seed=seed, fold_mode=fold_mode)
-    wanted = folds.make_folds(cache.load_cache(cache_dir, "train"), n_folds, seed, fold_mode)
-    stored_path = cache_dir / cache.FOLDS_CSV
-    if not stored_path.is_file() or folds.read_folds(stored_path) != wanted:
-        write_cache_folds(cache_dir, n_folds, seed, fold_mode)
+        return convert(data_dir, cache_dir)
     return cache_dir
 
 
@@ -135,14 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compress", choices=("none", "deflate"), default="none", help="cache tif compression"
     )
-    parser.add_argument("--folds", type=int, default=5, help="number of cross-validation folds")
-    parser.add_argument("--seed", type=int, default=0, help="fold assignment seed")
-    parser.add_argument("--fold-mode", choices=folds.FOLD_MODES, default="city")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
     args = parser.parse_args(argv)
-    out = convert(
-        args.data_dir, args.cache, args.compress, args.folds, args.seed, args.fold_mode, args.address
-    )
+    out = convert(args.data_dir, args.cache, args.compress, args.address)
     print(out)
     return 0
 

@@ -63,22 +63,6 @@ def write_prediction(
     return agl_path, vflow_path
 
 
-class SubmissionWriter:
-    """Collects predictions in `out_dir` and packs them; remembers which tiles it wrote."""
-
-    def __init__(self, out_dir: str | Path):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.stems: list[str] = []
-
-    def write(self, stem: str, agl_m: np.ndarray, scale_px_per_m: float, angle_rad: float) -> None:
-        write_prediction(self.out_dir, stem, agl_m, scale_px_per_m, angle_rad)
-        self.stems.append(stem)
-
-    def pack(self, archive_path: str | Path | None = None) -> Path:
-        return pack(self.out_dir, archive_path)
-
-
 def _prediction_files(folder: Path) -> list[Path]:
     """The folder's prediction files (no temporaries of interrupted writes), sorted."""
     return sorted(

@@ -18,6 +18,7 @@ from helpers_data import BAD_INPUTS, first
 from rasterio.errors import NotGeoreferencedWarning
 from test_layout import make_layout
 
+from geopose_ray.config import DataConfig
 from geopose_ray.convert import convert, ensure_cache
 from geopose_ray.data import cache, folds, io, layout
 from geopose_ray.errors import InputError
@@ -44,7 +45,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_file(tmp_path, case):
 
 def _cache_state(cache_dir: Path) -> dict[str, object]:
     """Everything a consumer sees: the CSV texts and each tile's decoded pixels."""
-    state: dict[str, object] = {name: (cache_dir / name).read_text() for name in ("samples.csv", "folds.csv")}
+    state: dict[str, object] = {"samples.csv": (cache_dir / "samples.csv").read_text()}
     for path in sorted(cache_dir.rglob("[!.]*.tif")):  # not a crashed run's temporary files
         state[path.relative_to(cache_dir).as_posix()] = (
             io.read_rgb(path) if "_RGB" in path.name else io.read_agl_cm(path)
@@ -64,7 +65,7 @@ def _assert_same(a: dict[str, object], b: dict[str, object]) -> None:
 @pytest.mark.ray
 def test_cache_holds_the_exact_data(tmp_path, ray_session):
     data = make_layout(tmp_path / "data")
-    out = convert(data, tmp_path / "cache", n_folds=3, progress=False)
+    out = convert(data, tmp_path / "cache", progress=False)
     assert out == (tmp_path / "cache").resolve()
     train, test = cache.load_cache(out, "train"), cache.load_cache(out, "test")
     sources = {s.id: s for s in layout.load_split(data, "train") + layout.load_split(data, "test")}
@@ -81,21 +82,20 @@ def test_cache_holds_the_exact_data(tmp_path, ray_session):
         doc = json.loads(src.vflow.read_text())
         assert c.scale == pytest.approx(doc["scale"] * 100, rel=1e-12) and c.angle == doc["angle"]
     assert all(c.agl is None and np.isnan(c.scale) and np.isnan(c.angle) for c in test)
-    stored = folds.read_folds(out / "folds.csv")
-    assert stored == folds.make_folds(train, 3, 0) and set(stored.values()) == {0, 1, 2}
+    assert not (out / "folds.csv").exists()  # folds come from each run's config, never the cache
 
 
 @pytest.mark.ray
 def test_rerun_skips_finished_files_and_repairs_a_crashed_run(tmp_path, ray_session):
     data = make_layout(tmp_path / "data")
-    out = convert(data, tmp_path / "cache", n_folds=3, progress=False)
+    out = convert(data, tmp_path / "cache", progress=False)
     reference = _cache_state(out)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.tif")}
     lost = sorted(stamps)[3]
     lost.unlink()  # as if the run had crashed before this file
     (lost.parent / f".tmp-deadbeef-{lost.name}").write_bytes(b"half a file")
     (out / "samples.csv").unlink()
-    convert(data, out, n_folds=3, progress=False)
+    convert(data, out, progress=False)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != lost)  # skipped
     _assert_same(_cache_state(out), reference)
 
@@ -120,24 +120,20 @@ def test_file_that_fails_to_decode_during_conversion_names_it(tmp_path, ray_sess
     agl.write_bytes(bytes(raw))
     layout.validate_samples([first(data)])  # passes: it reads only the last block row
     with pytest.raises(InputError) as e:
-        convert(data, tmp_path / "cache", n_folds=3, progress=False)
+        convert(data, tmp_path / "cache", progress=False)
     assert e.value.path == str(agl)
 
 
 @pytest.mark.ray
-@pytest.mark.filterwarnings("ignore:every city has fewer")  # 4 folds of 3 tiles per city
 def test_ensure_cache_converts_only_when_needed(tmp_path, ray_session):
     data = make_layout(tmp_path / "data")
-    out = ensure_cache(data, tmp_path / "cache", n_folds=3)
+    out = ensure_cache(data, tmp_path / "cache")
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    assert ensure_cache(data, out, n_folds=3) == out
+    assert ensure_cache(data, out) == out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
-    ensure_cache(data, out, n_folds=4)  # only the folds change
-    assert set(folds.read_folds(out / "folds.csv").values()) == {0, 1, 2, 3}
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.suffix == ".tif")
     train_csv = pd.read_csv(data / "geopose_train.csv", dtype=str)
     train_csv.iloc[1:].to_csv(data / "geopose_train.csv", index=False)  # the data set changed
-    ensure_cache(data, out, n_folds=3)
+    ensure_cache(data, out)
     assert {s.id for s in cache.load_cache(out, "train")} == set(train_csv["id"][1:])
 
 
@@ -150,10 +146,10 @@ def test_load_cache_without_conversion_names_samples_csv(tmp_path):
 @pytest.mark.ray
 def test_two_concurrent_conversions_give_identical_complete_caches(tmp_path, ray_session):
     data = make_layout(tmp_path / "data", per_city=6)
-    reference = _cache_state(convert(data, tmp_path / "reference", n_folds=3, progress=False))
+    reference = _cache_state(convert(data, tmp_path / "reference", progress=False))
     address = ray_session.get_runtime_context().gcs_address
     shared = tmp_path / "shared"
-    cmd = [sys.executable, "-m", "geopose_ray.convert", str(data), "--cache", str(shared), "--folds", "3"]
+    cmd = [sys.executable, "-m", "geopose_ray.convert", str(data), "--cache", str(shared)]
     procs = [
         subprocess.Popen(
             [*cmd, "--address", address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -168,12 +164,12 @@ def test_two_concurrent_conversions_give_identical_complete_caches(tmp_path, ray
 
 @pytest.mark.ray
 def test_synthetic_set_converts_and_group_folds_keep_scenes_together(synthetic_dir, tmp_path, ray_session):
-    out = convert(synthetic_dir, tmp_path / "cache", n_folds=2, fold_mode="group", progress=False)
+    out = convert(synthetic_dir, tmp_path / "cache", progress=False)
     train, test = cache.load_cache(out, "train"), cache.load_cache(out, "test")
     meta = pd.read_csv(synthetic_dir / "metadata.csv", dtype=str).set_index("id")
     assert len(train) == 12 and len(test) == 4
     assert all(s.group == meta.loc[s.id, "group"] for s in train + test)
-    stored = folds.read_folds(out / "folds.csv")
+    stored = folds.config_folds(train, DataConfig(n_folds=2, fold_mode="group"))  # the cached group column
     for group in {s.group for s in train}:
         assert len({stored[s.id] for s in train if s.group == group}) == 1, group
     assert set(stored.values()) == {0, 1}

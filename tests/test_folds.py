@@ -1,7 +1,9 @@
-"""data.folds: deterministic, city-stratified folds; group mode keeps a scene in one fold."""
+"""data.folds: deterministic, city-stratified folds; group mode keeps a scene in one fold; a run's
+folds have one source, its config (`config_folds`), shared by training and the ensemble."""
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections import Counter
@@ -10,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from geopose_ray.config import Config, DataConfig
 from geopose_ray.constants import CITIES
 from geopose_ray.data import folds
 from geopose_ray.data.cache import CachedSample
-from geopose_ray.errors import InputError
 
 
 def _samples(per_city: int | dict[str, int], seed: int = 0, groups: int = 0) -> list[CachedSample]:
@@ -107,24 +109,36 @@ def test_group_mode_with_too_few_groups_falls_back_with_a_warning():
     assert sorted(assignment.values()) == [0, 1, 2]
 
 
-def test_write_and_read_round_trip(tmp_path):
-    samples = _samples(5)
-    assignment = folds.make_folds(samples, 3, seed=0)
-    path = folds.write_folds(tmp_path / "folds.csv", samples, assignment)
-    assert folds.read_folds(path) == assignment
-    header = path.read_text().splitlines()[0]
-    assert header == "id,city,fold"
+def test_config_folds_are_make_folds_of_the_config():
+    samples = _samples(5, groups=4)
+    for n_folds, fold_seed, mode in [(3, 0, "city"), (4, 7, "group")]:
+        cfg = DataConfig(n_folds=n_folds, fold_seed=fold_seed, fold_mode=mode, fold=1)
+        assert folds.config_folds(samples, cfg) == folds.make_folds(samples, n_folds, fold_seed, mode)
+    base = DataConfig(n_folds=3, fold_seed=2)
+    assert folds.config_folds(samples, base) != folds.config_folds(
+        samples, DataConfig(n_folds=3, fold_seed=3)
+    )
 
 
-def test_read_folds_missing_or_malformed_names_the_file(tmp_path):
-    with pytest.raises(InputError) as e:
-        folds.read_folds(tmp_path / "folds.csv")
-    assert e.value.path == str(tmp_path / "folds.csv")
-    bad = tmp_path / "bad.csv"
-    bad.write_text("id,city\nab,ARG\n")
-    with pytest.raises(InputError) as e:
-        folds.read_folds(bad)
-    assert e.value.path == str(bad)
+@pytest.mark.parametrize("mode", ["city", "group"])
+def test_training_split_and_the_ensembles_oof_folds_agree(synthetic_dir, tmp_path, mode):
+    """The one source: each fold's validation tiles in training are the tiles the ensemble
+    predicts out-of-fold with that fold's member, for the same Config (not the training seed)."""
+    from geopose_ray.data.loaders import split_samples
+    from geopose_ray.ensemble.job import oof_items
+    from geopose_ray.ensemble.members import Member
+
+    flat = {"n_folds": 3, "fold_seed": 4, "fold_mode": mode, "seed": 11}
+    flat.update(data_dir=str(synthetic_dir), cache_dir=str(tmp_path / "cache"))
+    cfg = Config.from_dict(flat)
+    val_of = {f: {s.id for s in split_samples(cfg.replace(fold=f))[1]} for f in range(3)}
+    train = [s for part in split_samples(cfg) for s in part]
+    assert sorted(i for ids in val_of.values() for i in ids) == sorted(s.id for s in train)
+    # the ensemble rebuilds each member's Config from its stored flat keys, another training seed
+    members = {f: Member("A", f, tmp_path, config={**flat, "seed": 5, "fold": f}) for f in range(3)}
+    items = oof_items([("A", members)], train)
+    assert len(items) == len(train)
+    assert all(item["id"] in val_of[json.loads(item["folds"])[0]] for item in items)
 
 
 def test_group_key_rounds_gsd_to_centimetres():

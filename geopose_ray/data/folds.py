@@ -1,4 +1,6 @@
-"""Cross-validation folds: `make_folds(samples, n_folds, seed, mode) -> {id: fold}`.
+"""Cross-validation folds: `make_folds(samples, n_folds, seed, mode) -> {id: fold}`, and
+`config_folds(samples, cfg)`, a run's folds from its config alone: the one source of the split
+that training, the fold refits and the ensemble's out-of-fold step all use (nothing is stored).
 
 mode "city": StratifiedKFold on the city, so every fold holds each city in proportion (the
 metric weights cities equally, a fold without JAX would score a different task).
@@ -24,14 +26,12 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import pandas as pd
 
-from geopose_ray.atomic import atomic_path
-from geopose_ray.errors import InputError
+if TYPE_CHECKING:
+    from geopose_ray.config import DataConfig
 
 FOLD_MODES = ("city", "group")
 
@@ -76,6 +76,13 @@ def make_folds(samples: Sequence[HasCity], n_folds: int, seed: int = 0, mode: st
     return _assign(ordered, ms.KFold(n_folds, shuffle=True, random_state=seed).split(index))
 
 
+def config_folds(samples: Sequence[HasCity], cfg: DataConfig) -> dict[str, int]:
+    """id -> fold of a run, from `cfg.n_folds`, `cfg.fold_seed` and `cfg.fold_mode` only (never the
+    training seed), so every trial, refit and blend of a config agrees on which tiles a member
+    never saw."""
+    return make_folds(samples, cfg.n_folds, cfg.fold_seed, cfg.fold_mode)
+
+
 def _assign(ordered: Sequence[HasCity], splits) -> dict[str, int]:
     folds: dict[str, int] = {}
     with warnings.catch_warnings():
@@ -84,23 +91,3 @@ def _assign(ordered: Sequence[HasCity], splits) -> dict[str, int]:
             for i in val_idx:
                 folds[ordered[i].id] = fold
     return folds
-
-
-def write_folds(path: str | Path, samples: Sequence[HasCity], folds: dict[str, int]) -> Path:
-    """folds.csv (id, city, fold), rows in id order, written atomically."""
-    rows = [(s.id, s.city, folds[s.id]) for s in sorted(samples, key=lambda s: s.id) if s.id in folds]
-    with atomic_path(path) as tmp:
-        pd.DataFrame(rows, columns=["id", "city", "fold"]).to_csv(tmp, index=False)
-    return Path(path)
-
-
-def read_folds(path: str | Path) -> dict[str, int]:
-    """id -> fold from a folds.csv."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "folds file not found: run python -m geopose_ray.convert first")
-    try:
-        df = pd.read_csv(path, dtype={"id": str, "city": str})
-        return {str(i): int(f) for i, f in zip(df["id"], df["fold"])}
-    except (KeyError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise InputError(path, f"cannot read folds ({e.__class__.__name__}: {e})") from None

@@ -5,7 +5,7 @@ Conventions (GEOPOSE_SPEC section 2): x = column (right), y = row (down); the fl
 `[angle rad, scale px/m, gsd m/px]`. Every warp of the image plane with 2x2 linear part `M`
 (acting on `(x, y)` column vectors, source -> destination) maps a displacement `d` to `M @ d`, so
 one general rule (`update_vflow`) covers flips, rot90, transpose, D4 and Affine; the closed forms
-below are the same rules written out, kept as an independent check.
+of the same rules, an independent check, live with the tests (`tests/oracles.py`).
 """
 
 from __future__ import annotations
@@ -95,31 +95,3 @@ def affine_linear(matrix: np.ndarray) -> np.ndarray:
     """2x2 linear part of a 3x3 (or 2x3) pixel-space affine matrix (source -> destination)."""
     return np.asarray(matrix, dtype=np.float64)[:2, :2]
 
-
-# --- closed forms (GEOPOSE_SPEC 7b/7c, LIBS_NOTES 2) ----------------------------------------------
-
-
-def rot90_vflow(vflow: np.ndarray, k: int) -> np.ndarray:
-    """`np.rot90` k times: a + k*pi/2; scale and gsd unchanged."""
-    return np.array([wrap_angle(vflow[0] + k * np.pi / 2), vflow[1], vflow[2]])
-
-
-def hflip_vflow(vflow: np.ndarray) -> np.ndarray:
-    """Horizontal flip: -a."""
-    return np.array([wrap_angle(-vflow[0]), vflow[1], vflow[2]])
-
-
-def vflip_vflow(vflow: np.ndarray) -> np.ndarray:
-    """Vertical flip: pi - a."""
-    return np.array([wrap_angle(np.pi - vflow[0]), vflow[1], vflow[2]])
-
-
-def transpose_vflow(vflow: np.ndarray) -> np.ndarray:
-    """Transpose: pi/2 - a."""
-    return np.array([wrap_angle(np.pi / 2 - vflow[0]), vflow[1], vflow[2]])
-
-
-def rotate_zoom_vflow(vflow: np.ndarray, rotate_deg: float, zoom: float) -> np.ndarray:
-    """Affine rotate +phi degrees (counter-clockwise on screen) and zoom s (content magnified by s):
-    a + phi, scale * s, gsd / s. The baseline and 2nd place had the zoom rule inverted."""
-    return np.array([wrap_angle(vflow[0] + np.deg2rad(rotate_deg)), vflow[1] * zoom, vflow[2] / zoom])

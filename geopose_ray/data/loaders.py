@@ -1,8 +1,8 @@
 """From a Config to DataLoaders: the cache, the fold split and the loaders of one run.
 
-The fold split depends on the config alone (`fold_seed`, `n_folds`, `fold_mode`, never the
-training seed), exactly as the ensemble's out-of-fold step computes it, so every trial, refit
-and blend agrees on which tiles a member never saw.
+The fold split depends on the config alone (`folds.config_folds`: `fold_seed`, `n_folds`,
+`fold_mode`, never the training seed), the same function the ensemble's out-of-fold step calls,
+so every trial, refit and blend agrees on which tiles a member never saw.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ def prepare_cache(cfg: Config) -> Path:
 def split_samples(cfg: Config) -> tuple[list[cache.CachedSample], list[cache.CachedSample]]:
     """(train, val) cached samples: val = fold `cfg.data.fold`, optionally truncated.
 
-    Folds come from the config alone (`fold_seed`, not the training seed), exactly as the
-    ensemble's out-of-fold step computes them, so every trial, refit and blend agrees.
+    Folds come from the config alone (`folds.config_folds`), as in the ensemble's out-of-fold
+    step, so every trial, refit and blend agrees.
     """
     d = cfg.data
     cache_dir = prepare_cache(cfg)
     samples = cache.load_cache(cache_dir, "train")
     try:
-        assignment = folds.make_folds(samples, d.n_folds, d.fold_seed, d.fold_mode)
+        assignment = folds.config_folds(samples, d)
     except ValueError as e:  # n_folds larger than the data set, unknown fold_mode
         raise InputError(cache_dir / cache.SAMPLES_CSV, str(e)) from None
     train = [s for s in samples if assignment[s.id] != d.fold]

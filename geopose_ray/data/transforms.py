@@ -48,26 +48,6 @@ class VflowMixin:
         raise NotImplementedError
 
 
-class GeoHorizontalFlip(VflowMixin, A.HorizontalFlip):
-    def vflow_linear(self, **params: Any) -> np.ndarray:
-        return F.hflip_matrix()
-
-
-class GeoVerticalFlip(VflowMixin, A.VerticalFlip):
-    def vflow_linear(self, **params: Any) -> np.ndarray:
-        return F.vflip_matrix()
-
-
-class GeoTranspose(VflowMixin, A.Transpose):
-    def vflow_linear(self, **params: Any) -> np.ndarray:
-        return F.transpose_matrix()
-
-
-class GeoRandomRotate90(VflowMixin, A.RandomRotate90):
-    def vflow_linear(self, factor: int, **params: Any) -> np.ndarray:
-        return F.rot90_matrix(factor)
-
-
 class GeoD4(VflowMixin, A.D4):
     """A random element of the 8-element dihedral group (square inputs keep their shape)."""
 

@@ -28,7 +28,7 @@ from geopose_ray.config import Config
 from geopose_ray.constants import SUBMISSION_ARCHIVE
 from geopose_ray.data import io
 from geopose_ray.data.cache import CachedSample, load_cache
-from geopose_ray.data.folds import make_folds
+from geopose_ray.data.folds import config_folds
 from geopose_ray.ensemble.blend import BlendParams, OofTable, fit_blend, tile_stats
 from geopose_ray.ensemble.members import Member, cache_dir_for, group_by_config, lead_config
 from geopose_ray.ensemble.preview import write_previews
@@ -159,11 +159,11 @@ def oof_items(
     configs: list[tuple[str, dict[int, Member]]], train: list[CachedSample]
 ) -> list[dict[str, Any]]:
     """Train tiles that every config has an out-of-fold member for, with the fold per config
-    (each config's own n_folds / seed / fold_mode, as its members were trained)."""
+    (each config's own folds, `config_folds`, as its members were trained)."""
     fold_maps = []
     for _, members in configs:
         cfg = next(iter(members.values())).cfg()
-        fold_maps.append(make_folds(train, cfg.data.n_folds, cfg.data.fold_seed, cfg.data.fold_mode))
+        fold_maps.append(config_folds(train, cfg.data))
     items = []
     for s in train:
         folds = [fm[s.id] for fm in fold_maps]
@@ -183,14 +183,11 @@ def _blend(records: list[dict], n_configs: int) -> tuple[BlendParams, dict[str, 
 
 
 def _ensure_cache(data_dir: Path, cfg: Config) -> Path:
-    """The conversion cache of `data_dir`, with the members' folds; their own cache folder only
-    when they were trained on this same data folder."""
+    """The conversion cache of `data_dir`; the members' own cache folder only when they were
+    trained on this same data folder."""
     from geopose_ray.convert import ensure_cache
 
-    d = cfg.data
-    return ensure_cache(
-        data_dir, cache_dir_for(data_dir, cfg), n_folds=d.n_folds, seed=d.fold_seed, fold_mode=d.fold_mode
-    )
+    return ensure_cache(data_dir, cache_dir_for(data_dir, cfg))
 
 
 def run_ensemble(
