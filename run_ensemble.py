@@ -13,15 +13,15 @@ scores and `best member test X  blend test Y  (gain +Z)`; then the archive path 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from geopose_ray import paths
-from geopose_ray.errors import InputError, run_cli
+from geopose_ray.errors import HelpFormatter, InputError, run_cli
+from geopose_ray.experiment import Experiment
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument(
         "--data",
         type=Path,
@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=2, help="member configs to blend, each with all its folds")
     ap.add_argument("--tta", choices=("none", "flip", "d4"), default="d4", help="test-time views: "
                     "the 8 D4 views as the winners used (default), a horizontal flip, or none")  # fmt: skip
-    ap.add_argument("--out", type=Path, default=None, help="default: <storage>/<name>/ensemble")
+    ap.add_argument("--out", type=Path, default=None, help="output folder, or the archive's path when it ends "
+                    "in .tar.gz (its work folder then sits beside it); default: <storage>/<name>/ensemble")  # fmt: skip
     ap.add_argument("--address", default=None, help="Ray cluster to join (default: a new local instance)")
     ap.add_argument("--checkpoints", nargs="+", type=Path, default=None, help="explicit member folders")
     ap.add_argument("--max-tile", type=int, default=None, help="predict larger tiles in overlapping windows")
@@ -45,23 +46,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _init_ray(address: str | None, verbose: bool) -> None:
-    """Join `address`, or start a fresh local instance (never a stale one, RAY_NOTES section 0),
-    with the console of `geopose_ray.console`."""
-    import ray
-
-    from geopose_ray import console
-
-    if ray.is_initialized():
-        return
-    quiet = console.setup(verbose)
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, include_dashboard=True if address == "local" else None, **quiet)
+def output_paths(out: Path) -> tuple[Path, Path | None]:
+    """(work folder, archive path or None for the default inside it). `--out NAME.tar.gz` names
+    the archive itself: it goes exactly there, and its work folder `NAME_work` beside it."""
+    if out.name.endswith(".tar.gz"):
+        return out.with_name(out.name[: -len(".tar.gz")] + "_work"), out
+    return out, None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from geopose_ray.data.cache import validate_unless_cached
     from geopose_ray.ensemble import members as ms
 
@@ -76,11 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(data, "data folder not found (run run_search.py first, or pass --data)")
     # a bad data set fails here, in seconds, before Ray starts (the same check convert makes)
     validate_unless_cached(data, ms.cache_dir_for(data, ms.lead_config(members)))
-    out = args.out or storage / name / "ensemble"
-    _init_ray(args.address, args.verbose)
+    out, archive = output_paths(args.out or Experiment(storage, name).ensemble)
+    from geopose_ray import ray_env
     from geopose_ray.ensemble.job import REPORT_JSON, blend_table, run_ensemble
 
-    report = run_ensemble(members, data, out, tta=args.tta, max_tile=args.max_tile, num_actors=args.actors)
+    ray_env.init(args.address, verbose=args.verbose)
+
+    report = run_ensemble(
+        members, data, out, tta=args.tta, max_tile=args.max_tile, num_actors=args.actors, archive=archive
+    )
     print(*blend_table(report), sep="\n")
     print(f"report: {out / REPORT_JSON}")
     if not report["valid"]:

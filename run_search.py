@@ -4,23 +4,23 @@
     python run_search.py --data DIR --space search_spaces/architectures.yaml --refit-top 3 --folds 0,1
 
 With no arguments: generates the synthetic set when missing, searches `search_spaces/smoke.yaml`
-on CPU and refits the top 2 configs on 2 folds (a few minutes on a 2-core laptop).
+on CPU and refits the top 2 configs on the search's fold, reusing its full-budget trials (about
+10 minutes on a 2-core laptop). Then `python run_ensemble.py` blends them into a submission.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from geopose_ray.errors import run_cli
+from geopose_ray.errors import HelpFormatter, run_cli
 
 HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", help="DrivenData-layout folder (default: the embedded synthetic set)")
     p.add_argument("--cache", help="conversion cache (default: <data>/.geopose_cache)")
     p.add_argument("--space", default=str(HERE / "search_spaces" / "smoke.yaml"), help="search-space YAML")
@@ -44,31 +44,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "--space, else 0)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="finish the interrupted experiment --name")
     p.add_argument("--max-failures", type=int, default=1, help="Train restarts per trial after a crash")
-    p.add_argument("--seed", type=int, default=0, help="Optuna TPE sampler seed")
+    p.add_argument("--seed", type=int, default=0, help="seeds Optuna's sampler and every trial's training "
+                   "(unless the space fixes or searches `seed`)")  # fmt: skip
     p.add_argument("--max-epochs", type=int, help="override the space's scheduler.max_epochs")
     p.add_argument("--verbose", action="store_true", help="Ray's full console: every worker's output")
+    p.add_argument("--dry-run", action="store_true", help="check the data, space and resources, print the "
+                   "plan (trials, workers, CPUs/GPUs, storage) and stop before training")  # fmt: skip
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth breaks local `ray start` clusters
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    from geopose_ray import console
+    from geopose_ray import ray_env
     from geopose_ray.tune.refit import parse_folds
     from geopose_ray.tune.report import format_table
     from geopose_ray.tune.search import (
         SearchOptions,
         check_capacity_options,
         load_run_space,
-        pin_local_address,
+        plan_search,
         run_search,
     )
     from geopose_ray.tune.space import parse_overrides
 
-    embedded = args.space == parse_args([]).space
+    embedded = Path(args.space).resolve() == Path(parse_args([]).space).resolve()
     opts = SearchOptions(
         space=args.space,
         data=args.data,
@@ -96,16 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         from geopose_ray.data.cache import validate_unless_cached
 
         validate_unless_cached(args.data, args.cache)
-    address = args.address or os.environ.get("RAY_ADDRESS") or "local"  # never a stale `ray start`
-    opts.fixed_cluster = address == "local"
-    if address == "local":
-        pin_local_address()
-    quiet = console.setup(args.verbose)
-    ray.init(address=address, include_dashboard=True, **quiet)  # dashboard ON: ASHA stops need the State API
+    opts.fixed_cluster = ray_env.resolve_address(args.address) == ray_env.LOCAL
+    ray_env.init(args.address, verbose=args.verbose)
     try:
+        if args.dry_run:
+            print(*plan_search(opts), sep="\n")
+            return 0
         res = run_search(opts)
     finally:
-        ray.shutdown()
+        ray_env.shutdown()
     print(format_table(res.leaderboard))
     print(f"\nexperiment: {res.experiment_dir}")
     print(f"trials: {res.trials}  epochs run: {res.epochs_run} of a full budget of {res.epochs_budget}")

@@ -157,14 +157,14 @@ def local_ray(num_cpus: int | None = None) -> Iterator[float]:
     """A fresh local Ray instance (dashboard on: ASHA stops need the State API, RAY_NOTES 0);
     yields the seconds `ray.init` took. The caller holds /tmp/geopose_ray.lock (run under flock).
 
-    Its address is pinned before it starts, as run_search does (`search.pin_local_address`:
+    Its address is pinned before it starts, as run_search does (`ray_env.pin_local_address`:
     Train's placement-group cleaner otherwise fails when another Ray instance runs on the
     machine), and the environment is restored afterwards. PYTHONPATH gets
     the repository (Ray workers import the bench's worker wrappers); Tune's progress tables go to
     stderr, so stdout holds only the JSON result lines."""
     import ray
 
-    from geopose_ray.tune.search import pin_local_address
+    from geopose_ray.ray_env import pin_local_address
 
     env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}  # the user's settings win
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))

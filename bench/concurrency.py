@@ -93,7 +93,7 @@ def limit(one: dict[str, float], two: dict[str, float]) -> str:
 
 def one_setting(work: Path, data: Path, concurrent: int, samples: int, epochs: int) -> dict[str, float]:
     """Search with `concurrent` trials at once; throughput and where the time went."""
-    from geopose_ray.tune.driver import DRIVER_CPUS
+    from geopose_ray.tune.capacity import DRIVER_CPUS
     from geopose_ray.tune.report import load_trials
     from geopose_ray.tune.search import SearchOptions, run_search
 

@@ -55,7 +55,7 @@ class TimedWorker:
     def __call__(self, config: dict[str, Any]) -> None:
         import ray.train
 
-        from geopose_ray.tune.worker import train_fn_per_worker
+        from geopose_ray.tune.trainer import train_fn_per_worker
 
         start = time.time()
         train_fn_per_worker(config)
@@ -106,11 +106,10 @@ def ray_run(space: Path, data: Path, storage: Path, epochs: int) -> dict[str, fl
         gpus_per_worker=0.0,
         max_epochs=epochs,
         seed=0,
-        train_fn=TimedWorker(str(stamps)),
     )
     t_start = time.time()
     with common.local_ray() as init_s:
-        result = run_search(opts)
+        result = run_search(opts, train_fn=TimedWorker(str(stamps)))
     t_end = time.time()
     worker = json.loads((stamps / "rank0.json").read_text())
     return {

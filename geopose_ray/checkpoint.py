@@ -227,8 +227,8 @@ def load_model_from_checkpoint(
     from geopose_ray.models import build_model
 
     state = load_state(directory, map_location)
-    cfg = Config.from_dict(state["config"], strict=False)
-    cfg.model.encoder_weights = None  # the checkpoint holds every weight; never fetch pretrained ones
+    # the checkpoint holds every weight: never fetch pretrained ones
+    cfg = Config.from_dict({**state["config"], "encoder_weights": None}, strict=False)
     model = build_model(cfg.model)
     load_weights(model, state["model"])
     return model.to(map_location).eval(), cfg

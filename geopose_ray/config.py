@@ -92,7 +92,6 @@ class TrainConfig:
     val_every: int = 1  # epochs
     checkpoint_every: int = 1  # epochs
     threads: int = 0  # torch intra-op threads per worker; 0 = leave torch's default
-    nan_inject_steps: str = ""  # test hook: comma-separated global steps whose loss becomes NaN
 
 
 SECTIONS: dict[str, type] = {
@@ -148,23 +147,33 @@ def key_owners() -> dict[str, str]:
     return owner
 
 
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _coerce(section: type, key: str, value: Any) -> Any:
     """Cast YAML/Tune values to the field's type (Tune hands numpy scalars, YAML ints for floats)."""
     default = next(f for f in fields(section) if f.name == key).default
     if value is None or default is None:
         return value
     if isinstance(default, bool):
-        if isinstance(value, str):
-            return value.lower() in ("1", "true", "yes", "on")
-        return bool(value)
-    if isinstance(default, (int, float, str)):
+        if isinstance(value, str) and value.lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.lower()]
+        if not isinstance(value, str) and value in (0, 1):  # bool, numpy bool, 0 / 1
+            return bool(value)
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        number = float(value)  # 3, "3", 3.0 and numpy integers pass; 2.7 must not become 2
+        if not number.is_integer():
+            raise ValueError(f"{key} must be a whole number, got {value!r}")
+        return int(number)
+    if isinstance(default, (float, str)):
         return type(default)(value)
     return value
 
 
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
-    """Flat config values from a YAML file: either plain `key: value` pairs, or a search-space
-    file, whose parameters' `default`s and `fixed` settings are used."""
+    """Flat config values from a YAML file of plain `key: value` pairs. (A search-space file is
+    read by `tune.space.load_space` alone; its `defaults()` are its config.)"""
     from geopose_ray.errors import InputError
 
     path = Path(path)
@@ -174,10 +183,4 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
         raise InputError(path, f"cannot read YAML config ({e.__class__.__name__})") from None
     if not isinstance(doc, dict):
         raise InputError(path, "a config file must hold a mapping of key: value")
-    if "parameters" in doc or "fixed" in doc:
-        flat = dict(doc.get("fixed") or {})
-        for name, spec in (doc.get("parameters") or {}).items():
-            if isinstance(spec, dict) and "default" in spec:
-                flat[name] = spec["default"]
-        return flat
     return doc

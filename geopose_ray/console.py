@@ -17,7 +17,8 @@ Where the chatter came from (Ray 2.60) and the public switch that silences each:
   them at any verbosity above 0 -> `RAY_AIR_NEW_OUTPUT=0`, whose `RunConfig(verbose=1,
   progress_reporter=CLIReporter(...))` prints only the status table (`tune/progress.py`);
 - Optuna's `A new study created` -> `optuna.logging.set_verbosity(WARNING)`;
-- Ray Data's `Starting execution` / `Execution plan` -> `DataContext.print_on_execution_start`;
+- Ray Data's `Starting execution` / `Execution plan` -> `DataContext.print_on_execution_start`
+  (set by `ray_env.init`, which calls `setup`);
   its progress, logged line by line when stdout is not a terminal, and `execution finished` ->
   the `ray.data` logger at WARNING (a terminal still gets its progress bar);
 - rasterio's `NotGeoreferencedWarning` (the challenge's tiles carry no georeference): `data.io`
@@ -47,13 +48,11 @@ def setup(verbose: bool = False) -> dict[str, Any]:
         return {"log_to_driver": True}
     os.environ[LEGACY_OUTPUT_ENV] = "0"  # read when a Tuner fits: the engine whose verbose=1 is terse
     import optuna
-    import ray.data
     from rasterio.errors import NotGeoreferencedWarning
 
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ray.data.DataContext.get_current().print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's DataContext: ray_env.init
     return {"log_to_driver": False, "logging_level": logging.WARNING}
 
 

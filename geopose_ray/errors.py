@@ -6,6 +6,7 @@ Every CLI wraps its `main` with `run_cli`, so a user error never shows a traceba
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,3 +34,15 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     sys.exit(code or 0)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` for the commands: the module docstring as written (its usage examples keep their
+    lines), and every option's default unless its help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {default})"

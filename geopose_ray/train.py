@@ -1,6 +1,6 @@
 """Train one config in one process, without Ray: the quickest way to try a config or debug a model.
 
-    python -m geopose_ray.train --config FILE [--data DIR] [--epochs N] [--out DIR] [--fold K]
+    python -m geopose_ray.train --config FILE [--data DIR] [--cache DIR] [--epochs N] [--out DIR] [--fold K]
 
 FILE holds flat `key: value` config values, or is a search-space YAML (its parameters' defaults
 plus its fixed values are used). Without --data the embedded synthetic set is used (generated on
@@ -16,52 +16,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from geopose_ray import paths
 from geopose_ray.checkpoint import save_state
 from geopose_ray.config import Config, load_yaml_config
 from geopose_ray.data.transforms import build_train_transform_from_config
-from geopose_ray.errors import InputError, run_cli
+from geopose_ray.errors import HelpFormatter, InputError, run_cli
+from geopose_ray.synthetic import ensure_default
 from geopose_ray.train_loop import NonFiniteLossError, autocast_dtype, build_optimizer, build_scheduler, fit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m geopose_ray.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m geopose_ray.train", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", required=True, help="YAML of flat config values or a search space")
     p.add_argument("--data", help="DrivenData-layout folder (default: the embedded synthetic set)")
+    p.add_argument("--cache", help="conversion cache folder (default: DATA/.geopose_cache)")
     p.add_argument("--epochs", type=int, help="override the config's epochs")
     p.add_argument("--out", help="where the best checkpoint goes (default: <home>/train/<config name>)")
     p.add_argument("--fold", type=int, help="validation fold (overrides the config's fold)")
     return p.parse_args(argv)
 
 
-def ensure_default_data(data_dir: Path) -> Path:
-    """The embedded synthetic set in `data_dir`, generated (with the generator's defaults, as
-    every other entry point) unless a data set is already there. A synthetic set written with
-    other parameters (an older default) is regenerated; a foreign set is used as it is."""
-    from geopose_ray.synthetic import generate
-    from geopose_ray.synthetic.build import MANIFEST
+def read_flat_config(path: str | Path) -> dict[str, Any]:
+    """A flat config file as it is; a search space's default trial (its `epochs` = the budget)."""
+    from geopose_ray.tune.space import is_space_file, load_space
 
-    if (data_dir / MANIFEST).is_file() or not (data_dir / "geopose_train.csv").is_file():
-        print(f"synthetic data set: {data_dir} (written when missing or outdated)", file=sys.stderr)
-        generate(data_dir)
-    return data_dir
-
-
-def space_epochs(path: str | Path) -> int | None:
-    """A search-space file's `scheduler.max_epochs` (every trial's full budget), if it has one."""
-    doc = yaml.safe_load(Path(path).read_text())
-    scheduler = doc.get("scheduler") if isinstance(doc, dict) and "parameters" in doc else None
-    return scheduler.get("max_epochs") if isinstance(scheduler, dict) else None
+    if is_space_file(path):
+        return load_space(path).defaults()
+    return load_yaml_config(path)
 
 
 def load_config(args: argparse.Namespace) -> Config:
     """Config from the YAML plus command-line overrides; every bad value names the YAML file."""
-    flat = load_yaml_config(args.config)
-    if "epochs" not in flat and (epochs := space_epochs(args.config)) is not None:
-        flat["epochs"] = epochs
-    overrides: dict[str, Any] = {"epochs": args.epochs, "fold": args.fold}
+    flat = read_flat_config(args.config)
+    cache = str(Path(args.cache).resolve()) if getattr(args, "cache", None) else None
+    overrides: dict[str, Any] = {"epochs": args.epochs, "fold": args.fold, "cache_dir": cache}
     flat.update({k: v for k, v in overrides.items() if v is not None})
     try:
         cfg = Config.from_dict(flat)
@@ -81,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args)
     if args.data:
-        cfg.data.data_dir = str(Path(args.data).resolve())
+        cfg = cfg.replace(data_dir=str(Path(args.data).resolve()))
     elif not cfg.data.data_dir:
-        cfg.data.data_dir = str(ensure_default_data(paths.default_data_dir()))
+        cfg = cfg.replace(data_dir=str(ensure_default(paths.default_data_dir())))
     out = Path(args.out) if args.out else paths.home() / "train" / Path(args.config).stem
     best = {"score": -math.inf, "epoch": 0}
 

@@ -1,8 +1,9 @@
 """The training core: optimizer and schedule by name, one epoch with AMP / accumulation / clipping /
 non-finite-loss guard, full-tile validation with the official score, and `fit`, the epoch loop.
 
-No `ray` import here or below: the Ray Train adapter (`tune/worker.py`) and the single-process CLI
-(`train.py`) both drive `fit` through its hooks (`reporter`, `wrap_model`, `wrap_loader`).
+No `ray` import here or below: the Ray Train adapter (`tune/trainer.py`) and the single-process CLI
+(`train.py`) both drive `fit` through its hooks (`reporter`, `wrap_model`, `wrap_loader`; the
+fault tests add `loss_hook`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ SCHEDULES = ("cosine", "plateau", "onecycle", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 Reporter = Callable[[dict[str, float], Callable[[], dict[str, Any]] | None], None]
+LossHook = Callable[[int, torch.Tensor], torch.Tensor]  # (global step, loss) -> loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -144,11 +146,6 @@ def _finite_on_all_ranks(loss: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def parse_steps(spec: str) -> set[int]:
-    """ "3,4,5" -> {3, 4, 5} (the `nan_inject_steps` test hook)."""
-    return {int(s) for s in spec.replace(" ", "").split(",") if s}
-
-
 def _optimizer_step(model: nn.Module, optimizer, scaler, grad_clip: float) -> None:
     if grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
@@ -156,6 +153,25 @@ def _optimizer_step(model: nn.Module, optimizer, scaler, grad_clip: float) -> No
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+
+
+def _check_streak(streak: int, limit: int, step: int) -> None:
+    if streak >= limit:
+        raise NonFiniteLossError(
+            f"{streak} non-finite losses in a row (global step {step}); "
+            "lower the lr, use fp32 or bf16, or check the data"
+        )
+
+
+def _end_group(model: nn.Module, optimizer, scaler, scheduler: Any, grad_clip: float, complete: bool) -> None:
+    """An accumulation group ends: step (and a per-step scheduler) when its micro-batches were
+    finite up to the syncing one; else drop its unsynchronised gradients."""
+    if complete:
+        _optimizer_step(model, optimizer, scaler, grad_clip)
+        if scheduler is not None and not is_per_epoch(scheduler):
+            scheduler.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
 
 
 def _forward_loss(model, criterion, batch, device, dtype) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -175,19 +191,21 @@ def train_one_epoch(
     device: torch.device,
     cfg: Config,
     step_offset: int = 0,
+    loss_hook: LossHook | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns flat metrics (train_loss, train_<part>, lr, nonfinite_steps,
     imgs_per_s, epoch_time_s).
 
     `scheduler` is stepped after every optimizer step unless it is per-epoch (plateau). A
     non-finite loss skips its backward and counts; `cfg.train.max_nonfinite` of them in a row raise
-    NonFiniteLossError. Batch i of this epoch is global step `step_offset + i` (0-based) for the
-    `nan_inject_steps` hook.
+    NonFiniteLossError. Batch i of this epoch is global step `step_offset + i` (0-based):
+    `loss_hook(step, loss)`, when given, sees every loss before the finiteness check (the fault
+    tests make it NaN at chosen steps).
     """
     tcfg, ocfg = cfg.train, cfg.optim
     model.train()
     dtype, _ = autocast_dtype(tcfg.precision, device)
-    inject, accum, n = parse_steps(tcfg.nan_inject_steps), max(1, ocfg.grad_accum), len(loader)
+    accum, n = max(1, ocfg.grad_accum), len(loader)
     sums: dict[str, float] = defaultdict(float)
     finite_steps = nonfinite = streak = imgs = group_backwards = 0
     optimizer.zero_grad(set_to_none=True)
@@ -199,31 +217,20 @@ def train_one_epoch(
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             loss, parts = _forward_loss(model, criterion, batch, device, dtype)
-            if step_offset + i in inject:
-                loss = loss * float("nan")
+            if loss_hook is not None:
+                loss = loss_hook(step_offset + i, loss)
             imgs += batch["image"].shape[0]
             if _finite_on_all_ranks(loss):
                 streak = 0
                 scaler.scale(loss / group).backward()
-                group_backwards += 1
-                finite_steps += 1
-                sums["train_loss"] += loss.item()
-                for k, v in parts.items():
+                group_backwards, finite_steps = group_backwards + 1, finite_steps + 1
+                for k, v in {"loss": loss.item(), **parts}.items():
                     sums[f"train_{k}"] += float(v)
             else:
                 nonfinite, streak = nonfinite + 1, streak + 1
-                if streak >= tcfg.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{streak} non-finite losses in a row (global step {step_offset + i}); "
-                        "lower the lr, use fp32 or bf16, or check the data"
-                    )
+                _check_streak(streak, tcfg.max_nonfinite, step_offset + i)
         if last:
-            if group_backwards and streak == 0:
-                _optimizer_step(model, optimizer, scaler, ocfg.grad_clip)
-                if scheduler is not None and not is_per_epoch(scheduler):
-                    scheduler.step()
-            else:  # the syncing micro-batch was skipped: drop the unsynchronised group
-                optimizer.zero_grad(set_to_none=True)
+            _end_group(model, optimizer, scaler, scheduler, ocfg.grad_clip, group_backwards > 0 and streak == 0)
             group_backwards = 0
     elapsed = time.perf_counter() - t0
     metrics = {"train_loss": math.nan, **{k: v / max(1, finite_steps) for k, v in sums.items()}}
@@ -321,6 +328,18 @@ def validate(
     return metrics
 
 
+def _initial_model(cfg: Config, train: list, start_state: dict[str, Any] | None, device: torch.device) -> nn.Module:
+    """The model on `device`, started from `init_checkpoint` (a second stage) or given the training
+    targets' output units; a resumed run's weights come from its state afterwards instead."""
+    model = build_model(cfg.model)
+    if cfg.model.init_checkpoint and start_state is None:
+        init_from_checkpoint(model, cfg.model.init_checkpoint)
+    elif start_state is None:
+        model.set_target_units(*target_units(train))
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
+
+
 def fit(
     cfg: Config,
     *,
@@ -331,11 +350,13 @@ def fit(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str | None = None,
+    loss_hook: LossHook | None = None,
 ) -> dict[str, float]:
     """Train `cfg.train.epochs` epochs (from `start_state` when given); returns the last metrics.
 
     After every epoch `reporter(metrics, state_fn)` is called on every rank; `state_fn()` builds
-    the checkpoint state, and is None on epochs that `checkpoint_every` skips.
+    the checkpoint state, and is None on epochs that `checkpoint_every` skips. `loss_hook`: see
+    `train_one_epoch`.
     """
     setup_worker(cfg, rank)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -343,14 +364,7 @@ def fit(
     train_dl, val_dl = build_loaders(cfg, train, val, rank, world_size)
     train_dl = wrap_loader(train_dl)
     criterion = build_criterion(cfg.loss, city_means(train))
-    model = build_model(cfg.model)
-    if cfg.model.init_checkpoint and start_state is None:  # a resumed run has its own weights
-        init_from_checkpoint(model, cfg.model.init_checkpoint)
-    elif start_state is None:
-        model.set_target_units(*target_units(train))
-    model = model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = _initial_model(cfg, train, start_state, device)
     optimizer = build_optimizer(model, cfg.optim)
     steps_per_epoch = math.ceil(len(train_dl) / max(1, cfg.optim.grad_accum))
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
@@ -365,8 +379,9 @@ def fit(
     kept: dict[str, np.ndarray] = {}  # the last validation's accumulators, saved with checkpoints
     for epoch in range(start, cfg.train.epochs):
         start_epoch(train_dl, cfg.train.seed, rank, epoch)
+        step = epoch * len(train_dl)  # global step of the epoch's first batch
         tm = train_one_epoch(
-            trained, train_dl, criterion, optimizer, scheduler, scaler, device, cfg, epoch * len(train_dl)
+            trained, train_dl, criterion, optimizer, scheduler, scaler, device, cfg, step, loss_hook
         )
         done = epoch + 1
         if not val_metrics or done % cfg.train.val_every == 0 or done == cfg.train.epochs:

@@ -20,7 +20,7 @@ def ray_session():
     State API to free their placement groups, see RAY_NOTES section 0)."""
     import ray
 
-    from geopose_ray.tune.search import pin_local_address
+    from geopose_ray.ray_env import pin_local_address
 
     if not ray.is_initialized():
         # The raylet inherits RAY_ADDRESS, so Train's placement-group cleaner finds THIS instance

@@ -14,10 +14,11 @@ import pytest
 from ray import cloudpickle
 from ray.tune.search import Searcher
 
+from geopose_ray import ray_env
 from geopose_ray.errors import InputError
-from geopose_ray.tune import capacity, search
-from geopose_ray.tune.capacity import Capacity, ElasticLimiter
-from geopose_ray.tune.driver import TrialResources
+from geopose_ray.tune import search, tuner
+from geopose_ray.tune.capacity import Capacity, TrialResources
+from geopose_ray.tune.tuner import ElasticLimiter
 
 TRIAL = TrialResources(workers_per_trial=2, cpus_per_worker=1.0, gpus_per_worker=1.0)  # 2 GPUs, 2.01 CPUs
 
@@ -56,7 +57,7 @@ def test_capacity_limit(cluster, most, pending, cap, expected):
 
 @pytest.mark.ray
 def test_cluster_resources_reads_the_live_cluster(ray_session):
-    now, most = capacity.cluster_resources()
+    now, most = ray_env.cluster_resources()
     assert now["CPU"] == 4.0 and most is None  # the test instance: no autoscaler config
 
 
@@ -103,7 +104,7 @@ def admitted(limiter: ElasticLimiter, start: int, n: int = 10) -> list[str]:
 
 
 def test_limiter_follows_the_cluster_as_nodes_join_and_leave(monkeypatch):
-    monkeypatch.setattr(capacity, "REFRESH_S", 0.0)
+    monkeypatch.setattr(tuner, "REFRESH_S", 0.0)
     cluster = Cluster(gpus=2.0)  # one trial fits
     limiter = ElasticLimiter(CountingSearcher(), Capacity(TRIAL, pending=1), resources_fn=cluster)
     assert admitted(limiter, 0) == ["t0", "t1"]  # one placed, one waiting for the autoscaler

@@ -39,7 +39,7 @@ def test_cluster_files_pass_rays_config_checks() -> None:
     import ray
     from jsonschema import ValidationError
 
-    from geopose_ray.tune.driver import TrialResources
+    from geopose_ray.tune.capacity import TrialResources
 
     aws = prepared(ROOT / "cluster.yaml")
     assert aws["provider"]["type"] == "aws"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from test_search import PLAIN_SPACE, write_space
 
 from geopose_ray.tune.space import load_space
+
+SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 
 
 def test_console_trial_lines_and_terse_status_table(tmp_path, monkeypatch, capsys):
@@ -15,11 +20,11 @@ def test_console_trial_lines_and_terse_status_table(tmp_path, monkeypatch, capsy
     from ray import tune
 
     from geopose_ray import console
-    from geopose_ray.tune import progress
+    from geopose_ray.tune import progress, tuner
 
     space = load_space(write_space(tmp_path, PLAIN_SPACE))
     assert progress.columns(space) == ["agl_loss", "lr"]  # huber_delta is conditional
-    lines = progress.TrialLines(space.searched(), max_epochs=2)
+    lines = tuner.TrialLines(space.searched(), max_epochs=2)
 
     def trial(tid: str, config: dict, scores: list[float]) -> SimpleNamespace:
         stats = {"epoch": {"max": len(scores)}, "score": {"max": max(scores)}} if scores else {}
@@ -40,8 +45,23 @@ def test_console_trial_lines_and_terse_status_table(tmp_path, monkeypatch, capsy
         "trial d4  agl_loss=mse lr=0.1  epochs 0/2  best -  ERROR (traceback above)",
     ]
     monkeypatch.setenv(console.LEGACY_OUTPUT_ENV, "1")
-    assert set(progress.run_config_kwargs(space.searched(), 2, ["lr"])) == {"callbacks"}
+    assert set(tuner.run_config_kwargs(space.searched(), 2, ["lr"])) == {"callbacks"}
     monkeypatch.setenv(console.LEGACY_OUTPUT_ENV, "0")
-    terse = progress.run_config_kwargs(space.searched(), 2, ["lr"])
+    terse = tuner.run_config_kwargs(space.searched(), 2, ["lr"])
     assert terse["verbose"] == 1 and isinstance(terse["progress_reporter"], tune.CLIReporter)
     assert console.setup(verbose=True) == {"log_to_driver": True}  # Ray's full console, untouched
+
+
+@pytest.mark.ray
+def test_dry_run_prints_the_plan_and_writes_nothing(ray_session, synthetic_dir, tmp_path):
+    from geopose_ray.tune import search
+
+    storage = tmp_path / "storage"
+    opts = search.SearchOptions(space=str(SMOKE), data=str(synthetic_dir), storage=str(storage), refit_top=2)
+    text = "\n".join(search.plan_search(opts))
+    tiles = len(list((synthetic_dir / "train").glob("*_RGB.j2k")))
+    assert f"({tiles} train /" in text and "smoke.yaml" in text and "encoder, agl_loss" in text
+    assert "1 Train worker(s) x {'CPU': 0.95}" in text
+    assert "4 trial(s) at once" in text  # the 4-CPU test instance: 4 x (0.95 + 0.01)
+    assert f"refits:     the top 2 configs on fold(s) [0] -> {storage / 'smoke' / 'members.json'}" in text
+    assert not storage.exists()

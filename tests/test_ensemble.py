@@ -24,6 +24,12 @@ def _cli():
     return module
 
 
+def test_out_naming_an_archive_puts_the_archive_exactly_there(tmp_path):
+    paths = _cli().output_paths
+    assert paths(tmp_path / "ens") == (tmp_path / "ens", None)
+    assert paths(tmp_path / "sub.tar.gz") == (tmp_path / "sub_work", tmp_path / "sub.tar.gz")
+
+
 def _fake_checkpoint(folder: Path, config: dict | None = None) -> Path:
     """A folder that looks like a checkpoint to member selection (no weights needed there)."""
     import yaml

@@ -30,7 +30,7 @@ from test_layout import make_layout
 from geopose_ray.checkpoint import STATE_FILE, load_state, save_state
 from geopose_ray.data import cache, io, layout
 from geopose_ray.errors import EXIT_BAD_INPUT, run_cli
-from geopose_ray.score import main as score_main
+from geopose_ray.score.__main__ import main as score_main
 from geopose_ray.submission import pack, write_prediction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,9 +57,9 @@ def _run(main, argv: list[str], capsys) -> tuple[int, str, list[str]]:
 
 
 def _search(data: Path, tmp_path: Path, monkeypatch) -> tuple[list[str], object]:
-    import ray
+    from geopose_ray import ray_env
 
-    monkeypatch.setattr(ray, "init", _never)
+    monkeypatch.setattr(ray_env, "init", _never)  # the one place that starts or joins Ray
     argv = ["--data", str(data), "--cache", str(tmp_path / "cache"), "--storage", str(tmp_path / "st")]
     return argv, _load_script("run_search").main
 
@@ -71,8 +71,10 @@ def _ensemble(data: Path, tmp_path: Path, monkeypatch) -> tuple[list[str], objec
     member.mkdir()
     (member / STATE_FILE).write_bytes(b"")
     (member / "config.yaml").write_text(yaml.safe_dump({"n_folds": 3, "fold": 0}))
+    from geopose_ray import ray_env
+
+    monkeypatch.setattr(ray_env, "init", _never)
     cli = _load_script("run_ensemble")
-    monkeypatch.setattr(cli, "_init_ray", _never)
     argv = ["--data", str(data), "--checkpoints", str(member), "--out", str(tmp_path / "out")]
     return [*argv, "--storage", str(tmp_path / "st")], cli.main
 

@@ -14,8 +14,10 @@ import threading
 import time
 from pathlib import Path
 
+import helpers_train
 import pytest
 import torch
+from helpers_train import nan_at
 
 from geopose_ray.checkpoint import STATE_FILE, load_state
 
@@ -100,18 +102,20 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, synth
     from ray import cloudpickle
     from ray.train import UserCallback
 
-    from geopose_ray.tune.worker import make_trainer
+    from geopose_ray.tune.capacity import TrialResources
+    from geopose_ray.tune.trainer import build_trainer, with_loss_hook
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
+    cloudpickle.register_pickle_by_value(helpers_train)
     log = tmp_path / "reports.jsonl"
     callback = type("ReportLogCallback", (ReportLog, UserCallback), {})(log)
     epochs = 4
-    nan_at_step_0 = {"precision": "bf16", "nan_inject_steps": "0", "max_nonfinite": 2}
-    config = _train_config(synthetic_dir, tmp_path, epochs=epochs, repeat=6, **nan_at_step_0)
+    bf16 = {"precision": "bf16", "max_nonfinite": 2}
+    config = _train_config(synthetic_dir, tmp_path, epochs=epochs, repeat=6, **bf16)
     storage = tmp_path / "storage"
-    trainer = make_trainer(
-        config, name="fault-worker", storage_path=storage, num_workers=2, num_to_keep=None,
-        max_failures=1, callbacks=[callback],
+    trainer = build_trainer(
+        config, name="fault-worker", storage_path=storage, resources=TrialResources(2, 1.0),
+        num_to_keep=None, max_failures=1, callbacks=[callback], train_fn=with_loss_hook(nan_at(0)),
     )  # fmt: skip
     killed: dict = {}
     killer = threading.Thread(target=lambda: killed.update(_kill_a_worker_after_first_checkpoint(log)))
@@ -145,13 +149,19 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, synth
 @pytest.mark.ray
 @pytest.mark.slow
 def test_repeated_nan_losses_stop_the_trial_with_a_clear_error(ray_session, synthetic_dir, tmp_path):
-    from geopose_ray.tune.worker import make_trainer
+    from ray import cloudpickle
 
-    config = _train_config(
-        synthetic_dir, tmp_path, epochs=2, precision="bf16", nan_inject_steps="0,1", max_nonfinite=2
-    )
+    from geopose_ray.tune.capacity import TrialResources
+    from geopose_ray.tune.trainer import build_trainer, with_loss_hook
+
+    cloudpickle.register_pickle_by_value(helpers_train)  # Ray workers cannot import tests/
+    config = _train_config(synthetic_dir, tmp_path, epochs=2, precision="bf16", max_nonfinite=2)
     storage = tmp_path / "storage"
+    trainer = build_trainer(
+        config, name="fault-nan", storage_path=storage, resources=TrialResources(1, 1.0), max_failures=0,
+        train_fn=with_loss_hook(nan_at(0, 1)),
+    )  # fmt: skip
     with pytest.raises(Exception, match="NonFiniteLossError: 2 non-finite losses in a row") as e:
-        make_trainer(config, name="fault-nan", storage_path=storage, num_workers=1).fit()
+        trainer.fit()
     assert e.type.__name__ == "WorkerGroupError"  # a trial error, not a hang or a retry loop
     assert not list(storage.rglob(STATE_FILE))  # no checkpoint at all, so none holds NaN weights

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from geopose_ray.config import Config, load_yaml_config
+from geopose_ray.config import Config
 from geopose_ray.synthetic import generate
 from geopose_ray.train_loop import fit
+from geopose_ray.tune.space import load_space
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 AGL_R2_FLOOR = 0.3  # measured 0.54 after these 160 steps (vflow_r2 0.19); the mean scores 0
@@ -24,7 +25,7 @@ VFLOW_R2_FLOOR = 0.0  # needs the angle: a random angle scores below 0 (the glob
 @pytest.mark.slow
 def test_default_config_learns_height_and_flow(tmp_path: Path):
     data = generate(tmp_path / "set", size=128, per_city=30, test_per_city=0, seed=11)
-    flat = load_yaml_config(SPACE)
+    flat = load_space(SPACE).defaults()
     flat.update(data_dir=str(data), epochs=8, threads=2, max_val_samples=16)
     history: list[dict[str, float]] = []
     fit(Config.from_dict(flat), reporter=lambda metrics, _state: history.append(metrics))

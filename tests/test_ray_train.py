@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import helpers_train
 import pytest
+from helpers_train import nan_at
 
 from geopose_ray.checkpoint import CONFIG_FILE, STATE_FILE, VAL_SCORE_FILE, load_state
 
@@ -14,7 +16,12 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def test_two_workers_report_checkpoint_and_resume(ray_session, synthetic_dir, tmp_path):
-    from geopose_ray.tune.worker import make_trainer
+    from ray import cloudpickle
+
+    from geopose_ray.tune.capacity import TrialResources
+    from geopose_ray.tune.trainer import build_trainer, with_loss_hook
+
+    cloudpickle.register_pickle_by_value(helpers_train)  # Ray workers cannot import tests/
 
     config = {
         "data_dir": str(synthetic_dir),
@@ -32,11 +39,12 @@ def test_two_workers_report_checkpoint_and_resume(ray_session, synthetic_dir, tm
     trainer_args = {
         "name": "train-test-resume",
         "storage_path": storage,
-        "num_workers": 2,
+        "resources": TrialResources(workers_per_trial=2, cpus_per_worker=1.0),
         "num_to_keep": None,
+        "max_failures": 0,
     }
 
-    first = make_trainer(config, **trainer_args).fit()
+    first = build_trainer(config, **trainer_args).fit()
     assert first.error is None
     assert first.metrics["epoch"] == 2 and math.isfinite(first.metrics["score"])
     assert first.metrics["node_id"] == ray_session.get_runtime_context().get_node_id()
@@ -50,8 +58,8 @@ def test_two_workers_report_checkpoint_and_resume(ray_session, synthetic_dir, tm
 
     # Extended to 3 epochs under the same name: NaN losses at global steps 0 and 1 (epochs 1 and
     # 2) with max_nonfinite=1 would fail a run that started over; a resumed one starts at step 2.
-    extended = {**config, "epochs": 3, "nan_inject_steps": "0,1", "max_nonfinite": 1}
-    second = make_trainer(extended, **trainer_args).fit()
+    extended = {**config, "epochs": 3, "max_nonfinite": 1}
+    second = build_trainer(extended, **trainer_args, train_fn=with_loss_hook(nan_at(0, 1))).fit()
     assert second.error is None
     assert second.metrics["epoch"] == 3 and second.metrics["nonfinite_total"] == 0
     epochs = sorted(int(m["epoch"]) for _, m in second.best_checkpoints)

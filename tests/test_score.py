@@ -18,7 +18,8 @@ from geopose_ray.constants import AGL_NODATA, CITIES
 from geopose_ray.data import io
 from geopose_ray.errors import EXIT_BAD_INPUT, run_cli
 from geopose_ray.metrics import GeoposeScore
-from geopose_ray.score import main, score_dirs
+from geopose_ray.score import score_dirs
+from geopose_ray.score.__main__ import main
 from geopose_ray.submission import pack
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")

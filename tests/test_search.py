@@ -18,12 +18,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from geopose_ray import experiment
 from geopose_ray.config import Config
 from geopose_ray.errors import InputError
+from geopose_ray.experiment import trial_train_config
 from geopose_ray.metrics import GeoposeScore
-from geopose_ray.tune import refit, report, search
-from geopose_ray.tune.capacity import Capacity
-from geopose_ray.tune.driver import TrialResources, trial_train_config
+from geopose_ray.tune import refit, report, search, tuner
+from geopose_ray.tune.capacity import Capacity, TrialResources
 from geopose_ray.tune.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def record(tid: str, cfg: dict, scores: list[float], status: str = "TERMINATED")
 @pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
 def test_first_trial_optuna_proposes_is_the_defaults(path):
     space = load_space(path)
-    searcher = search.build_searcher(space, seed=0)
+    searcher = tuner.build_searcher(space, seed=0)
     assert searcher.suggest("first") == space.defaults()
     second = searcher.suggest("second")
     assert set(second) - set(space.defaults()) <= set(space.searched())
@@ -101,11 +102,11 @@ def test_top_configs_are_distinct_finished_and_finite():
     ]
     assert [r.trial_id for r in refit.top_configs(recs, 5)] == ["t2", "t3"]
     assert [r.trial_id for r in refit.top_configs(recs, 1)] == ["t2"]
-    cid = report.config_id(a)
-    assert cid == report.config_id({**a, "fold": 3, "data_dir": "/elsewhere"})  # run keys excluded
+    cid = experiment.config_id(a)
+    assert cid == experiment.config_id({**a, "fold": 3, "data_dir": "/elsewhere"})  # run keys excluded
     assert refit.reusable(recs, cid, fold=0, max_epochs=2).trial_id == "t2"
     assert refit.reusable(recs, cid, fold=1, max_epochs=2) is None
-    assert refit.reusable(recs, report.config_id(b), fold=0, max_epochs=2) is None  # stopped at 1
+    assert refit.reusable(recs, experiment.config_id(b), fold=0, max_epochs=2) is None  # stopped at 1
 
 
 def test_leaderboard_and_importances_from_records(tmp_path):
@@ -211,11 +212,11 @@ def test_optuna_asha_search_and_report(ray_session, tmp_path):
     exp = tmp_path / "exp"
 
     def make_tuner():
-        return search.build_tuner(
+        return tuner.build_tuner(
             space, trainable, "exp", str(tmp_path), Capacity(TrialResources(), cap=1), seed=3
         )
 
-    search.fit_or_resume(make_tuner, exp, trainable, resume=False)
+    tuner.fit_or_resume(make_tuner, exp, trainable, resume=False)
     recs = report.load_trials(exp)
     assert len(recs) == space.num_samples
     first = next(r for r in recs if r.config["lr"] == 1e-3 and r.config["agl_loss"] == "mse")  # defaults
@@ -231,20 +232,20 @@ def test_optuna_asha_search_and_report(ray_session, tmp_path):
     # trial, worse by construction, is stopped there; a stopped trial ran exactly 1 epoch
     assert row.loc[recs[1].trial_id, "stopped_early"] and row.loc[recs[1].trial_id, "epochs_run"] == 1
     assert (board["epochs_run"] == board["stopped_early"].map({True: 1, False: 2})).all()
-    best = yaml.safe_load((exp / report.BEST_CONFIG).read_text())
+    best = yaml.safe_load((exp / experiment.BEST_CONFIG).read_text())
     assert best["lr"] == 1e-3 and best["agl_loss"] == "mse"
-    assert set(json.loads((exp / report.IMPORTANCES).read_text())["importances"]) <= {
+    assert set(json.loads((exp / experiment.IMPORTANCES).read_text())["importances"]) <= {
         "agl_loss",
         "lr",
         "huber_delta",
     }
-    for png in (report.SCORE_VS_EPOCH, report.SCORE_BY_PARAM):
+    for png in (experiment.SCORE_VS_EPOCH, experiment.SCORE_BY_PARAM):
         assert (exp / png).read_bytes()[:4] == b"\x89PNG"
-    assert len(pd.read_csv(exp / report.LEADERBOARD)) == space.num_samples
+    assert len(pd.read_csv(exp / experiment.LEADERBOARD)) == space.num_samples
     with pytest.raises(InputError, match="--resume"):
-        search.fit_or_resume(make_tuner, exp, trainable, resume=False)
+        tuner.fit_or_resume(make_tuner, exp, trainable, resume=False)
     with pytest.raises(InputError, match="no experiment"):
-        search.fit_or_resume(make_tuner, tmp_path / "none", trainable, resume=True)
+        tuner.fit_or_resume(make_tuner, tmp_path / "none", trainable, resume=True)
 
 
 # --- end to end through Ray Train (real worker) -------------------------------------------------
@@ -283,7 +284,7 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
     refit_board = res.refit_leaderboard
     assert not refit_board["stopped_early"].any() and (refit_board["epochs_run"] == 2).all()
     assert set(refit_board["fold"]) == {m["fold"] for m in refits}
-    for name in (report.LEADERBOARD, report.BEST_CONFIG, report.IMPORTANCES, search.OPTIONS_FILE):
+    for name in (experiment.LEADERBOARD, experiment.BEST_CONFIG, experiment.IMPORTANCES, experiment.OPTIONS):
         assert (res.experiment_dir / name).is_file()
 
 
@@ -385,7 +386,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(synthetic_dir, 
         )
     out = (tmp_path / "resume.log").read_text()
     assert rc.returncode == 0, out[-3000:]
-    board = pd.read_csv(exp / report.LEADERBOARD)
+    board = pd.read_csv(exp / experiment.LEADERBOARD)
     assert len(board) == 3 and board["trial_id"].is_unique  # the searcher did not start extra trials
     assert (board["status"] == "TERMINATED").all()
     for name, before in kept.items():  # finished trials were not run again

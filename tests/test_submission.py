@@ -18,13 +18,8 @@ from geopose_ray.constants import AGL_MAX_CM, SUBMISSION_ARCHIVE
 from geopose_ray.data import io
 from geopose_ray.errors import EXIT_BAD_INPUT, run_cli
 from geopose_ray.score import score_dirs
-from geopose_ray.submission import (
-    check_submission,
-    inspect_submission,
-    main,
-    pack,
-    write_prediction,
-)
+from geopose_ray.submission import check_submission, inspect_submission, pack, write_prediction
+from geopose_ray.submission.__main__ import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 

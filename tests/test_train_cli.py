@@ -24,7 +24,6 @@ def small_space(tmp_path) -> dict:
     return {
         "scheduler": {"max_epochs": 1, "grace_period": 1, "reduction_factor": 2},
         "fixed": {
-            "cache_dir": str(tmp_path / "cache"),
             "n_folds": 3,
             "crop": 64,
             "batch_size": 2,
@@ -41,7 +40,8 @@ def small_space(tmp_path) -> dict:
 def test_trains_a_search_space_default_and_keeps_the_best_checkpoint(synthetic_dir, tmp_path, capsys):
     config = write_yaml(tmp_path / "space.yaml", small_space(tmp_path))
     out = tmp_path / "out"
-    assert main(["--config", config, "--data", str(synthetic_dir), "--out", str(out), "--fold", "1"]) == 0
+    cache = str(tmp_path / "cache")
+    assert main(["--config", config, "--data", str(synthetic_dir), "--cache", cache, "--out", str(out), "--fold", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("epoch 1/1") and "score" in lines[0]  # max_epochs of the space
     assert lines[-1].startswith("best score") and str(out) in lines[-1]

@@ -23,7 +23,7 @@ import numpy as np
 import ray
 import torch
 
-from geopose_ray.atomic import atomic_write_text
+from geopose_ray.atomic import atomic_write_json, json_safe
 from geopose_ray.config import Config
 from geopose_ray.constants import SUBMISSION_ARCHIVE
 from geopose_ray.data import io
@@ -198,8 +198,10 @@ def run_ensemble(
     max_tile: int | None = None,
     num_actors: int | None = None,
     n_previews: int = 4,
+    archive: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Fit the blend out-of-fold, predict the test tiles, pack and check the submission.
+    """Fit the blend out-of-fold, predict the test tiles, pack and check the submission (into
+    `archive`, default `out_dir/submission_compressed.tar.gz`).
 
     Returns the report (also written to `out_dir/ensemble_report.json`); `report["valid"]` is
     False, with `problems`, when `check_submission` refuses the archive.
@@ -237,23 +239,24 @@ def run_ensemble(
     )
     timings["test_s"] = time.perf_counter() - t0
     report = {"configs": _config_rows(configs, fit), "tta": tta, "oof": fit, "test_tiles": len(written)}
-    report.update(finish(pred_dir, out_dir, data_dir, test, n_previews), timings=timings)
+    archive = Path(archive) if archive else out_dir / SUBMISSION_ARCHIVE
+    report.update(finish(pred_dir, archive, data_dir, test, n_previews), timings=timings)
     report["test"] = test_table(written, report["test_score"])
     for row, score in zip(report["configs"], (report["test"] or {}).get("members", [])):
         row["test"] = score
     report = json_safe(report)
-    atomic_write_text(out_dir / REPORT_JSON, json.dumps(report, indent=2))
+    atomic_write_json(out_dir / REPORT_JSON, report)
     return report
 
 
 def finish(
-    pred_dir: Path, out_dir: Path, data_dir: Path, test: list[CachedSample], n_previews: int
+    pred_dir: Path, archive: Path, data_dir: Path, test: list[CachedSample], n_previews: int
 ) -> dict[str, Any]:
     """Pack, check (before anyone sees the path), preview and, with a truth/ folder, score."""
     from geopose_ray.score import score_dirs
     from geopose_ray.submission import check_submission, pack
 
-    archive = pack(pred_dir, out_dir / SUBMISSION_ARCHIVE)
+    archive = pack(pred_dir, archive)
     problems = check_submission(archive, data_dir)
     if problems:
         return {
@@ -266,7 +269,7 @@ def finish(
     truth = data_dir / "truth"
     truth = truth if truth.is_dir() else None
     tiles = [(f"{s.city}_{s.id}", s.rgb) for s in sorted(test, key=lambda s: s.id)]
-    previews = write_previews(out_dir / "previews", tiles, pred_dir, truth, n_previews)
+    previews = write_previews(pred_dir.parent / "previews", tiles, pred_dir, truth, n_previews)
     return {
         "archive": str(archive),
         "valid": True,
@@ -354,15 +357,3 @@ def _config_rows(configs: list[tuple[str, dict[int, Member]]], fit: dict[str, An
         )
     return rows
 
-
-def json_safe(x: Any) -> Any:
-    """Plain JSON values: numpy scalars -> Python, Path -> str, NaN/inf -> None (strict JSON)."""
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        x = x.item()
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    return str(x) if isinstance(x, Path) else x

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from geopose_ray import experiment
 from geopose_ray.checkpoint import STATE_FILE, read_checkpoint_config
 from geopose_ray.config import Config
 from geopose_ray.errors import InputError
+from geopose_ray.experiment import MEMBERS, Experiment, latest
 
-MEMBERS_JSON = "members.json"
 REQUIRED_KEYS = ("rank", "config_id", "fold", "checkpoint", "config")
 
 
@@ -85,7 +86,7 @@ def _member(entry: Any, i: int, path: Path) -> Member:
 
 def read_members(storage: str | Path, name: str, top_k: int) -> list[Member]:
     """The members of the `top_k` best-ranked configs in `<storage>/<name>/members.json`."""
-    path = Path(storage) / name / MEMBERS_JSON
+    path = Experiment(Path(storage), name).members
     doc = _load_json(path)
     if not isinstance(doc, list) or not doc:
         raise InputError(path, "expected a non-empty JSON list of members")
@@ -99,13 +100,10 @@ def read_members(storage: str | Path, name: str, top_k: int) -> list[Member]:
 
 def latest_experiment(storage: str | Path) -> str:
     """Name of the most recently written experiment in `storage` that has a members.json."""
-    storage = Path(storage)
-    found = (
-        sorted(storage.glob(f"*/{MEMBERS_JSON}"), key=lambda p: p.stat().st_mtime) if storage.is_dir() else []
-    )
-    if not found:
-        raise InputError(storage, f"no experiment with {MEMBERS_JSON} here: run run_search.py first")
-    return found[-1].parent.name
+    name = latest(storage)
+    if name is None:
+        raise InputError(storage, f"no experiment with {MEMBERS} here: run run_search.py first")
+    return name
 
 
 def members_from_checkpoints(folders: list[str | Path]) -> list[Member]:
@@ -114,8 +112,7 @@ def members_from_checkpoints(folders: list[str | Path]) -> list[Member]:
     members, ids = [], {}
     for folder in map(Path, folders):
         config = read_checkpoint_config(folder)
-        key = json.dumps({k: v for k, v in sorted(config.items()) if k != "fold"}, default=str)
-        config_id = ids.setdefault(key, f"config{len(ids)}")
+        config_id = ids.setdefault(experiment.config_id(config), f"config{len(ids)}")
         fold = int(Config.from_dict(config, strict=False).data.fold)
         members.append(Member(config_id, fold, folder, rank=int(config_id[6:]), config=config))
     seen = [(m.config_id, m.fold) for m in members]

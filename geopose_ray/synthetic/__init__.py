@@ -1,13 +1,13 @@
 """The embedded default data set: a synthetic city of four styles in the exact DrivenData layout.
 
 `generate(out_dir, ...)` writes the set (skipped when a complete one with the same parameters is
-there); `render_oblique(height, albedo, scale, angle)` is the physically consistent oblique
+there), `ensure_default(dir)` the same unless another data set is there; `render_oblique(height, albedo, scale, angle)` is the physically consistent oblique
 renderer behind it, public so augmentation tests can render a scene from any viewing direction.
 """
 
 from __future__ import annotations
 
-from geopose_ray.synthetic.build import generate, plan
+from geopose_ray.synthetic.build import ensure_default, generate, plan
 from geopose_ray.synthetic.render import render_oblique
 
-__all__ = ["generate", "plan", "render_oblique"]
+__all__ = ["ensure_default", "generate", "plan", "render_oblique"]

@@ -17,6 +17,7 @@ import fcntl
 import json
 import shutil
 import string
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,3 +263,14 @@ def _clear_previous(out: Path, params: dict[str, float]) -> None:
 
 def _write_manifest(out: Path, params: dict[str, float], complete: bool) -> None:
     atomic_write_text(out / MANIFEST, json.dumps({**params, "complete": complete}, indent=1))
+
+
+def ensure_default(data_dir: Path) -> Path:
+    """The embedded synthetic set in `data_dir`, generated (with the generator's defaults, as
+    every entry point) unless a data set is already there. A synthetic set written with other
+    parameters (an older default) is regenerated; a foreign set is used as it is."""
+    data_dir = Path(data_dir)
+    if (data_dir / MANIFEST).is_file() or not (data_dir / "geopose_train.csv").is_file():
+        print(f"synthetic data set: {data_dir} (written when missing or outdated)", file=sys.stderr)
+        generate(data_dir)
+    return data_dir

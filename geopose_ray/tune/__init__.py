@@ -1,5 +1,6 @@
-"""The Ray layer of training: search spaces, the Tune driver and the Ray Train adapter
-(`worker.train_fn_per_worker`). Every `ray` import of the training path lives in this package.
+"""The Ray layer of training: search spaces (`space`), the search (`search`, `refit`, `report`),
+Ray Train (`trainer`: the one TorchTrainer factory) and Ray Tune (`tuner`). Of these, only
+`trainer.py` and `tuner.py` import `ray` (with `ray_env.py` and `ensemble/job.py`, the only four).
 
 Nothing is imported here, so that importing a submodule stays cheap.
 """

@@ -2,9 +2,9 @@
 
 Tune only sees each trial's near-free driver (0.01 CPU), never its Train workers, so it must be
 told how many trials fit. A number fixed at start-up goes stale on an autoscaling cluster: the
-search would keep running one trial on a cluster that has grown to eight GPUs. `ElasticLimiter`
-wraps the searcher like Tune's `ConcurrencyLimiter`, but re-computes the limit from
-the cluster whenever Tune asks for a new trial:
+search would keep running one trial on a cluster that has grown to eight GPUs. `Capacity` is
+the rule (no Ray here); `tuner.ElasticLimiter` wraps the searcher like Tune's
+`ConcurrencyLimiter`, but re-computes the limit by it whenever Tune asks for a new trial:
 
     with an autoscaler:    limit = min(cap, trials that fit the largest cluster it may build)
     without one:           limit = min(cap, trials that fit the cluster now + pending)
@@ -19,31 +19,42 @@ the limit follows the nodes alive, plus `pending` waiting trials; on a fixed loc
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
-from typing import Any
 
-from ray.tune.search import ConcurrencyLimiter, Searcher
-
-from geopose_ray.tune.driver import TrialResources
-
-log = logging.getLogger(__name__)
-
-REFRESH_S = 2.0  # Tune asks for suggestions many times a second; the GCS need not be asked as often
+DRIVER_CPUS = 0.01  # a driver only waits on its Train run; {"CPU": 0} is refused by Tune
 
 
-def cluster_resources() -> tuple[dict[str, float], dict[str, float] | None]:
-    """(the cluster's resources now, the most its autoscaler may reach or None without one)."""
-    import ray
-    from ray._private.state import state  # what Ray Train V2's worker group reads too
+@dataclass(frozen=True)
+class TrialResources:
+    """What one trial holds: `workers_per_trial` Train workers plus a near-free driver."""
 
-    try:
-        most = state.get_max_resources_from_cluster_config()
-    except Exception:  # a private API: planning for the largest cluster is optional
-        most = None
-    return ray.cluster_resources(), most
+    workers_per_trial: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def per_worker(self) -> dict[str, float]:
+        res = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker > 0:
+            res["GPU"] = self.gpus_per_worker
+        return res
+
+    def max_concurrent(self, cluster: dict[str, float]) -> int:
+        """Trials that fit at once: Tune only sees the drivers' 0.01 CPU, never the Train
+        workers, so without this cap it would start trials whose workers can never be placed."""
+        limits = []
+        cpus = self.workers_per_trial * self.cpus_per_worker + DRIVER_CPUS
+        limits.append(math.floor(cluster.get("CPU", 0.0) / cpus + 1e-9))
+        if self.gpus_per_worker > 0:
+            gpus = self.workers_per_trial * self.gpus_per_worker
+            limits.append(math.floor(cluster.get("GPU", 0.0) / gpus + 1e-9))
+        return max(1, min(limits))
+
+    def fits(self, cluster: dict[str, float]) -> bool:
+        """True when one trial's workers can be placed on a cluster of this size at all."""
+        cpu_ok = self.workers_per_trial * self.cpus_per_worker + DRIVER_CPUS <= cluster.get("CPU", 0.0) + 1e-9
+        gpu_ok = self.workers_per_trial * self.gpus_per_worker <= cluster.get("GPU", 0.0) + 1e-9
+        return cpu_ok and gpu_ok
 
 
 def knows_every_need(most: dict[str, float] | None, resources: TrialResources) -> bool:
@@ -70,44 +81,3 @@ class Capacity:
         else:
             limit += max(0, self.pending)
         return max(1, min(limit, self.cap) if self.cap else limit)
-
-
-class ElasticLimiter(ConcurrencyLimiter):
-    """`ConcurrencyLimiter` whose `max_concurrent` follows the cluster's size (see module doc).
-
-    `resources_fn` returns (the cluster's resources now, the autoscaler's maximum or None), see
-    `cluster_resources`; tests pass a fake one. It must pickle: Tune saves the searcher with the
-    experiment state."""
-
-    def __init__(
-        self,
-        searcher: Searcher,
-        capacity: Capacity,
-        resources_fn: Callable[[], tuple[dict[str, float], dict[str, float] | None]] = cluster_resources,
-    ):
-        self.capacity = capacity
-        self.resources_fn = resources_fn
-        self._checked_at = float("-inf")
-        super().__init__(searcher, max_concurrent=self._limit())
-
-    def _limit(self) -> int:
-        return self.capacity.limit(*self.resources_fn())
-
-    def refresh(self) -> int:
-        """Re-read the cluster (at most every REFRESH_S seconds); returns the current limit."""
-        now = time.monotonic()
-        if abs(now - self._checked_at) >= REFRESH_S:  # abs: a restored searcher's clock was another process's
-            self._checked_at = now
-            limit = self._limit()
-            if limit != self.max_concurrent:
-                log.info("cluster changed: up to %d trials at once (was %d)", limit, self.max_concurrent)
-                self.max_concurrent = limit
-        return self.max_concurrent
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        self.refresh()
-        return super().suggest(trial_id)
-
-    def set_state(self, state: dict) -> None:
-        super().set_state(state)
-        self._checked_at = float("-inf")  # a restored search re-reads the (maybe new) cluster

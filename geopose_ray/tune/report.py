@@ -5,8 +5,6 @@ and PNG plots, all written atomically into the experiment folder.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +14,18 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from geopose_ray.atomic import atomic_path, atomic_write_text
-from geopose_ray.tune.driver import METRIC, trial_train_config
+from geopose_ray.atomic import atomic_path, atomic_write_json, atomic_write_text, json_safe
+from geopose_ray.experiment import (
+    BEST_CONFIG,
+    IMPORTANCES,
+    LEADERBOARD,
+    METRIC,
+    SCORE_BY_PARAM,
+    SCORE_VS_EPOCH,
+    config_id,
+    trial_train_config,
+)
 from geopose_ray.tune.space import SearchSpace
-
-LEADERBOARD = "leaderboard.csv"
-BEST_CONFIG = "best_config.yaml"
-IMPORTANCES = "param_importances.json"
-SCORE_VS_EPOCH = "score_vs_epoch.png"
-SCORE_BY_PARAM = "score_by_param.png"
-RUN_KEYS = ("data_dir", "cache_dir", "fold")  # not part of a config's identity
 
 
 @dataclass
@@ -58,28 +58,11 @@ class TrialRecord:
         return self.history[key].dropna().iloc[-1]
 
 
-def config_id(train_config: dict[str, Any]) -> str:
-    """Short stable hash of a config without its run keys: the same config on two folds shares it."""
-    ident = {k: v for k, v in sorted(train_config.items()) if k not in RUN_KEYS}
-    return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def load_trials(experiment_dir: str | Path) -> list[TrialRecord]:
     """Every trial of a Tune experiment folder, finished or not (no running Ray needed)."""
-    from ray import tune
+    from geopose_ray.tune.tuner import read_trials
 
-    ea = tune.ExperimentAnalysis(str(experiment_dir))
-    frames = ea.trial_dataframes
-    records = []
-    for t in ea.trials:
-        df = frames.get(t.trial_id, pd.DataFrame())
-        if "epoch" in df:
-            # a resumed trial re-reports the epochs after its last checkpoint: keep the latest
-            df = df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
-        records.append(
-            TrialRecord(t.trial_id, str(t.status), dict(t.config), df.reset_index(drop=True), t.path)
-        )
-    return records
+    return [TrialRecord(*row) for row in read_trials(experiment_dir)]
 
 
 def leaderboard(records: list[TrialRecord], space: SearchSpace) -> pd.DataFrame:
@@ -250,15 +233,11 @@ def write_report(experiment_dir: str | Path, space: SearchSpace, importances: bo
     best = best_config(board, records)
     if best is not None:
         header = f"# best trial {board['trial_id'].iloc[0]}: score {board['score'].iloc[0]:.5f}\n"
-        body = yaml.safe_dump({k: plain(v) for k, v in best.items()}, sort_keys=False)
+        body = yaml.safe_dump(json_safe(best), sort_keys=False)
         atomic_write_text(exp / BEST_CONFIG, header + body)
     if space.parameters and importances:
-        atomic_write_text(exp / IMPORTANCES, json.dumps(param_importances(records, space), indent=2) + "\n")
+        atomic_write_json(exp / IMPORTANCES, param_importances(records, space))
         plot_score_by_param(board, space, exp / SCORE_BY_PARAM)
     plot_score_vs_epoch(records, exp / SCORE_VS_EPOCH)
     return board
 
-
-def plain(v: Any) -> Any:
-    """numpy scalars -> Python, so YAML stays readable."""
-    return v.item() if isinstance(v, np.generic) else v

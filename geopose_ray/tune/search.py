@@ -1,8 +1,8 @@
-"""Layer 1: the Tuner. OptunaSearch (TPE, seeded, the space's defaults first) proposes configs,
-ASHA stops weak ones by epoch, every trial is one Ray Train run (`driver.py`); then the report,
-and optionally the fold refit of the best configs (`refit.py`).
+"""A search, start to end: resolve the options against the space, the data and the cluster; run
+the search Tuner (`tuner.py`: OptunaSearch + ASHA over Ray Train runs, `trainer.py`); write the
+report; refit the best configs (`refit.py`). No `ray` import here.
 
-Needs a connected Ray (`ray.init`) — the CLI `run_search.py` does that and nothing else.
+Needs a connected Ray (`ray_env.init`): the CLI `run_search.py` does that.
 """
 
 from __future__ import annotations
@@ -10,35 +10,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from geopose_ray import paths
+from geopose_ray import paths, ray_env
 from geopose_ray.atomic import atomic_write_text
 from geopose_ray.errors import InputError
-from geopose_ray.tune import progress
-from geopose_ray.tune.capacity import Capacity, ElasticLimiter, cluster_resources, knows_every_need
-from geopose_ray.tune.driver import (
-    METRIC,
-    MODE,
-    DriverSettings,
-    TrialResources,
-    make_trainable,
-    trial_dirname,
-)
-from geopose_ray.tune.space import SearchSpace, SpaceSampler, load_space
+from geopose_ray.experiment import Experiment
+from geopose_ray.tune import refit, report, trainer, tuner
+from geopose_ray.tune.capacity import Capacity, TrialResources, knows_every_need
+from geopose_ray.tune.space import SearchSpace, load_space
 
 log = logging.getLogger(__name__)
 DEFAULT_WORKERS = 2
 FIXED_CLUSTER_CONTROLLER_RETRIES = 5  # x 60 s worker-group start timeouts, then the trial errors
 DEFAULT_CPUS_PER_WORKER = 1.0
-OPTIONS_FILE = "search_options.json"
 
 
 @dataclass
@@ -66,7 +56,6 @@ class SearchOptions:
     overrides: dict[str, Any] = field(default_factory=dict)  # --set KEY=VALUE: more fixed settings
     max_concurrent: int | None = None  # cap on trials at once; None: as many as the cluster fits
     pending_trials: int | None = None  # admitted beyond what fits (autoscaler demand); None: 0 fixed, else 1
-    train_fn: Callable[[dict], None] | None = field(default=None, repr=False)  # tests: stand-in worker
 
 
 @dataclass
@@ -111,7 +100,9 @@ def resolve_space(opts: SearchOptions, data_dir: str) -> SearchSpace:
         "fold": opts.fold,
         **({"cache_dir": str(Path(opts.cache).resolve())} if opts.cache else {}),
     }
-    n_folds = int(space.fixed.get("n_folds", 5))
+    if "seed" not in space.fixed and "seed" not in space.searched():
+        run["seed"] = opts.seed  # the training seed of every trial (Optuna's is the same --seed)
+    n_folds = space.n_folds()
     if not 0 <= opts.fold < n_folds:
         raise InputError(space.path, f"--fold {opts.fold} is not in 0..{n_folds - 1} (n_folds {n_folds})")
     return dataclasses.replace(
@@ -156,25 +147,6 @@ def resolve_resources(
     return res
 
 
-def pin_local_address() -> str:
-    """Choose the GCS port of the local instance about to start and export its address as
-    RAY_ADDRESS, so every process of it (the raylet inherits this environment) finds its own
-    cluster. Ray Train's placement-group cleaner looks the cluster up by RAY_ADDRESS; with two
-    instances on one machine and none set it fails, and an ASHA-stopped trial's workers then
-    hold their CPUs forever. Call just before `ray.init(address="local")`."""
-    import socket
-
-    import ray.util
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
-    address = f"{ray.util.get_node_ip_address()}:{port}"
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    os.environ["RAY_ADDRESS"] = address
-    return address
-
-
 def check_capacity_options(opts: SearchOptions) -> None:
     """--pending-trials >= 0, --max-concurrent >= 1 (checked before Ray starts)."""
     if opts.pending_trials is not None and opts.pending_trials < 0:
@@ -193,130 +165,81 @@ def resolve_capacity(opts: SearchOptions, resources: TrialResources) -> Capacity
 
 def resolve_data(opts: SearchOptions) -> str:
     if opts.data is None:
-        from geopose_ray.train import ensure_default_data
+        from geopose_ray.synthetic import ensure_default
 
-        return str(ensure_default_data(paths.default_data_dir()))
+        return str(ensure_default(paths.default_data_dir()))
     data = Path(opts.data).resolve()
     if not data.is_dir():
         raise InputError(data, "data folder not found")
     return str(data)
 
 
-def build_searcher(space: SearchSpace, seed: int) -> Any:
-    """OptunaSearch over the define-by-run space (TPE, seeded); its first trial is the defaults."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+def plan_search(opts: SearchOptions) -> list[str]:
+    """What `run_search(opts)` would do, as lines a person reads (`run_search.py --dry-run`): the
+    data, the space, the resources per trial and how many trials fit the connected cluster, the
+    experiment folder and the refits. Checks everything a run checks; trains nothing."""
+    from geopose_ray.data import layout
 
-    return OptunaSearch(
-        space=SpaceSampler(space),
-        metric=METRIC,
-        mode=MODE,
-        points_to_evaluate=[space.default_point()],
-        sampler=optuna.samplers.TPESampler(seed=seed),
-    )
-
-
-def build_tuner(
-    space: SearchSpace,
-    trainable: Any,
-    name: str,
-    storage: str,
-    capacity: Capacity,
-    seed: int,
-    resources_fn: Callable[[], tuple[dict[str, float], dict[str, float] | None]] | None = None,
-) -> Any:
-    """OptunaSearch + ASHA over `trainable` (the driver, or any function reporting `epoch` and
-    `score`), behind an ElasticLimiter that re-reads the cluster's size (tests pass a fake
-    `resources_fn`). Metric and mode live on searcher and scheduler, not on TuneConfig: rank
-    results with them explicitly."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
+    data = Path(opts.data).resolve() if opts.data else paths.default_data_dir()
+    tiles = {split: len(layout.load_split(data, split)) for split in ("train", "test")} if opts.data else None
+    space = resolve_space(opts, str(data))
+    cluster, most = ray_env.cluster_resources()
+    resources = resolve_resources(opts, space, cluster, most)
+    concurrent = resolve_capacity(opts, resources).limit(cluster, most)
+    storage = Path(opts.storage).resolve() if opts.storage else paths.default_storage()
+    exp = Experiment(storage, opts.name or space.name)
     sched = space.scheduler
-    scheduler = ASHAScheduler(
-        metric=METRIC,
-        mode=MODE,
-        time_attr="epoch",  # not training_iteration: that restarts at 1 after a restore
-        max_t=sched.max_epochs,
-        grace_period=sched.grace_period,
-        reduction_factor=sched.reduction_factor,
-    )
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=ElasticLimiter(
-                build_searcher(space, seed), capacity, resources_fn or cluster_resources
-            ),
-            scheduler=scheduler,
-            num_samples=space.num_samples,
-            max_concurrent_trials=None,  # the ElasticLimiter decides, from the live cluster
-            trial_dirname_creator=trial_dirname,
-        ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage,
-            **progress.run_config_kwargs(space.searched(), sched.max_epochs, progress.columns(space)),
-        ),
-    )
+    have = {k: cluster.get(k, 0.0) for k in ("CPU", "GPU")}
+    lines = [
+        f"data:       {data}  "
+        + (f"({tiles['train']} train / {tiles['test']} test tiles)" if tiles else "(the embedded synthetic set)"),
+        f"space:      {space.path}  searched: {', '.join(space.searched()) or '-'}",
+        f"trials:     {space.num_samples} x up to {sched.max_epochs} epochs on fold {opts.fold}; "
+        f"ASHA grace {sched.grace_period}, reduction factor {sched.reduction_factor}",
+        f"per trial:  {resources.workers_per_trial} Train worker(s) x {resources.per_worker()}",
+        f"cluster:    {have}; {concurrent} trial(s) at once",
+        f"experiment: {exp.dir}" + ("  (resumed)" if opts.resume else ""),
+    ]
+    if opts.refit_top > 0:
+        folds = opts.folds if opts.folds is not None else (opts.fold,)
+        lines.append(f"refits:     the top {opts.refit_top} configs on fold(s) {list(folds)} -> {exp.members}")
+    return lines
 
 
-def fit_or_resume(make_tuner: Callable[[], Any], experiment_dir: Path, trainable: Any, resume: bool) -> Any:
-    """A new experiment, or (`resume`) the one in `experiment_dir` restored with its errored
-    trials retried; the Train runs of unfinished trials resume from their latest checkpoints."""
-    from ray import tune
-
-    exists = tune.Tuner.can_restore(str(experiment_dir))
-    if resume:
-        if not exists:
-            raise InputError(experiment_dir, "no experiment to resume here")
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
-    else:
-        if exists:
-            raise InputError(
-                experiment_dir, "experiment exists: pass --resume to finish it, or choose another --name"
-            )
-        tuner = make_tuner()
-    return tuner.fit()
-
-
-def run_search(opts: SearchOptions) -> SearchResult:
-    """Search one fold, report, and optionally refit the top configs on every fold."""
-
-    from geopose_ray.tune import refit, report
-
+def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) -> SearchResult:
+    """Search one fold, report, and optionally refit the top configs on every fold. `train_fn`:
+    another per-worker function (see `trainer.build_trainer`)."""
     start = time.monotonic()
     data_dir = resolve_data(opts)
     space = resolve_space(opts, data_dir)
-    cluster, most = cluster_resources()
+    cluster, most = ray_env.cluster_resources()
     resources = resolve_resources(opts, space, cluster, most)
     if opts.storage and "://" in opts.storage:  # reports, refits and the ensemble read files by path
         raise InputError(opts.storage, "cloud storage URIs are not supported: use a path shared by all nodes")
     storage = Path(opts.storage).resolve() if opts.storage else paths.default_storage()
-    name = opts.name or space.name
-    exp_dir = storage / name
-    settings = DriverSettings(
-        experiment=name,
-        storage_path=str(storage),
+    exp = Experiment(storage, opts.name or space.name)
+    settings = trainer.DriverSettings(
+        experiment=exp.name,
+        storage_path=str(exp.storage),
         resources=resources,
         num_to_keep=opts.num_to_keep,
         max_failures=opts.max_failures,
         controller_failure_limit=FIXED_CLUSTER_CONTROLLER_RETRIES if opts.fixed_cluster else -1,
-        train_fn=opts.train_fn,
     )
     capacity = resolve_capacity(opts, resources)
-    trainable = make_trainable(settings)
-    fit_or_resume(
-        lambda: build_tuner(space, trainable, name, str(storage), capacity, opts.seed),
-        exp_dir,
+    trainable = trainer.make_trainable(settings, train_fn)
+    tuner.fit_or_resume(
+        lambda: tuner.build_tuner(space, trainable, exp.name, str(exp.storage), capacity, opts.seed),
+        exp.dir,
         trainable,
         opts.resume,
     )
-    _write_options(exp_dir, opts, space, resources, capacity.limit(cluster, most))
-    board = report.write_report(exp_dir, space)
+    _write_options(exp, opts, space, resources, capacity.limit(cluster, most))
+    board = report.write_report(exp.dir, space)
     result = SearchResult(
-        experiment_dir=exp_dir,
+        experiment_dir=exp.dir,
         leaderboard=board,
-        best_config=report.best_config(board, report.load_trials(exp_dir)),
+        best_config=report.best_config(board, report.load_trials(exp.dir)),
         trials=len(board),
         epochs_run=int(board["epochs_run"].sum()) if len(board) else 0,
         epochs_budget=len(board) * space.scheduler.max_epochs,
@@ -329,19 +252,17 @@ def run_search(opts: SearchOptions) -> SearchResult:
         )
     elif opts.refit_top > 0:
         folds = opts.folds if opts.folds is not None else (opts.fold,)  # reuses the search trials
-        concurrent = capacity.limit(*cluster_resources())  # refits: fixed, from the cluster as it is now
-        out = refit.run_refit(exp_dir, space, settings, opts.refit_top, folds, concurrent, opts.resume)
+        concurrent = capacity.limit(*ray_env.cluster_resources())  # refits: fixed, from the cluster now
+        out = refit.run_refit(exp, space, settings, opts.refit_top, folds, concurrent, opts.resume, train_fn)
         result.members, result.members_path, result.refit_leaderboard = out
         result.interrupted = result.members_path is None
     result.wall_s = time.monotonic() - start
     return result
 
 
-def _write_options(
-    exp_dir: Path, opts: SearchOptions, space: SearchSpace, res: TrialResources, conc: int
-) -> None:
+def _write_options(exp: Experiment, opts: SearchOptions, space: SearchSpace, res: TrialResources, conc: int) -> None:
     """The resolved settings beside the results (what exactly ran, for a later reader)."""
-    doc = {k: v for k, v in dataclasses.asdict(opts).items() if k != "train_fn"}
+    doc = dataclasses.asdict(opts)
     doc.update(
         space_file=str(Path(space.path).resolve()),
         resources=dataclasses.asdict(res),
@@ -349,4 +270,4 @@ def _write_options(
         max_epochs=space.scheduler.max_epochs,
         fixed=space.fixed,
     )
-    atomic_write_text(exp_dir / OPTIONS_FILE, json.dumps(doc, indent=2, default=str) + "\n")
+    atomic_write_text(exp.options, json.dumps(doc, indent=2, default=str) + "\n")

@@ -17,6 +17,7 @@ import yaml
 
 from geopose_ray.config import Config, key_owners
 from geopose_ray.errors import InputError
+from geopose_ray.experiment import RUN_KEYS
 
 TYPES = ("choice", "uniform", "loguniform", "int")
 TOP_KEYS = {"description", "parameters", "fixed", "scheduler", "num_samples", "resources"}
@@ -24,7 +25,7 @@ PARAM_KEYS = {"type", "values", "low", "high", "step", "log", "default", "when"}
 SCHEDULER_KEYS = {"max_epochs", "grace_period", "reduction_factor"}
 RESOURCE_KEYS = {"workers_per_trial", "cpus_per_worker", "gpus_per_worker"}
 # Set by the run itself (CLI flags / scheduler), never by a space file.
-RUN_KEYS = {"data_dir", "cache_dir", "fold", "epochs"}
+SET_BY_RUN = {*RUN_KEYS, "epochs"}  # a space may not fix these: the command line and scheduler do
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,10 @@ class SearchSpace:
     def searched(self) -> list[str]:
         return [p.name for p in self.parameters]
 
+    def n_folds(self) -> int:
+        """The folds the space's data is split into (a fixed key, else Config's default)."""
+        return Config.from_dict(self.defaults(), strict=False).data.n_folds
+
     def with_fixed(self, overrides: dict[str, Any], source: str = "--set") -> SearchSpace:
         """The space with more fixed settings (`run_search.py --set KEY=VALUE`): Config keys that
         the space does not search and the run does not set; the defaults must still build."""
@@ -150,6 +155,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             raise InputError("--set", f"{key}: VALUE is not valid YAML: {value!r}") from None
     return out
+
+
+def is_space_file(path: str | Path) -> bool:
+    """True for a search-space YAML (it has `parameters:` or `fixed:`), not a flat config file."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # whoever reads it next reports the problem
+    return isinstance(doc, dict) and ("parameters" in doc or "fixed" in doc)
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -192,7 +206,7 @@ def _check_keys(path: Path, where: str, mapping: Any, allowed: set[str]) -> None
 def _config_key(path: Path, key: str, where: str) -> None:
     if key not in key_owners():
         raise InputError(path, f"{where} '{key}' is not a Config key")
-    if key in RUN_KEYS:
+    if key in SET_BY_RUN:
         hint = "scheduler.max_epochs" if key == "epochs" else "the command line"
         raise InputError(path, f"{where} '{key}' is set by the run; use {hint}")
 

@@ -1,6 +1,6 @@
 """Score a folder or archive of predictions against truth files, exactly as the official scorer.
 
-    python -m geopose_ray.score TRUTH_DIR PREDICTIONS      # PREDICTIONS: a folder or a .tar.gz
+    python -m geopose_ray.score TRUTH_DIR PREDICTIONS      # the command: `score/__main__.py`
 
 For each city, every `TRUTH_DIR/{CITY}*_VFLOW*.json` (and its `_AGL.tif`) is paired with the
 prediction files of the same names. Both AGLs load as 65535 -> NaN, then cm -> m, so a predicted
@@ -11,11 +11,7 @@ truth files are a user error (exit 2). Prints one JSON line; NaN (a city with no
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,7 +20,7 @@ import numpy as np
 
 from geopose_ray.constants import CITIES
 from geopose_ray.data import io
-from geopose_ray.errors import InputError, run_cli
+from geopose_ray.errors import InputError
 from geopose_ray.metrics import GeoposeScore, image_sums
 from geopose_ray.submission import opened_predictions
 
@@ -93,30 +89,3 @@ def score_dirs(truth_dir: str | Path, predictions: str | Path, workers: int | No
             else:
                 score.add_image_sums(city, sums)
     return {**score.compute(), "failures": failures}
-
-
-def _json_safe(x: Any) -> Any:
-    """NaN -> null, so the line is strict JSON."""
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m geopose_ray.score", description=__doc__.split("\n")[0])
-    ap.add_argument("truth_dir", help="folder of truth {CITY}_{id}_AGL.tif and _VFLOW.json files")
-    ap.add_argument("predictions", help="folder or .tar.gz of predictions with the same file names")
-    ap.add_argument("--workers", type=int, default=None, help="reader threads (default min(4, cpus))")
-    args = ap.parse_args(argv)
-    result = score_dirs(args.truth_dir, args.predictions, workers=args.workers)
-    for city, problems in result["failures"].items():
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        print(f"warning: {city} scores 0: {problems[0]}{more}", file=sys.stderr)
-    print(json.dumps(_json_safe({k: result[k] for k in OUTPUT_KEYS}), allow_nan=False))
-    return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -1,0 +1,202 @@
+"""Ray Train: the one TorchTrainer factory, the per-worker function, and a Tune trial's driver.
+
+Ray's three-layer shape (RAY_NOTES sections 1, 3 and 5): the Tuner (`tuner.py`) runs one driver
+function per trial (`train_driver_fn`), which fits a `TorchTrainer` built by `build_trainer`,
+whose workers run `train_fn_per_worker`. All the training lives in the Ray-free core
+(`train_loop.fit`); this file only connects it to Ray: DDP wrapping via `prepare_model` /
+`prepare_data_loader` (gloo on CPU, NCCL on GPU), per-epoch `ray.train.report` with a rank-0
+checkpoint folder, resume from `ray.train.get_checkpoint()`, and rank 0's metrics forwarded to
+Tune by `TuneReportCallback`. Search trials, refits and the tests all build their trainer here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray import tune
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from geopose_ray import ray_env
+from geopose_ray.checkpoint import load_state, save_state
+from geopose_ray.config import Config, key_owners
+from geopose_ray.experiment import METRIC, MODE, train_run_name, trial_train_config
+from geopose_ray.train_loop import LossHook, fit
+from geopose_ray.tune.capacity import DRIVER_CPUS, TrialResources
+
+log = logging.getLogger(__name__)
+WorkerFn = Callable[[dict[str, Any]], None]
+
+
+# --- layer 3: every Train worker --------------------------------------------------------------
+def config_from_trial(config: dict[str, Any]) -> Config:
+    """The run Config from a trial's flat dict. Keys that are not config keys (driver-level
+    settings such as workers per trial travel in the same dict) are ignored with a log line;
+    the search space itself is validated strictly when it is loaded."""
+    extra = sorted(set(config) - set(key_owners()))
+    if extra:
+        log.info("ignoring non-config keys in the trial config: %s", extra)
+    return Config.from_dict(config, strict=False)
+
+
+def _report(rank: int, metrics: dict[str, float], state_fn: Callable[[], dict[str, Any]] | None) -> None:
+    """Every rank reports (report is a barrier); only rank 0 attaches the checkpoint folder.
+    `node_id` says where this worker ran (the driver's report callback collects it)."""
+    metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
+    with tempfile.TemporaryDirectory(prefix="geopose-ckpt-") as tmp:
+        checkpoint = None
+        if rank == 0 and state_fn is not None:
+            save_state(tmp, state_fn())  # state.pt + config.yaml
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_fn_per_worker(config: dict[str, Any], loss_hook: LossHook | None = None) -> None:
+    """Run `fit` on this Train worker; resumes from the run's latest registered checkpoint.
+    `loss_hook`: see `train_loop.train_one_epoch` (the fault tests pass one with `partial`)."""
+    cfg = config_from_trial(config)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    start_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            start_state = load_state(folder)
+        log.info("rank %d resuming after epoch %d", rank, start_state["epoch"])
+    fit(
+        cfg,
+        reporter=lambda metrics, state_fn: _report(rank, metrics, state_fn),
+        start_state=start_state,
+        wrap_model=ray.train.torch.prepare_model,
+        wrap_loader=ray.train.torch.prepare_data_loader,
+        rank=rank,
+        world_size=world_size,
+        device=ray.train.torch.get_device(),
+        loss_hook=loss_hook,
+    )
+
+
+# --- the one trainer factory ------------------------------------------------------------------
+def build_trainer(
+    config: dict[str, Any],
+    *,
+    name: str,
+    storage_path: str | Path,
+    resources: TrialResources,
+    num_to_keep: int | None = 2,
+    max_failures: int = 1,
+    controller_failure_limit: int = -1,
+    callbacks: Sequence[Any] = (),
+    train_fn: WorkerFn | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer of one training run. `name` must be stable (no timestamps): a trainer with
+    the same name and storage resumes that run from its latest checkpoint (RAY_NOTES 4).
+    Checkpoints are ranked by `METRIC`. `controller_failure_limit`: Train retries a worker group
+    that cannot be placed forever (-1), right while an autoscaler adds nodes; on a fixed cluster
+    that means leaked resources, so the search gives a limit there. `train_fn`: another
+    per-worker function (the benches time one; the fault tests inject NaN losses)."""
+    return TorchTrainer(
+        train_fn or train_fn_per_worker,
+        train_loop_config=dict(config),
+        scaling_config=ScalingConfig(
+            num_workers=resources.workers_per_trial,
+            use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker=resources.per_worker(),
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=num_to_keep, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+            ),
+            failure_config=FailureConfig(
+                max_failures=max_failures, controller_failure_limit=controller_failure_limit
+            ),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def with_loss_hook(loss_hook: LossHook) -> WorkerFn:
+    """The per-worker function with a `fit` loss hook (the fault tests' NaN losses)."""
+    return functools.partial(train_fn_per_worker, loss_hook=loss_hook)
+
+
+# --- layer 2: a Tune trial's driver -----------------------------------------------------------
+@dataclass(frozen=True)
+class DriverSettings:
+    """Everything a trial's driver needs besides its config (picklable: it travels with the
+    trainable through `tune.with_parameters`)."""
+
+    experiment: str
+    storage_path: str
+    resources: TrialResources = field(default_factory=TrialResources)
+    num_to_keep: int = 2
+    max_failures: int = 1
+    controller_failure_limit: int = -1  # see build_trainer
+
+
+class NodeReportCallback(TuneReportCallback):
+    """TuneReportCallback that also reports where the trial ran: `node_id` = the node of the
+    trial's driver (the Train controller is pinned there), and `worker_node_ids` = the nodes of
+    the Train workers when the per-worker function reports its own `node_id`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._node_id = ray.get_runtime_context().get_node_id()
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        workers = sorted({str(m["node_id"]) for m in metrics if "node_id" in m})
+        first = {**metrics[0], "node_id": self._node_id}
+        if workers:
+            first["worker_node_ids"] = ",".join(workers)
+        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+
+def train_driver_fn(config: dict[str, Any], settings: DriverSettings, train_fn: WorkerFn | None = None) -> None:
+    """One Tune trial: fit a TorchTrainer; metrics reach Tune through the report callback."""
+    trial_id = tune.get_context().get_trial_id()
+    build_trainer(
+        trial_train_config(config),
+        name=train_run_name(settings.experiment, trial_id),
+        storage_path=settings.storage_path,
+        resources=settings.resources,
+        num_to_keep=settings.num_to_keep,
+        max_failures=settings.max_failures,
+        controller_failure_limit=settings.controller_failure_limit,
+        callbacks=[NodeReportCallback()],
+        train_fn=train_fn,
+    ).fit()
+
+
+def make_trainable(settings: DriverSettings, train_fn: WorkerFn | None = None) -> Any:
+    """The Tune trainable for `settings` (the same call rebuilds it for `Tuner.restore`)."""
+    fn = tune.with_parameters(train_driver_fn, settings=settings, train_fn=train_fn)
+    return tune.with_resources(fn, {"CPU": DRIVER_CPUS})
+
+
+# --- reading a finished run -------------------------------------------------------------------
+def best_checkpoint(run_dir: str | Path) -> tuple[str | None, float]:
+    """(path, score) of a Train run's best kept checkpoint by `METRIC`, or (None, nan)."""
+    if not Path(run_dir).is_dir():
+        return None, math.nan
+    with ray_env.quiet_checkpoint_manager():
+        result = ray.train.Result.from_path(str(run_dir))
+    ckpt = result.get_best_checkpoint(METRIC, MODE)
+    if ckpt is None:
+        return None, math.nan
+    score = next(
+        (m.get(METRIC, math.nan) for c, m in result.best_checkpoints if c.path == ckpt.path), math.nan
+    )
+    return ckpt.path, float(score)

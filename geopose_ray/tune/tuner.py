@@ -1,0 +1,235 @@
+"""Ray Tune: the search's and the refits' Tuners, their concurrency limiter and console, and
+reading an experiment folder back.
+
+The search Tuner: OptunaSearch (TPE, seeded, the space's defaults first) proposes configs, ASHA
+stops weak ones by epoch, an `ElasticLimiter` admits as many trials as the cluster fits. The
+refit Tuner: a grid over (config rank, fold) with the FIFO scheduler. Both run the trainable of
+`trainer.make_trainable` and are restored the same way (`fit_or_resume`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter, Searcher
+
+from geopose_ray import console, ray_env
+from geopose_ray.errors import InputError
+from geopose_ray.experiment import METRIC, MODE, REFIT_CONFIGS, trial_dirname
+from geopose_ray.tune.capacity import Capacity
+from geopose_ray.tune.progress import STATUS_EVERY_S, columns, trial_line
+from geopose_ray.tune.space import SearchSpace, SpaceSampler
+
+log = logging.getLogger(__name__)
+REFRESH_S = 2.0  # Tune asks for suggestions many times a second; the GCS need not be asked as often
+ResourcesFn = Callable[[], tuple[dict[str, float], dict[str, float] | None]]
+
+
+class ElasticLimiter(ConcurrencyLimiter):
+    """`ConcurrencyLimiter` whose `max_concurrent` follows the cluster's size (`capacity.py`).
+
+    `resources_fn` returns (the cluster's resources now, the autoscaler's maximum or None), see
+    `ray_env.cluster_resources`; tests pass a fake one. It must pickle: Tune saves the searcher
+    with the experiment state."""
+
+    def __init__(
+        self, searcher: Searcher, capacity: Capacity, resources_fn: ResourcesFn = ray_env.cluster_resources
+    ):
+        self.capacity = capacity
+        self.resources_fn = resources_fn
+        self._checked_at = float("-inf")
+        super().__init__(searcher, max_concurrent=self._limit())
+
+    def _limit(self) -> int:
+        return self.capacity.limit(*self.resources_fn())
+
+    def refresh(self) -> int:
+        """Re-read the cluster (at most every REFRESH_S seconds); returns the current limit."""
+        now = time.monotonic()
+        if abs(now - self._checked_at) >= REFRESH_S:  # abs: a restored searcher's clock was another process's
+            self._checked_at = now
+            limit = self._limit()
+            if limit != self.max_concurrent:
+                log.info("cluster changed: up to %d trials at once (was %d)", limit, self.max_concurrent)
+                self.max_concurrent = limit  # the public attribute ConcurrencyLimiter checks on suggest
+        return self.max_concurrent
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        self.refresh()
+        return super().suggest(trial_id)
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._checked_at = float("-inf")  # a restored search re-reads the (maybe new) cluster
+
+
+# --- console ----------------------------------------------------------------------------------
+class TrialLines(tune.Callback):
+    """Prints `progress.trial_line` when a trial ends. Stateless (it reads the trial's own metric
+    summary), so it works unchanged after `Tuner.restore`."""
+
+    def __init__(self, params: Sequence[str], max_epochs: int):
+        self.params = list(params)
+        self.max_epochs = max_epochs
+
+    def _line(self, trial: Any, error: bool) -> str:
+        stats = getattr(trial, "metric_analysis", {}) or {}
+        last = trial.last_result or {}
+        epochs = int(stats.get("epoch", {}).get("max", last.get("epoch", 0)) or 0)
+        best = stats.get(METRIC, {}).get(MODE)
+        return trial_line(trial.trial_id, trial.config, self.params, epochs, self.max_epochs, best, error)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(self._line(trial, error=False), flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(self._line(trial, error=True), flush=True)
+
+
+def run_config_kwargs(params: Sequence[str], max_epochs: int, columns: Sequence[str]) -> dict[str, Any]:
+    """`tune.RunConfig` arguments: the TrialLines callback, and when `console.setup` chose the
+    terse engine, verbose=1 with a CLIReporter showing `columns` (parameters) plus epoch and score."""
+    kwargs: dict[str, Any] = {"callbacks": [TrialLines(params, max_epochs)]}
+    if console.quiet():
+        kwargs["verbose"] = 1
+        kwargs["progress_reporter"] = tune.CLIReporter(
+            metric_columns=["epoch", METRIC],
+            parameter_columns=list(columns),
+            max_report_frequency=STATUS_EVERY_S,
+            print_intermediate_tables=True,  # verbose=1 alone prints only the trial counts
+            metric=METRIC,
+            mode=MODE,
+            sort_by_metric=True,
+        )
+    return kwargs
+
+
+# --- the Tuners -------------------------------------------------------------------------------
+def build_searcher(space: SearchSpace, seed: int) -> Any:
+    """OptunaSearch over the define-by-run space (TPE, seeded); its first trial is the defaults."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(
+        space=SpaceSampler(space),
+        metric=METRIC,
+        mode=MODE,
+        points_to_evaluate=[space.default_point()],
+        sampler=optuna.samplers.TPESampler(seed=seed),
+    )
+
+
+def build_tuner(
+    space: SearchSpace,
+    trainable: Any,
+    name: str,
+    storage: str,
+    capacity: Capacity,
+    seed: int,
+    resources_fn: ResourcesFn | None = None,
+) -> tune.Tuner:
+    """OptunaSearch + ASHA over `trainable` (the driver, or any function reporting `epoch` and
+    `score`), behind an ElasticLimiter that re-reads the cluster's size (tests pass a fake
+    `resources_fn`). Metric and mode live on searcher and scheduler, not on TuneConfig: rank
+    results with them explicitly."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    sched = space.scheduler
+    scheduler = ASHAScheduler(
+        metric=METRIC,
+        mode=MODE,
+        time_attr="epoch",  # not training_iteration: that restarts at 1 after a restore
+        max_t=sched.max_epochs,
+        grace_period=sched.grace_period,
+        reduction_factor=sched.reduction_factor,
+    )
+    limiter = ElasticLimiter(build_searcher(space, seed), capacity, resources_fn or ray_env.cluster_resources)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=limiter,
+            scheduler=scheduler,
+            num_samples=space.num_samples,
+            max_concurrent_trials=None,  # the ElasticLimiter decides, from the live cluster
+            trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id),
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            **run_config_kwargs(space.searched(), sched.max_epochs, columns(space)),
+        ),
+    )
+
+
+def build_refit_tuner(
+    configs: list[dict],
+    jobs: list[tuple[int, int]],
+    trainable: Any,
+    name: str,
+    storage: str,
+    concurrent: int,
+    space: SearchSpace,
+) -> tune.Tuner:
+    """A grid over the (config rank, fold) `jobs`, FIFO: every refit runs the full budget."""
+    return tune.Tuner(
+        trainable,
+        param_space={
+            REFIT_CONFIGS: configs,
+            "member": tune.grid_search([{"config_rank": r, "fold": f} for r, f in jobs]),
+        },
+        tune_config=tune.TuneConfig(
+            num_samples=1,
+            max_concurrent_trials=concurrent,
+            trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id),
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            **run_config_kwargs(
+                space.searched(), space.scheduler.max_epochs, ["member/config_rank", "member/fold"]
+            ),
+        ),
+    )
+
+
+def can_restore(experiment_dir: str | Path) -> bool:
+    return tune.Tuner.can_restore(str(experiment_dir))
+
+
+def fit_or_resume(make_tuner: Callable[[], Any], experiment_dir: Path, trainable: Any, resume: bool) -> Any:
+    """A new experiment, or (`resume`) the one in `experiment_dir` restored with its errored
+    trials retried; the Train runs of unfinished trials resume from their latest checkpoints."""
+    exists = can_restore(experiment_dir)
+    if resume:
+        if not exists:
+            raise InputError(experiment_dir, "no experiment to resume here")
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+    else:
+        if exists:
+            raise InputError(
+                experiment_dir, "experiment exists: pass --resume to finish it, or choose another --name"
+            )
+        tuner = make_tuner()
+    return tuner.fit()
+
+
+# --- reading an experiment back ---------------------------------------------------------------
+def read_trials(experiment_dir: str | Path) -> list[tuple[str, str, dict[str, Any], pd.DataFrame, str]]:
+    """(trial id, status, config, per-report history, path) of every trial of a Tune experiment
+    folder, finished or not (no running Ray needed). A resumed trial re-reports the epochs after
+    its last checkpoint: the history keeps the latest report of each epoch."""
+    ea = tune.ExperimentAnalysis(str(experiment_dir))
+    frames = ea.trial_dataframes
+    rows = []
+    for t in ea.trials:
+        df = frames.get(t.trial_id, pd.DataFrame())
+        if "epoch" in df:
+            df = df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
+        rows.append((t.trial_id, str(t.status), dict(t.config), df.reset_index(drop=True), t.path))
+    return rows

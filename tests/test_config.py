@@ -1,0 +1,35 @@
+"""The typed Config: values are cast to each key's type, and a cast never loses information."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from geopose_ray.config import Config
+
+
+@pytest.mark.parametrize("value", [16, "16", 16.0, np.int64(16)])
+def test_whole_numbers_become_ints(value):
+    assert Config.from_dict({"batch_size": value}).data.batch_size == 16
+
+
+@pytest.mark.parametrize("value", [2.7, "2.5", np.float32(0.5)])
+def test_a_fraction_for_an_int_key_is_refused_not_truncated(value):
+    with pytest.raises(ValueError, match="batch_size must be a whole number"):
+        Config.from_dict({"batch_size": value})
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, True), ("yes", True), ("off", False), (0, False)])
+def test_booleans(value, expected):
+    assert Config.from_dict({"channels_last": value}).train.channels_last is expected
+
+
+def test_a_word_that_is_not_a_boolean_is_refused():
+    with pytest.raises(ValueError, match="channels_last must be true or false"):
+        Config.from_dict({"channels_last": "maybe"})
+
+
+def test_replace_returns_a_new_config():
+    cfg = Config.from_dict({"lr": 1e-3})
+    other = cfg.replace(lr=2e-3)
+    assert (cfg.optim.lr, other.optim.lr) == (1e-3, 2e-3)
