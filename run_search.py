@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--space", default=str(HERE / "search_spaces" / "smoke.yaml"), help="search-space YAML")
     p.add_argument("--storage", help="Ray storage path (default: runs/experiments)")
     p.add_argument("--name", help="experiment name (default: the space file's name)")
+    p.add_argument("--optuna-storage", metavar="URL", help="the Optuna study's database, named after the "
+                   "experiment (default: sqlite:///<storage>/<name>/optuna.db; on a cluster a PostgreSQL "
+                   "URL); --resume continues the same study")  # fmt: skip
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
     p.add_argument("--num-samples", type=int, help="trials (default: the space's num_samples)")
     p.add_argument("--workers-per-trial", type=int, help="Train workers per trial (default: hint, else 2)")
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides=parse_overrides(args.set),
         max_concurrent=args.max_concurrent,
         pending_trials=args.pending_trials,
+        optuna_storage=args.optuna_storage,
     )
     load_run_space(opts)  # a bad space, --set or flag fails at once, before Ray starts
     check_capacity_options(opts)

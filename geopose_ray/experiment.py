@@ -2,6 +2,7 @@
 
     <storage>/<name>/                 the search's Tune experiment (trial_<id>/ per trial)
         search_options.json           what exactly ran (resolved options, resources, fixed keys)
+        optuna.db                     the Optuna study (SQLite; `--optuna-storage` may put it elsewhere)
         leaderboard.csv, best_config.yaml, param_importances.json, *.png    the report
         members.json                  the ensemble's members: the refit configs x folds
         ensemble/                     run_ensemble.py's default output
@@ -33,6 +34,7 @@ IMPORTANCES = "param_importances.json"
 SCORE_VS_EPOCH = "score_vs_epoch.png"
 SCORE_BY_PARAM = "score_by_param.png"
 ENSEMBLE = "ensemble"
+OPTUNA_DB = "optuna.db"
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,11 @@ class Experiment:
     @property
     def ensemble(self) -> Path:
         return self.dir / ENSEMBLE
+
+    @property
+    def optuna_url(self) -> str:
+        """The default Optuna storage: an SQLite file in the experiment folder (one machine)."""
+        return f"sqlite:///{self.dir / OPTUNA_DB}"
 
     def report_file(self, name: str) -> Path:
         """One of the report's files (LEADERBOARD, BEST_CONFIG, IMPORTANCES, the PNGs)."""

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import yaml
@@ -211,13 +212,17 @@ def test_optuna_asha_search_and_report(ray_session, tmp_path):
     trainable = tune.with_resources(plain_trainable, {"CPU": 0.01})
     exp = tmp_path / "exp"
 
+    study = (f"sqlite:///{tmp_path / 'optuna.db'}", "exp")
+
     def make_tuner():
         return tuner.build_tuner(
-            space, trainable, "exp", str(tmp_path), Capacity(TrialResources(), cap=1), seed=3
+            space, trainable, "exp", str(tmp_path), Capacity(TrialResources(), cap=1), seed=3, study=study
         )
 
     tuner.fit_or_resume(make_tuner, exp, trainable, resume=False)
     recs = report.load_trials(exp)
+    stored = optuna.load_study(study_name="exp", storage=study[0]).trials  # the study lives in the file
+    assert len(stored) == space.num_samples and stored[0].params == {"agl_loss": "mse", "lr": 1e-3}
     assert len(recs) == space.num_samples
     first = next(r for r in recs if r.config["lr"] == 1e-3 and r.config["agl_loss"] == "mse")  # defaults
     assert recs[0].trial_id == first.trial_id  # points_to_evaluate: the defaults run first
@@ -225,7 +230,7 @@ def test_optuna_asha_search_and_report(ray_session, tmp_path):
         cfg = r.train_config
         assert ("huber_delta" in cfg) == (cfg["agl_loss"] == "huber")
         assert cfg["crop"] == 64 and cfg["epochs"] == 2 and cfg["data_dir"] == "/data"
-    board = report.write_report(exp, space)
+    board = report.write_report(exp, space, study)
     row = board.set_index("trial_id")
     assert row.loc[first.trial_id, "epochs_run"] == 2 and not row.loc[first.trial_id, "stopped_early"]
     # one trial at a time: the default (the optimum) reaches the epoch-1 rung first, so the next
@@ -396,3 +401,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(synthetic_dir, 
         hist = pd.read_json(exp / f"trial_{tid}" / "result.json", lines=True)
         assert hist["epoch"].max() == board.set_index("trial_id").loc[tid, "epochs_run"]
     assert "trials: 3" in out
+    # the Optuna study lives in the experiment folder and holds every trial once, finished
+    study = optuna.load_study(study_name=exp.name, storage=f"sqlite:///{exp / experiment.OPTUNA_DB}")
+    assert len(study.trials) == 3 and all(t.state.is_finished() for t in study.trials), study.trials
+    importances = json.loads((exp / experiment.IMPORTANCES).read_text())
+    assert importances["trials"] == 3

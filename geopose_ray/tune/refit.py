@@ -160,7 +160,7 @@ def run_refit(
             trainable,
             resume and tuner.can_restore(refit.dir),  # a resumed search may not have reached its refit yet
         )
-        board = report.write_report(refit.dir, space, importances=False)
+        board = report.write_report(refit.dir, space)
         if report.unfinished(board):
             log.warning("refit interrupted: members.json not written; finish it with --resume")
             return [], None, board

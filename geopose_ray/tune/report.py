@@ -113,35 +113,22 @@ def format_table(board: pd.DataFrame) -> str:
         return shown.to_string(index=False)
 
 
-def param_importances(records: list[TrialRecord], space: SearchSpace) -> dict[str, Any]:
-    """Optuna's importances on a study rebuilt from the finished trials (best score each)."""
+def param_importances(study: tuple[str, str]) -> dict[str, Any]:
+    """`optuna.importance.get_param_importances` on the search's own study (storage URL, name):
+    every finished trial with the score it ended on, as the sampler saw it."""
     import optuna
 
-    dists = {p.name: p.distribution() for p in space.parameters}
     verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line in the report
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(direction="maximize")
+        loaded = optuna.load_study(study_name=study[1], storage=study[0])
+        done = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        importances = optuna.importance.get_param_importances(loaded)
+    except (KeyError, ValueError, RuntimeError) as e:  # KeyError: no such study
+        return {"importances": {}, "trials": 0, "note": f"not computable: {e}"}
     finally:
         optuna.logging.set_verbosity(verbosity)
-    for r in records:
-        score, _ = r.best()
-        if not math.isfinite(score):
-            continue
-        params = {k: v for k, v in r.train_config.items() if k in dists}
-        try:
-            study.add_trial(
-                optuna.trial.create_trial(
-                    params=params, distributions={k: dists[k] for k in params}, value=score
-                )
-            )
-        except ValueError:  # a value outside today's space (the file changed since the run)
-            continue
-    try:
-        importances = optuna.importance.get_param_importances(study)
-    except (ValueError, RuntimeError) as e:
-        return {"importances": {}, "trials": len(study.trials), "note": f"not computable: {e}"}
-    return {"importances": {k: float(v) for k, v in importances.items()}, "trials": len(study.trials)}
+    return {"importances": {k: float(v) for k, v in importances.items()}, "trials": len(done)}
 
 
 def score_floor(scores: Any) -> float | None:
@@ -222,9 +209,12 @@ def best_config(board: pd.DataFrame, records: list[TrialRecord]) -> dict[str, An
     return next(r.train_config for r in records if r.trial_id == best_id)
 
 
-def write_report(experiment_dir: str | Path, space: SearchSpace, importances: bool = True) -> pd.DataFrame:
-    """Write every report file into `experiment_dir`; returns the leaderboard. `importances`
-    off for refits, whose configs were picked, not sampled."""
+def write_report(
+    experiment_dir: str | Path, space: SearchSpace, study: tuple[str, str] | None = None
+) -> pd.DataFrame:
+    """Write every report file into `experiment_dir`; returns the leaderboard. The parameter
+    importances come from the Optuna `study` (storage URL, name); refits have none (their configs
+    were picked, not sampled)."""
     exp = Path(experiment_dir)
     records = load_trials(exp)
     board = leaderboard(records, space)
@@ -235,8 +225,8 @@ def write_report(experiment_dir: str | Path, space: SearchSpace, importances: bo
         header = f"# best trial {board['trial_id'].iloc[0]}: score {board['score'].iloc[0]:.5f}\n"
         body = yaml.safe_dump(json_safe(best), sort_keys=False)
         atomic_write_text(exp / BEST_CONFIG, header + body)
-    if space.parameters and importances:
-        atomic_write_json(exp / IMPORTANCES, param_importances(records, space))
+    if space.parameters and study is not None:
+        atomic_write_json(exp / IMPORTANCES, param_importances(study))
         plot_score_by_param(board, space, exp / SCORE_BY_PARAM)
     plot_score_vs_epoch(records, exp / SCORE_VS_EPOCH)
     return board

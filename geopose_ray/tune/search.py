@@ -56,6 +56,7 @@ class SearchOptions:
     overrides: dict[str, Any] = field(default_factory=dict)  # --set KEY=VALUE: more fixed settings
     max_concurrent: int | None = None  # cap on trials at once; None: as many as the cluster fits
     pending_trials: int | None = None  # admitted beyond what fits (autoscaler demand); None: 0 fixed, else 1
+    optuna_storage: str | None = None  # the study's database URL; None: SQLite in the experiment folder
 
 
 @dataclass
@@ -199,6 +200,7 @@ def plan_search(opts: SearchOptions) -> list[str]:
         f"per trial:  {resources.workers_per_trial} Train worker(s) x {resources.per_worker()}",
         f"cluster:    {have}; {concurrent} trial(s) at once",
         f"experiment: {exp.dir}" + ("  (resumed)" if opts.resume else ""),
+        f"optuna:     {opts.optuna_storage or exp.optuna_url}  (study {exp.name})",
     ]
     if opts.refit_top > 0:
         folds = opts.folds if opts.folds is not None else (opts.fold,)
@@ -228,14 +230,15 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
     )
     capacity = resolve_capacity(opts, resources)
     trainable = trainer.make_trainable(settings, train_fn)
-    tuner.fit_or_resume(
-        lambda: tuner.build_tuner(space, trainable, exp.name, str(exp.storage), capacity, opts.seed),
-        exp.dir,
-        trainable,
-        opts.resume,
-    )
+    study = (opts.optuna_storage or exp.optuna_url, exp.name)
+    exp.dir.mkdir(parents=True, exist_ok=True)  # SQLite creates its file, not the folder
+
+    def make_tuner() -> Any:
+        return tuner.build_tuner(space, trainable, exp.name, str(exp.storage), capacity, opts.seed, study=study)
+
+    tuner.fit_or_resume(make_tuner, exp.dir, trainable, opts.resume)
     _write_options(exp, opts, space, resources, capacity.limit(cluster, most))
-    board = report.write_report(exp.dir, space)
+    board = report.write_report(exp.dir, space, study)
     result = SearchResult(
         experiment_dir=exp.dir,
         leaderboard=board,

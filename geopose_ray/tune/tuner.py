@@ -111,17 +111,22 @@ def run_config_kwargs(params: Sequence[str], max_epochs: int, columns: Sequence[
 
 
 # --- the Tuners -------------------------------------------------------------------------------
-def build_searcher(space: SearchSpace, seed: int) -> Any:
-    """OptunaSearch over the define-by-run space (TPE, seeded); its first trial is the defaults."""
+def build_searcher(space: SearchSpace, seed: int, study: tuple[str, str] | None = None) -> Any:
+    """OptunaSearch over the define-by-run space (TPE, seeded); its first trial is the defaults.
+    `study` = (storage URL, study name): the study then lives in that database (an SQLite file or
+    PostgreSQL), where `optuna-dashboard` and the report read it; None keeps it in memory."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    storage = optuna.storages.RDBStorage(study[0]) if study else None
     return OptunaSearch(
         space=SpaceSampler(space),
         metric=METRIC,
         mode=MODE,
         points_to_evaluate=[space.default_point()],
         sampler=optuna.samplers.TPESampler(seed=seed),
+        storage=storage,
+        study_name=study[1] if study else None,
     )
 
 
@@ -133,10 +138,11 @@ def build_tuner(
     capacity: Capacity,
     seed: int,
     resources_fn: ResourcesFn | None = None,
+    study: tuple[str, str] | None = None,
 ) -> tune.Tuner:
     """OptunaSearch + ASHA over `trainable` (the driver, or any function reporting `epoch` and
     `score`), behind an ElasticLimiter that re-reads the cluster's size (tests pass a fake
-    `resources_fn`). Metric and mode live on searcher and scheduler, not on TuneConfig: rank
+    `resources_fn`); `study`: see `build_searcher`. Metric and mode live on searcher and scheduler, not on TuneConfig: rank
     results with them explicitly."""
     from ray.tune.schedulers import ASHAScheduler
 
@@ -149,7 +155,8 @@ def build_tuner(
         grace_period=sched.grace_period,
         reduction_factor=sched.reduction_factor,
     )
-    limiter = ElasticLimiter(build_searcher(space, seed), capacity, resources_fn or ray_env.cluster_resources)
+    searcher = build_searcher(space, seed, study)
+    limiter = ElasticLimiter(searcher, capacity, resources_fn or ray_env.cluster_resources)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
