@@ -363,7 +363,8 @@ def fit(
     train, val = split_samples(cfg)
     train_dl, val_dl = build_loaders(cfg, train, val, rank, world_size)
     train_dl = wrap_loader(train_dl)
-    criterion = build_criterion(cfg.loss, city_means(train))
+    needs_means = "r2_city" in (cfg.loss.agl_loss, cfg.loss.mag_loss)  # the only loss that uses them
+    criterion = build_criterion(cfg.loss, city_means(train) if needs_means else None)
     model = _initial_model(cfg, train, start_state, device)
     optimizer = build_optimizer(model, cfg.optim)
     steps_per_epoch = math.ceil(len(train_dl) / max(1, cfg.optim.grad_accum))

@@ -83,6 +83,11 @@ def test_cache_holds_the_exact_data(tmp_path, ray_session):
         assert c.scale == pytest.approx(doc["scale"] * 100, rel=1e-12) and c.angle == doc["angle"]
     assert all(c.agl is None and np.isnan(c.scale) and np.isnan(c.angle) for c in test)
     assert not (out / "folds.csv").exists()  # folds come from each run's config, never the cache
+    for c in train:  # each tile's AGL sums, for any split's target means without reading tiles
+        agl = io.read_agl(c.agl).astype(np.float64)
+        valid = agl[np.isfinite(agl)]
+        assert c.agl_n == valid.size and c.agl_sum == pytest.approx(valid.sum(), rel=1e-12)
+        assert c.agl_sq == pytest.approx(np.square(valid).sum(), rel=1e-12)
 
 
 @pytest.mark.ray
@@ -135,6 +140,13 @@ def test_ensure_cache_converts_only_when_needed(tmp_path, ray_session):
     train_csv.iloc[1:].to_csv(data / "geopose_train.csv", index=False)  # the data set changed
     ensure_cache(data, out)
     assert {s.id for s in cache.load_cache(out, "train")} == set(train_csv["id"][1:])
+    index = pd.read_csv(out / "samples.csv")
+    index.drop(columns=list(cache.STATS_COLUMNS)).to_csv(out / "samples.csv", index=False)  # an older cache
+    assert not cache.is_current(data, out)
+    tifs = {p: p.stat().st_mtime_ns for p in out.rglob("*.tif")}
+    ensure_cache(data, out)  # adds the sums; the tiles stay
+    assert all(c.agl_n > 0 for c in cache.load_cache(out, "train"))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.tif")} == tifs
 
 
 def test_load_cache_without_conversion_names_samples_csv(tmp_path):

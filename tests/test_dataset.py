@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from geopose_ray.constants import CITIES, city_index
 from geopose_ray.data import io
-from geopose_ray.data.cache import CachedSample
+from geopose_ray.data.cache import CachedSample, agl_sums
 from geopose_ray.data.dataset import GeoposeDataset, city_means, worker_init_fn
 
 SIZE = 64
@@ -35,11 +35,9 @@ def _tiles(root: Path, n: int = 8, split: str = "train", seed: int = 0) -> list[
             agl = root / f"{stem}_AGL.tif"
             io.write_agl_tiled(agl, cm)
         scale, angle = (float(rng.uniform(0.6, 1.1)), float(rng.uniform(-3, 3))) if agl else (math.nan,) * 2
-        out.append(
-            CachedSample(
-                f"{split}{i:02d}", city, 0.3 + 0.01 * i, split, root / f"{stem}_RGB.tif", agl, scale, angle
-            )
-        )
+        sums = agl_sums(agl) if agl else {}  # what conversion stores in samples.csv
+        rgb_path = root / f"{stem}_RGB.tif"
+        out.append(CachedSample(f"{split}{i:02d}", city, 0.3 + 0.01 * i, split, rgb_path, agl, scale, angle, **sums))
     return out
 
 
@@ -184,5 +182,21 @@ def test_target_units_are_the_rms_of_the_valid_targets(train):
         a = io.read_agl(s.agl).astype(np.float64)
         a = a[np.isfinite(a)]
         agl_sq, mag_sq, count = agl_sq + (a**2).sum(), mag_sq + ((a * s.scale) ** 2).sum(), count + a.size
-    agl, mag = target_units(train, max_tiles=0)
+    agl, mag = target_units(train)
     assert agl == pytest.approx(math.sqrt(agl_sq / count)) and mag == pytest.approx(math.sqrt(mag_sq / count))
+
+
+def test_target_means_and_units_come_from_the_conversion_sums_without_reading_tiles(train, tmp_path):
+    """samples.csv holds each tile's AGL sums: a fold's means and units are sums of them, so no
+    trial reads the training set; with the sums gone (an older cache) the tiles are read."""
+    import dataclasses
+
+    from geopose_ray.data.dataset import target_units
+
+    assert all(s.agl_n > 0 for s in train)
+    gone = [dataclasses.replace(s, agl=tmp_path / "missing.tif") for s in train]  # any read would fail
+    assert city_means(gone) == city_means(train) and target_units(gone) == target_units(train)
+    old = [dataclasses.replace(s, agl_n=0, agl_sum=float("nan"), agl_sq=float("nan")) for s in train]
+    assert target_units(old) == pytest.approx(target_units(train))
+    for city, means in city_means(train[:2]).items():  # any subset (a fold's split): its own sums
+        assert city_means(old[:2])[city] == pytest.approx(means)

@@ -7,7 +7,9 @@ section 1); a tiled, uncompressed GeoTIFF reads the same window in under a milli
     CACHE/train/{stem}_RGB.tif   (H, W, 3) uint8, 256 px blocks
     CACHE/train/{stem}_AGL.tif   (H, W) uint16 cm, 65535 = no data (the original values)
     CACHE/test/{stem}_RGB.tif
-    CACHE/samples.csv            id, city, gsd, split, rgb, agl, scale px/m, angle rad, group
+    CACHE/samples.csv            id, city, gsd, split, rgb, agl, scale px/m, angle rad, group,
+                                 agl_n, agl_sum m, agl_sq m^2 (the AGL's valid pixels, their sum
+                                 and sum of squares: train tiles; empty for test tiles)
 
 Each file is written under a temporary name and renamed, so a file under its final name is
 always complete: a re-run skips it, and two conversions running at once only ever replace a
@@ -21,6 +23,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from geopose_ray import paths
@@ -31,6 +34,7 @@ from geopose_ray.errors import InputError
 
 SAMPLES_CSV = "samples.csv"
 SAMPLES_COLUMNS = ("id", "city", "gsd", "split", "rgb", "agl", "scale", "angle", "group")
+STATS_COLUMNS = ("agl_n", "agl_sum", "agl_sq")  # per-tile target sums: any split's means are sums of them
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,9 @@ class CachedSample:
     scale: float  # px/m; NaN for test tiles
     angle: float  # rad; NaN for test tiles
     group: str = ""  # scene key for leak-aware folds ("" = none given)
+    agl_n: int = 0  # valid AGL pixels (0: unknown, e.g. a cache written before the sums existed)
+    agl_sum: float = math.nan  # their sum, m
+    agl_sq: float = math.nan  # their sum of squares, m^2
 
 
 def cache_paths(sample: Sample, cache_dir: Path) -> tuple[Path, Path | None]:
@@ -86,7 +93,16 @@ def cached_record(sample: Sample, cache_dir: Path) -> dict[str, object]:
         "scale": vflow.scale,
         "angle": vflow.angle,
         "group": sample.group,
+        **(agl_sums(agl_out) if agl_out is not None else dict.fromkeys(STATS_COLUMNS, "")),
     }
+
+
+def agl_sums(path: Path) -> dict[str, float]:
+    """`STATS_COLUMNS` of one cached AGL tile, in float64: read once here, at conversion, so that
+    no trial reads the whole training set for its target means (`data.dataset.target_stats`)."""
+    agl = io.read_agl(path).astype(np.float64)  # (H, W) m NaN
+    valid = agl[np.isfinite(agl)]
+    return {"agl_n": int(valid.size), "agl_sum": float(valid.sum()), "agl_sq": float(np.square(valid).sum())}
 
 
 def write_samples_csv(samples: list[Sample], cache_dir: str | Path) -> Path:
@@ -95,7 +111,8 @@ def write_samples_csv(samples: list[Sample], cache_dir: str | Path) -> Path:
     rows = [cached_record(s, cache_dir) for s in sorted(samples, key=lambda s: (s.split, s.id))]
     path = cache_dir / SAMPLES_CSV
     with atomic_path(path) as tmp:
-        pd.DataFrame(rows, columns=list(SAMPLES_COLUMNS)).to_csv(tmp, index=False, float_format="%.17g")
+        columns = [*SAMPLES_COLUMNS, *STATS_COLUMNS]
+        pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False, float_format="%.17g")
     return path
 
 
@@ -110,7 +127,7 @@ def load_cache(cache_dir: str | Path, split: str | None = "train") -> list[Cache
             path,
             dtype={"id": str, "group": str},
             keep_default_na=False,
-            na_values={"scale": ["NaN", "nan", ""], "angle": ["NaN", "nan", ""]},
+            na_values={k: ["NaN", "nan", ""] for k in ("scale", "angle", "agl_sum", "agl_sq", "agl_n")},
         )
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise InputError(path, f"cannot parse CSV ({e.__class__.__name__})") from None
@@ -119,6 +136,9 @@ def load_cache(cache_dir: str | Path, split: str | None = "train") -> list[Cache
         raise InputError(path, f"missing column(s) {missing}: re-run python -m geopose_ray.convert")
     if split is not None:
         df = df[df["split"] == split]
+    for col in STATS_COLUMNS:  # an older cache: its sums are read from the tiles when needed
+        if col not in df.columns:
+            df[col] = math.nan
     return [
         CachedSample(
             id=r.id,
@@ -130,6 +150,9 @@ def load_cache(cache_dir: str | Path, split: str | None = "train") -> list[Cache
             scale=float(r.scale),
             angle=float(r.angle),
             group=r.group,
+            agl_n=int(r.agl_n) if math.isfinite(r.agl_n) else 0,
+            agl_sum=float(r.agl_sum),
+            agl_sq=float(r.agl_sq),
         )
         for r in df.itertuples(index=False)
     ]
@@ -146,13 +169,16 @@ def load_all(data_dir: Path) -> list[Sample]:
 
 def is_current(data_dir: Path, cache_dir: Path) -> bool:
     """Cheap check (CSV tables and file existence, no decoding): the cache lists exactly the
-    data set's tiles and every one is converted, so a regenerated data set is noticed."""
+    data set's tiles, every one is converted and has its sums, so a regenerated data set is noticed."""
     if not (cache_dir / SAMPLES_CSV).is_file():
         return False
     samples = layout.load_split(data_dir, "train")
     if layout.has_split(data_dir, "test"):
         samples += layout.load_split(data_dir, "test")
-    listed = {(s.split, s.id) for s in load_cache(cache_dir, None)}
+    cached = load_cache(cache_dir, None)
+    if any(c.agl is not None and not math.isfinite(c.agl_sum) for c in cached):
+        return False  # written before the per-tile sums: convert adds them (the tiles are kept)
+    listed = {(s.split, s.id) for s in cached}
     return listed == {(s.split, s.id) for s in samples} and all(is_converted(s, cache_dir) for s in samples)
 
 

@@ -137,44 +137,41 @@ def _datasets(ds: Any) -> list[GeoposeDataset]:
     return [d for x in inner for d in _datasets(x)]
 
 
-def city_means(samples: Sequence[CachedSample], max_per_city: int = 0) -> dict[str, tuple[float, float]]:
-    """city -> (mean AGL m, mean MAG px) over the valid pixels of the given training tiles
-    (the targets' means of the 1st place's per-city R² loss). max_per_city > 0 uses only the
-    first tiles by id of each city (1st place used 20), to bound the reading time."""
-    by_city: dict[str, list[CachedSample]] = defaultdict(list)
-    for s in sorted(samples, key=lambda s: s.id):
-        if s.agl is not None and math.isfinite(s.scale):
-            by_city[s.city].append(s)
-    means: dict[str, tuple[float, float]] = {}
-    for city, tiles in sorted(by_city.items()):
-        total_agl = total_mag = 0.0
-        count = 0
-        for s in tiles[:max_per_city] if max_per_city > 0 else tiles:
-            agl = io.read_agl(s.agl).astype(np.float64)
-            valid = np.isfinite(agl)
-            tile_sum = float(agl[valid].sum())
-            total_agl += tile_sum
-            total_mag += tile_sum * s.scale
-            count += int(valid.sum())
-        if count:
-            means[city] = (total_agl / count, total_mag / count)
-    return means
+def target_stats(sample: CachedSample) -> tuple[int, float, float]:
+    """(valid AGL pixels, their sum m, sum of squares m^2) of a training tile: the sums that
+    conversion stored in samples.csv, or (a cache written before them) read from the tile."""
+    if math.isfinite(sample.agl_sum) and math.isfinite(sample.agl_sq):
+        return sample.agl_n, sample.agl_sum, sample.agl_sq
+    agl = io.read_agl(sample.agl).astype(np.float64)
+    valid = agl[np.isfinite(agl)]
+    return int(valid.size), float(valid.sum()), float(np.square(valid).sum())
 
 
-def target_units(samples: Sequence[CachedSample], max_tiles: int = 32) -> tuple[float, float]:
-    """(AGL m, MAG px): the root mean square of the valid training targets, over at most
-    `max_tiles` tiles spread over the ids. The model's dense heads output in these units, so a data
-    set of 200 m towers and one of 5 m houses both start with outputs of the targets' size."""
-    tiles = sorted((s for s in samples if s.agl is not None and math.isfinite(s.scale)), key=lambda s: s.id)
-    step = max(1, math.ceil(len(tiles) / max_tiles)) if max_tiles > 0 else 1
+def _labelled(samples: Sequence[CachedSample]) -> list[CachedSample]:
+    return sorted((s for s in samples if s.agl is not None and math.isfinite(s.scale)), key=lambda s: s.id)
+
+
+def city_means(samples: Sequence[CachedSample]) -> dict[str, tuple[float, float]]:
+    """city -> (mean AGL m, mean MAG px) over the valid pixels of the given training tiles (the
+    targets' means of the 1st place's per-city R² loss): sums of the per-tile sums, so a fold's
+    training split gives its own means with no file read and no leak from its validation fold."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # agl sum, mag sum, count
+    for s in _labelled(samples):
+        n, total, _ = target_stats(s)
+        acc = totals[s.city]
+        acc[0], acc[1], acc[2] = acc[0] + total, acc[1] + total * s.scale, acc[2] + n
+    return {city: (a / n, m / n) for city, (a, m, n) in sorted(totals.items()) if n > 0}
+
+
+def target_units(samples: Sequence[CachedSample]) -> tuple[float, float]:
+    """(AGL m, MAG px): the root mean square of the valid training targets (MAG = AGL x scale).
+    The model's dense heads output in these units, so a data set of 200 m towers and one of 5 m
+    houses both start with outputs of the targets' size."""
     sq_agl = sq_mag = 0.0
     count = 0
-    for s in tiles[::step]:
-        agl = io.read_agl(s.agl).astype(np.float64)
-        valid = agl[np.isfinite(agl)]
-        sq_agl += float(np.square(valid).sum())
-        sq_mag += float(np.square(valid * s.scale).sum())
-        count += valid.size
+    for s in _labelled(samples):
+        n, _, sq = target_stats(s)
+        sq_agl, sq_mag, count = sq_agl + sq, sq_mag + sq * s.scale**2, count + n
     if count == 0:
         return 1.0, 1.0
     return max(math.sqrt(sq_agl / count), MIN_UNIT), max(math.sqrt(sq_mag / count), MIN_UNIT)
