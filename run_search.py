@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--space", default=str(HERE / "search_spaces" / "smoke.yaml"), help="search-space YAML")
     p.add_argument("--storage", help="Ray storage path (default: runs/experiments)")
     p.add_argument("--name", help="experiment name (default: the space file's name)")
+    p.add_argument("--weights-cache", help="pretrained encoder weights, downloaded once before the trials "
+                   "(default: runs/weights; on a cluster a shared folder)")  # fmt: skip
     p.add_argument("--optuna-storage", metavar="URL", help="the Optuna study's database, named after the "
                    "experiment (default: sqlite:///<storage>/<name>/optuna.db; on a cluster a PostgreSQL "
                    "URL); --resume continues the same study")  # fmt: skip
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         check_capacity_options,
         load_run_space,
         plan_search,
+        prepare_weights,
         run_search,
     )
     from geopose_ray.tune.space import parse_overrides
@@ -92,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrent=args.max_concurrent,
         pending_trials=args.pending_trials,
         optuna_storage=args.optuna_storage,
+        weights_cache=args.weights_cache,
     )
     load_run_space(opts)  # a bad space, --set or flag fails at once, before Ray starts
     check_capacity_options(opts)
+    prepare_weights(opts)  # hub weights: downloaded once here, or exit 2 naming the missing file
     if args.data:  # so does a bad data set (the embedded synthetic one is generated valid)
         from geopose_ray.data.cache import validate_unless_cached
 

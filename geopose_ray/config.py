@@ -45,7 +45,8 @@ class DataConfig:
 class ModelConfig:
     arch: str = "Unet"  # any smp architecture name (Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...)
     encoder: str = "resnet34"  # any smp encoder name, timm through "tu-<name>"
-    encoder_weights: str | None = None  # None, or a local weights file (timm state dict / safetensors)
+    encoder_weights: str | None = None  # None, imagenet / a timm tag (models.pretrained), or a local file
+    weights_cache: str | None = None  # where hub weights are cached (None: <home>/weights)
     init_checkpoint: str | None = None  # a checkpoint folder whose whole model starts this run (stage 2)
     decoder_channels: int = 0  # 0 = the architecture's default width; >0 scales Unet-like decoders
     scale_head: str = "lstsq"  # "lstsq" (parameter-free fit of MAG on AGL) | "learned"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 METRIC, MODE = "score", "max"  # what ASHA, Optuna, checkpoints and members are ranked by
-RUN_KEYS = ("data_dir", "cache_dir", "fold")  # where and which fold a config ran: not its identity
+RUN_KEYS = ("data_dir", "cache_dir", "weights_cache", "fold")  # where and which fold it ran: not identity
 REFIT_SUFFIX = "-refit"
 REFIT_CONFIGS = "refit_configs"  # refit trials: {"refit_configs": [...], "member": {"config_rank", "fold"}}
 

@@ -22,6 +22,7 @@ from geopose_ray.checkpoint import save_state
 from geopose_ray.config import Config, load_yaml_config
 from geopose_ray.data.transforms import build_train_transform_from_config
 from geopose_ray.errors import HelpFormatter, InputError, run_cli
+from geopose_ray.models import pretrained
 from geopose_ray.synthetic import ensure_default
 from geopose_ray.train_loop import NonFiniteLossError, autocast_dtype, build_optimizer, build_scheduler, fit
 
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.replace(data_dir=str(Path(args.data).resolve()))
     elif not cfg.data.data_dir:
         cfg = cfg.replace(data_dir=str(ensure_default(paths.default_data_dir())))
+    m = cfg.model
+    if pretrained.is_hub(m.encoder_weights) and not m.init_checkpoint:  # downloaded once, then read offline
+        pretrained.ensure([(m.encoder, m.encoder_weights)], m.weights_cache)
     out = Path(args.out) if args.out else paths.home() / "train" / Path(args.config).stem
     best = {"score": -math.inf, "epoch": 0}
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from geopose_ray.config import ModelConfig
 from geopose_ray.constants import CITIES
+from geopose_ray.models import pretrained
 from geopose_ray.models.heads import DenseHead, DirectionHead, build_scale_head, pooled_direction
 from geopose_ray.models.weights import load_encoder_weights
 
@@ -229,7 +230,9 @@ def build_model(cfg: ModelConfig) -> GeoposeModel:
     """Compose `cfg.arch` + `cfg.encoder` (smp, `tu-` for timm) with geopose heads.
 
     smp always gets encoder_weights=None (a hub name would retry the network for ~25 s);
-    `cfg.encoder_weights` may name a local file, loaded by `weights.load_encoder_weights`.
+    `cfg.encoder_weights` may name a local file, or `imagenet` / a timm tag, taken from the local
+    weights cache only (`models.pretrained`: the search's driver downloads them beforehand). Either
+    file is loaded by `weights.load_encoder_weights`.
     """
     in_channels = 3 + (len(CITIES) if cfg.use_city else 0)
     try:
@@ -245,7 +248,9 @@ def build_model(cfg: ModelConfig) -> GeoposeModel:
         if isinstance(e, RuntimeError) and "Unknown model" not in str(e):
             raise
         raise ValueError(f"cannot build {cfg.arch} with encoder {cfg.encoder}: {e}") from None
-    if cfg.encoder_weights:
+    if pretrained.is_hub(cfg.encoder_weights) and not cfg.init_checkpoint:  # a 2nd stage loads every weight
+        load_encoder_weights(net.encoder, pretrained.resolve(cfg.encoder, cfg.encoder_weights, cfg.weights_cache))
+    elif cfg.encoder_weights:
         load_encoder_weights(net.encoder, cfg.encoder_weights)
     divisor = int(net.encoder.output_stride) if net.requires_divisible_input_shape else 1
     return GeoposeModel(

@@ -21,6 +21,7 @@ from geopose_ray import paths, ray_env
 from geopose_ray.atomic import atomic_write_text
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import Experiment
+from geopose_ray.models import pretrained
 from geopose_ray.tune import refit, report, trainer, tuner
 from geopose_ray.tune.capacity import Capacity, TrialResources, knows_every_need
 from geopose_ray.tune.space import SearchSpace, load_space
@@ -57,6 +58,7 @@ class SearchOptions:
     max_concurrent: int | None = None  # cap on trials at once; None: as many as the cluster fits
     pending_trials: int | None = None  # admitted beyond what fits (autoscaler demand); None: 0 fixed, else 1
     optuna_storage: str | None = None  # the study's database URL; None: SQLite in the experiment folder
+    weights_cache: str | None = None  # pretrained encoder weights; None: <home>/weights
 
 
 @dataclass
@@ -72,6 +74,22 @@ class SearchResult:
     members_path: Path | None = None
     refit_leaderboard: pd.DataFrame | None = None
     interrupted: bool = False  # unfinished trials: run again with --resume
+
+
+def weights_cache(opts: SearchOptions) -> Path:
+    return Path(opts.weights_cache).resolve() if opts.weights_cache else pretrained.default_cache()
+
+
+def prepare_weights(opts: SearchOptions) -> dict[tuple[str, str], Path]:
+    """Download the pretrained weights of every (encoder, weights) the space can sample into the
+    weights cache, once, before Ray starts: trials then only read local files. Exit 2 (InputError)
+    naming the encoder and the file when offline and missing. {} for a space without hub weights."""
+    space = load_run_space(opts)
+    starts = space.values_of("init_checkpoint")
+    if starts and all(starts):  # a second stage: the checkpoint holds every weight
+        return {}
+    tags = [w for w in space.values_of("encoder_weights") if pretrained.is_hub(w)]
+    return pretrained.ensure([(e, t) for e in space.values_of("encoder") for t in tags], weights_cache(opts))
 
 
 def load_run_space(opts: SearchOptions) -> SearchSpace:
@@ -99,6 +117,7 @@ def resolve_space(opts: SearchOptions, data_dir: str) -> SearchSpace:
     run = {
         "data_dir": data_dir,
         "fold": opts.fold,
+        "weights_cache": str(weights_cache(opts)),
         **({"cache_dir": str(Path(opts.cache).resolve())} if opts.cache else {}),
     }
     if "seed" not in space.fixed and "seed" not in space.searched():

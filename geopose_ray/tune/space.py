@@ -114,6 +114,16 @@ class SearchSpace:
     def searched(self) -> list[str]:
         return [p.name for p in self.parameters]
 
+    def values_of(self, key: str) -> list[Any]:
+        """Every value a trial's `key` can take: the fixed one, a choice's values, or the Config
+        default; [] for a continuous range."""
+        if key in self.fixed:
+            return [self.fixed[key]]
+        param = next((p for p in self.parameters if p.name == key), None)
+        if param is None:
+            return [self.defaults().get(key, config_default(key))]
+        return list(param.values) if param.type == "choice" else []
+
     def n_folds(self) -> int:
         """The folds the space's data is split into (a fixed key, else Config's default)."""
         return Config.from_dict(self.defaults(), strict=False).data.n_folds
@@ -155,6 +165,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             raise InputError("--set", f"{key}: VALUE is not valid YAML: {value!r}") from None
     return out
+
+
+def config_default(key: str) -> Any:
+    """A Config key's default value."""
+    cfg = Config.from_dict({})
+    return getattr(getattr(cfg, key_owners()[key]), key)
 
 
 def is_space_file(path: str | Path) -> bool:
