@@ -53,6 +53,8 @@ BASE: dict[str, Any] = {  # the embedded default's fixed settings (search_spaces
 }
 OLD_WEIGHTS = {"mag_weight": 2.0, "dir_weight": 10.0, "scale_weight": 10.0}  # the baseline's 1/2/10/10
 
+R10T = {"encoder": "tu-resnet10t", "decoder_channels": 8}  # the embedded default's model
+
 # name -> (set, overrides of BASE)
 SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "old_default": ("s256x8", {"direction_head": "global", "crop": 128, "batch_size": 4, **OLD_WEIGHTS}),
@@ -70,6 +72,14 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense_zoom1": ("s128x60z1", {}),
     "dense_64px": ("s64x150", {}),
     "r10t_dc8_20ep": ("s128x60", {"encoder": "tu-resnet10t", "decoder_channels": 8, "epochs": 20}),
+    # crop and batch at 20 steps per epoch, on the embedded default's encoder and decoder
+    "r10t_bs8": ("s128x60", {**R10T, "batch_size": 8, "epoch_samples": 160}),
+    "r10t_bs8_crop96": ("s128x60", {**R10T, "batch_size": 8, "crop": 96, "epoch_samples": 160}),
+    "r10t_bs4": ("s128x60", {**R10T, "batch_size": 4, "epoch_samples": 80}),
+    "r10t_bs4_crop128": ("s128x60", {**R10T, "batch_size": 4, "crop": 128, "epoch_samples": 80}),
+    "r10t_dir3": ("s128x60", {**R10T, "dir_weight": 3.0}),
+    "r10t_dir10": ("s128x60", {**R10T, "dir_weight": 10.0}),
+    "r10t_bs8_dir3": ("s128x60", {**R10T, "batch_size": 8, "dir_weight": 3.0}),
 }
 KEEP = (
     "epoch", "train_loss", "train_agl", "train_mag", "train_direction", "val_loss",
