@@ -29,6 +29,7 @@ from bench import common
 from geopose_ray.errors import run_cli
 
 GOAL_RATIO, GOAL_SCORE = 0.35, 0.01
+FULL_SAMPLES = 8  # trials without --quick (the space's own count with it)
 
 
 def asha_floor(trials: int, max_epochs: int, grace: int) -> float:
@@ -82,13 +83,14 @@ def search(
 
 
 def run(args: Any) -> list[dict[str, Any]]:
+    from geopose_ray.synthetic import generate
     from geopose_ray.tune.space import load_space
 
     work = common.work_dir(args.work)
-    data = common.synthetic_set(work, 256, per_city=8, test_per_city=2)
+    data = generate(work / "synthetic_default")  # the embedded default set (generator defaults)
     smoke = load_space(common.SMOKE_SPACE)
-    samples = args.num_samples or (smoke.num_samples if args.quick else 16)
-    max_epochs = args.max_epochs or (smoke.scheduler.max_epochs if args.quick else 9)
+    samples = args.num_samples or (smoke.num_samples if args.quick else FULL_SAMPLES)
+    max_epochs = args.max_epochs or smoke.scheduler.max_epochs
     rf = args.reduction_factor or smoke.scheduler.reduction_factor
     asha_space = common.SMOKE_SPACE
     if args.reduction_factor:  # the smoke space with another ASHA reduction factor
@@ -128,10 +130,10 @@ def run(args: Any) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--num-samples", type=int, help="trials (default: the space's with --quick, else 16)")
     p.add_argument(
-        "--max-epochs", type=int, help="budget per trial (default: the space's with --quick, else 9)"
+        "--num-samples", type=int, help=f"trials (default: the space's with --quick, else {FULL_SAMPLES})"
     )
+    p.add_argument("--max-epochs", type=int, help="budget per trial (default: the space's)")
     p.add_argument("--reduction-factor", type=float, help="ASHA's (default: the smoke space's, 2)")
     run(p.parse_args(argv))
     return 0
