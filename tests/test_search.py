@@ -127,9 +127,17 @@ def test_leaderboard_and_importances_from_records(tmp_path):
     assert not row.loc["broken", "stopped_early"]  # errors are not early stops
     assert pd.isna(row.loc["full", "huber_delta"]) and row.loc["mid", "huber_delta"] == 7.0
     assert {"node_id", "fold", "agl_loss", "lr"} <= set(board.columns)
-    imp = report.param_importances(recs, space)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"  # the search's study, as OptunaSearch stores it
+    study = optuna.create_study(study_name="exp", storage=url, direction="maximize")
+    dists = {p.name: p.distribution() for p in space.parameters}
+    for r in recs:
+        params = {k: v for k, v in r.train_config.items() if k in dists}
+        trial = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params}, value=r.best()[0])
+        study.add_trial(trial)
+    imp = report.param_importances((url, "exp"))
     assert imp["trials"] == 4 and set(imp["importances"]) <= {"agl_loss", "lr", "huber_delta"}
     assert math.isclose(sum(imp["importances"].values()), 1.0, rel_tol=1e-6)
+    assert report.param_importances((url, "no such study"))["importances"] == {}
     assert "full" in report.format_table(board)
     assert report.unfinished(board) == 0  # errors count as finished
     running = record("running", {"agl_loss": "mse", "lr": 1e-3, "fold": 0}, [0.1], status="RUNNING")
