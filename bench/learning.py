@@ -80,6 +80,7 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "r10t_dir3": ("s128x60", {**R10T, "dir_weight": 3.0}),
     "r10t_dir10": ("s128x60", {**R10T, "dir_weight": 10.0}),
     "r10t_bs8_dir3": ("s128x60", {**R10T, "batch_size": 8, "dir_weight": 3.0}),
+    "r10t_dir3_20ep": ("s128x60", {**R10T, "dir_weight": 3.0, "epochs": 20}),  # the smoke budget
 }
 KEEP = (
     "epoch", "train_loss", "train_agl", "train_mag", "train_direction", "val_loss",
