@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         optuna_storage=args.optuna_storage,
         weights_cache=args.weights_cache,
     )
-    load_run_space(opts)  # a bad space, --set or flag fails at once, before Ray starts
+    space = load_run_space(opts)  # a bad space, --set or flag fails at once, before Ray starts
     check_capacity_options(opts)
-    prepare_weights(opts)  # hub weights: downloaded once here, or exit 2 naming the missing file
+    prepare_weights(opts, space)  # hub weights: downloaded once here, or exit 2 naming the missing file
     if args.data:  # so does a bad data set (the embedded synthetic one is generated valid)
         from geopose_ray.data.cache import validate_unless_cached
 

@@ -8,6 +8,7 @@ key to its section and refuses unknown keys, so a typo in a search space fails a
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,9 @@ def _coerce(section: type, key: str, value: Any) -> Any:
             return bool(value)
         raise ValueError(f"{key} must be true or false, got {value!r}")
     if isinstance(default, int):
-        number = float(value)  # 3, "3", 3.0 and numpy integers pass; 2.7 must not become 2
+        if isinstance(value, numbers.Integral):  # int, numpy integers: exact, however large
+            return int(value)
+        number = float(value)  # "3" and 3.0 pass; 2.7 must not become 2
         if not number.is_integer():
             raise ValueError(f"{key} must be a whole number, got {value!r}")
         return int(number)

@@ -74,10 +74,6 @@ class Experiment:
         """The default Optuna storage: an SQLite file in the experiment folder (one machine)."""
         return f"sqlite:///{self.dir / OPTUNA_DB}"
 
-    def report_file(self, name: str) -> Path:
-        """One of the report's files (LEADERBOARD, BEST_CONFIG, IMPORTANCES, the PNGs)."""
-        return self.dir / name
-
 
 def train_run_name(experiment: str, trial_id: str) -> str:
     """Train run folder of a trial: stable across restarts (no timestamp), unique across experiments."""

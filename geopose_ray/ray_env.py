@@ -53,7 +53,6 @@ def init(
     verbose: bool = False,
     num_cpus: int | None = None,
     dashboard: bool | None = True,
-    **kwargs: Any,
 ) -> str:
     """Join or start Ray (see the module doc) unless this process already is connected; returns
     the address asked for ("local" for a new instance). The dashboard is on by default: ASHA's
@@ -76,7 +75,6 @@ def init(
         include_dashboard=dashboard if local else None,
         **({"num_cpus": num_cpus} if local and num_cpus else {}),
         **quiet,
-        **kwargs,
     )
     return address
 

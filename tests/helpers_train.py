@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,3 +23,11 @@ class NanAt:
 
 def nan_at(*steps: int) -> NanAt:
     return NanAt(frozenset(steps))
+
+
+def nan_worker(*steps: int) -> Callable[[dict], None]:
+    """The product's per-worker function with NaN losses at these global steps (`build_trainer`'s
+    `train_fn`)."""
+    from geopose_ray.tune.trainer import train_fn_per_worker
+
+    return functools.partial(train_fn_per_worker, loss_hook=nan_at(*steps))

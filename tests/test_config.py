@@ -13,6 +13,10 @@ def test_whole_numbers_become_ints(value):
     assert Config.from_dict({"batch_size": value}).data.batch_size == 16
 
 
+def test_a_large_integer_seed_is_kept_exactly():
+    assert Config.from_dict({"seed": 2**60 + 1}).train.seed == 2**60 + 1
+
+
 @pytest.mark.parametrize("value", [2.7, "2.5", np.float32(0.5)])
 def test_a_fraction_for_an_int_key_is_refused_not_truncated(value):
     with pytest.raises(ValueError, match="batch_size must be a whole number"):

@@ -130,7 +130,7 @@ def test_file_that_fails_to_decode_during_conversion_names_it(tmp_path, ray_sess
 
 
 @pytest.mark.ray
-def test_ensure_cache_converts_only_when_needed(tmp_path, ray_session):
+def test_ensure_cache_converts_only_when_needed(tmp_path, ray_session, monkeypatch):
     data = make_layout(tmp_path / "data")
     out = ensure_cache(data, tmp_path / "cache")
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
@@ -138,8 +138,13 @@ def test_ensure_cache_converts_only_when_needed(tmp_path, ray_session):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
     train_csv = pd.read_csv(data / "geopose_train.csv", dtype=str)
     train_csv.iloc[1:].to_csv(data / "geopose_train.csv", index=False)  # the data set changed
+    read = []
+    real_sums = cache.agl_sums
+    monkeypatch.setattr(cache, "agl_sums", lambda path: read.append(path) or real_sums(path))
     ensure_cache(data, out)
     assert {s.id for s in cache.load_cache(out, "train")} == set(train_csv["id"][1:])
+    assert read == []  # the kept tiles' sums come from the earlier index, not from their files
+    monkeypatch.setattr(cache, "agl_sums", real_sums)
     index = pd.read_csv(out / "samples.csv")
     index.drop(columns=list(cache.STATS_COLUMNS)).to_csv(out / "samples.csv", index=False)  # an older cache
     assert not cache.is_current(data, out)

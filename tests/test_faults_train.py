@@ -17,7 +17,7 @@ from pathlib import Path
 import helpers_train
 import pytest
 import torch
-from helpers_train import nan_at
+from helpers_train import nan_worker
 
 from geopose_ray.checkpoint import STATE_FILE, load_state
 
@@ -103,7 +103,7 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, synth
     from ray.train import UserCallback
 
     from geopose_ray.tune.capacity import TrialResources
-    from geopose_ray.tune.trainer import build_trainer, with_loss_hook
+    from geopose_ray.tune.trainer import build_trainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
     cloudpickle.register_pickle_by_value(helpers_train)
@@ -115,7 +115,7 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, synth
     storage = tmp_path / "storage"
     trainer = build_trainer(
         config, name="fault-worker", storage_path=storage, resources=TrialResources(2, 1.0),
-        num_to_keep=None, max_failures=1, callbacks=[callback], train_fn=with_loss_hook(nan_at(0)),
+        num_to_keep=None, max_failures=1, callbacks=[callback], train_fn=nan_worker(0),
     )  # fmt: skip
     killed: dict = {}
     killer = threading.Thread(target=lambda: killed.update(_kill_a_worker_after_first_checkpoint(log)))
@@ -152,14 +152,14 @@ def test_repeated_nan_losses_stop_the_trial_with_a_clear_error(ray_session, synt
     from ray import cloudpickle
 
     from geopose_ray.tune.capacity import TrialResources
-    from geopose_ray.tune.trainer import build_trainer, with_loss_hook
+    from geopose_ray.tune.trainer import build_trainer
 
     cloudpickle.register_pickle_by_value(helpers_train)  # Ray workers cannot import tests/
     config = _train_config(synthetic_dir, tmp_path, epochs=2, precision="bf16", max_nonfinite=2)
     storage = tmp_path / "storage"
     trainer = build_trainer(
         config, name="fault-nan", storage_path=storage, resources=TrialResources(1, 1.0), max_failures=0,
-        train_fn=with_loss_hook(nan_at(0, 1)),
+        train_fn=nan_worker(0, 1),
     )  # fmt: skip
     with pytest.raises(Exception, match="NonFiniteLossError: 2 non-finite losses in a row") as e:
         trainer.fit()

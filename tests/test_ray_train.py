@@ -8,7 +8,7 @@ from pathlib import Path
 
 import helpers_train
 import pytest
-from helpers_train import nan_at
+from helpers_train import nan_worker
 
 from geopose_ray.checkpoint import CONFIG_FILE, STATE_FILE, VAL_SCORE_FILE, load_state
 
@@ -19,7 +19,7 @@ def test_two_workers_report_checkpoint_and_resume(ray_session, synthetic_dir, tm
     from ray import cloudpickle
 
     from geopose_ray.tune.capacity import TrialResources
-    from geopose_ray.tune.trainer import build_trainer, with_loss_hook
+    from geopose_ray.tune.trainer import build_trainer
 
     cloudpickle.register_pickle_by_value(helpers_train)  # Ray workers cannot import tests/
 
@@ -59,7 +59,7 @@ def test_two_workers_report_checkpoint_and_resume(ray_session, synthetic_dir, tm
     # Extended to 3 epochs under the same name: NaN losses at global steps 0 and 1 (epochs 1 and
     # 2) with max_nonfinite=1 would fail a run that started over; a resumed one starts at step 2.
     extended = {**config, "epochs": 3, "max_nonfinite": 1}
-    second = build_trainer(extended, **trainer_args, train_fn=with_loss_hook(nan_at(0, 1))).fit()
+    second = build_trainer(extended, **trainer_args, train_fn=nan_worker(0, 1)).fit()
     assert second.error is None
     assert second.metrics["epoch"] == 3 and second.metrics["nonfinite_total"] == 0
     epochs = sorted(int(m["epoch"]) for _, m in second.best_checkpoints)

@@ -43,7 +43,7 @@ def convert(
     if todo:
         ray_env.init(address, num_cpus=min(LOCAL_CPUS, os.cpu_count() or 1), dashboard=False)
         _run_tasks(todo, cache_dir, compress, progress)
-    cache.write_samples_csv(samples, cache_dir)
+    cache.write_samples_csv(samples, cache_dir, {s.id for s in todo})
     return cache_dir
 
 

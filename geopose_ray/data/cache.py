@@ -79,8 +79,9 @@ def is_converted(sample: Sample, cache_dir: str | Path) -> bool:
     return rgb_out.is_file() and (agl_out is None or agl_out.is_file())
 
 
-def cached_record(sample: Sample, cache_dir: Path) -> dict[str, object]:
-    """One samples.csv row; reads the tile's VFLOW json (scale px/m, angle rad)."""
+def cached_record(sample: Sample, cache_dir: Path, known: dict[str, dict] | None = None) -> dict[str, object]:
+    """One samples.csv row; reads the tile's VFLOW json (scale px/m, angle rad) and, unless
+    `known` (id -> sums of an earlier index) has them, its cached AGL's sums."""
     rgb_out, agl_out = cache_paths(sample, cache_dir)
     vflow = io.read_vflow(sample.vflow) if sample.vflow is not None else io.VFlow(math.nan, math.nan)
     return {
@@ -93,7 +94,7 @@ def cached_record(sample: Sample, cache_dir: Path) -> dict[str, object]:
         "scale": vflow.scale,
         "angle": vflow.angle,
         "group": sample.group,
-        **(agl_sums(agl_out) if agl_out is not None else dict.fromkeys(STATS_COLUMNS, "")),
+        **(_sums(sample.id, agl_out, known or {}) if agl_out is not None else dict.fromkeys(STATS_COLUMNS, "")),
     }
 
 
@@ -105,10 +106,30 @@ def agl_sums(path: Path) -> dict[str, float]:
     return {"agl_n": int(valid.size), "agl_sum": float(valid.sum()), "agl_sq": float(np.square(valid).sum())}
 
 
-def write_samples_csv(samples: list[Sample], cache_dir: str | Path) -> Path:
-    """Write the cache index atomically (rows in id order, so two runs give the same bytes)."""
+def _sums(sample_id: str, agl: Path, known: dict[str, dict]) -> dict[str, float]:
+    return known[sample_id] if sample_id in known else agl_sums(agl)
+
+
+def _known_sums(cache_dir: Path) -> dict[str, dict]:
+    """The AGL sums an earlier index of this cache holds: a cached tile is never rewritten, so a
+    refresh (new tiles, a crashed run repaired) reads only the tiles it has no sums for, or rewrote."""
+    try:
+        earlier = load_cache(cache_dir, "train")
+    except InputError:  # no index yet, or an unreadable one
+        return {}
+    return {
+        s.id: {"agl_n": s.agl_n, "agl_sum": s.agl_sum, "agl_sq": s.agl_sq}
+        for s in earlier
+        if math.isfinite(s.agl_sum) and math.isfinite(s.agl_sq)
+    }
+
+
+def write_samples_csv(samples: list[Sample], cache_dir: str | Path, rewritten: set[str] = frozenset()) -> Path:
+    """Write the cache index atomically (rows in id order, so two runs give the same bytes).
+    `rewritten`: ids whose tiles this run converted, so their sums are read from the new tiles."""
     cache_dir = Path(cache_dir)
-    rows = [cached_record(s, cache_dir) for s in sorted(samples, key=lambda s: (s.split, s.id))]
+    known = {k: v for k, v in _known_sums(cache_dir).items() if k not in rewritten}
+    rows = [cached_record(s, cache_dir, known) for s in sorted(samples, key=lambda s: (s.split, s.id))]
     path = cache_dir / SAMPLES_CSV
     with atomic_path(path) as tmp:
         columns = [*SAMPLES_COLUMNS, *STATS_COLUMNS]
@@ -203,8 +224,8 @@ def ensure_converted(data_dir: str | Path, cache_dir: str | Path | None = None) 
     cache_dir = Path(cache_dir).resolve() if cache_dir else paths.default_cache_dir(data_dir)
     if not is_current(data_dir, cache_dir):
         samples = load_all(data_dir)
-        for s in samples:
-            if not is_converted(s, cache_dir):
-                convert_sample(s, cache_dir)
-        write_samples_csv(samples, cache_dir)
+        todo = [s for s in samples if not is_converted(s, cache_dir)]
+        for s in todo:
+            convert_sample(s, cache_dir)
+        write_samples_csv(samples, cache_dir, {s.id for s in todo})
     return cache_dir

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from geopose_ray.constants import city_index
 from geopose_ray.data import io, transforms
-from geopose_ray.data.cache import CachedSample
+from geopose_ray.data.cache import CachedSample, agl_sums
 
 Transform = Callable[..., dict[str, Any]]
 MIN_UNIT = 0.1  # m or px: the smallest output unit (a set of flat tiles)
@@ -142,9 +142,8 @@ def target_stats(sample: CachedSample) -> tuple[int, float, float]:
     conversion stored in samples.csv, or (a cache written before them) read from the tile."""
     if math.isfinite(sample.agl_sum) and math.isfinite(sample.agl_sq):
         return sample.agl_n, sample.agl_sum, sample.agl_sq
-    agl = io.read_agl(sample.agl).astype(np.float64)
-    valid = agl[np.isfinite(agl)]
-    return int(valid.size), float(valid.sum()), float(np.square(valid).sum())
+    sums = agl_sums(sample.agl)
+    return sums["agl_n"], sums["agl_sum"], sums["agl_sq"]
 
 
 def _labelled(samples: Sequence[CachedSample]) -> list[CachedSample]:

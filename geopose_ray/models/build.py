@@ -248,7 +248,7 @@ def build_model(cfg: ModelConfig) -> GeoposeModel:
         if isinstance(e, RuntimeError) and "Unknown model" not in str(e):
             raise
         raise ValueError(f"cannot build {cfg.arch} with encoder {cfg.encoder}: {e}") from None
-    if pretrained.is_hub(cfg.encoder_weights) and not cfg.init_checkpoint:  # a 2nd stage loads every weight
+    if pretrained.needs_hub(cfg):
         load_encoder_weights(net.encoder, pretrained.resolve(cfg.encoder, cfg.encoder_weights, cfg.weights_cache))
     elif cfg.encoder_weights:
         load_encoder_weights(net.encoder, cfg.encoder_weights)

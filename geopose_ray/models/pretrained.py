@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from geopose_ray import paths
+from geopose_ray.config import ModelConfig
 from geopose_ray.errors import InputError
 
 PRETRAINED = "imagenet"  # the encoder_weights value that asks for the encoder's own pretrained weights
@@ -50,6 +51,12 @@ def timm_name(encoder: str) -> str:
 def is_hub(weights: str | None) -> bool:
     """True for `imagenet` or a timm tag; False for None or a local file path."""
     return bool(weights) and "/" not in weights and not weights.endswith(FILE_SUFFIXES)
+
+
+def needs_hub(cfg: ModelConfig) -> bool:
+    """True when building this model loads hub weights: `imagenet` or a tag, and no second-stage
+    `init_checkpoint` (which holds every weight)."""
+    return is_hub(cfg.encoder_weights) and not cfg.init_checkpoint
 
 
 def hub_repo(encoder: str, tag: str = PRETRAINED) -> str:

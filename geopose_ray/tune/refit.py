@@ -160,11 +160,12 @@ def run_refit(
             trainable,
             resume and tuner.can_restore(refit.dir),  # a resumed search may not have reached its refit yet
         )
-        board = report.write_report(refit.dir, space)
+        refit_records = report.load_trials(refit.dir)
+        board = report.write_report(refit.dir, space, records=refit_records)
         if report.unfinished(board):
             log.warning("refit interrupted: members.json not written; finish it with --resume")
             return [], None, board
-        for rec in report.load_trials(refit.dir):
+        for rec in refit_records:
             rank = int(rec.config["member"]["config_rank"])
             members.append(member_row(rank, rec, refit, "refit"))
     members = sorted((m for m in members if m is not None), key=lambda m: (m["rank"], m["fold"]))

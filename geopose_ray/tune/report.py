@@ -210,13 +210,16 @@ def best_config(board: pd.DataFrame, records: list[TrialRecord]) -> dict[str, An
 
 
 def write_report(
-    experiment_dir: str | Path, space: SearchSpace, study: tuple[str, str] | None = None
+    experiment_dir: str | Path,
+    space: SearchSpace,
+    study: tuple[str, str] | None = None,
+    records: list[TrialRecord] | None = None,
 ) -> pd.DataFrame:
     """Write every report file into `experiment_dir`; returns the leaderboard. The parameter
     importances come from the Optuna `study` (storage URL, name); refits have none (their configs
-    were picked, not sampled)."""
+    were picked, not sampled). `records`: the folder's trials when the caller already read them."""
     exp = Path(experiment_dir)
-    records = load_trials(exp)
+    records = load_trials(exp) if records is None else records
     board = leaderboard(records, space)
     with atomic_path(exp / LEADERBOARD) as tmp:
         board.to_csv(tmp, index=False)

@@ -80,11 +80,11 @@ def weights_cache(opts: SearchOptions) -> Path:
     return Path(opts.weights_cache).resolve() if opts.weights_cache else pretrained.default_cache()
 
 
-def prepare_weights(opts: SearchOptions) -> dict[tuple[str, str], Path]:
+def prepare_weights(opts: SearchOptions, space: SearchSpace) -> dict[tuple[str, str], Path]:
     """Download the pretrained weights of every (encoder, weights) the space can sample into the
     weights cache, once, before Ray starts: trials then only read local files. Exit 2 (InputError)
-    naming the encoder and the file when offline and missing. {} for a space without hub weights."""
-    space = load_run_space(opts)
+    naming the encoder and the file when offline and missing. {} for a space without hub weights.
+    `space`: `load_run_space(opts)`."""
     starts = space.values_of("init_checkpoint")
     if starts and all(starts):  # a second stage: the checkpoint holds every weight
         return {}
@@ -194,6 +194,24 @@ def resolve_data(opts: SearchOptions) -> str:
     return str(data)
 
 
+def resolve_experiment(opts: SearchOptions, space: SearchSpace) -> Experiment:
+    """--storage (a local folder) / --name, else runs/experiments / the space's name."""
+    if opts.storage and "://" in opts.storage:  # reports, refits and the ensemble read files by path
+        raise InputError(opts.storage, "cloud storage URIs are not supported: use a path shared by all nodes")
+    storage = Path(opts.storage).resolve() if opts.storage else paths.default_storage()
+    return Experiment(storage, opts.name or space.name)
+
+
+def optuna_study(opts: SearchOptions, exp: Experiment) -> tuple[str, str]:
+    """(storage URL, study name) of the search's Optuna study."""
+    return opts.optuna_storage or exp.optuna_url, exp.name
+
+
+def refit_folds(opts: SearchOptions) -> tuple[int, ...]:
+    """--folds, else the search's own fold (its full-budget trials are then reused, not retrained)."""
+    return opts.folds if opts.folds is not None else (opts.fold,)
+
+
 def plan_search(opts: SearchOptions) -> list[str]:
     """What `run_search(opts)` would do, as lines a person reads (`run_search.py --dry-run`): the
     data, the space, the resources per trial and how many trials fit the connected cluster, the
@@ -206,8 +224,7 @@ def plan_search(opts: SearchOptions) -> list[str]:
     cluster, most = ray_env.cluster_resources()
     resources = resolve_resources(opts, space, cluster, most)
     concurrent = resolve_capacity(opts, resources).limit(cluster, most)
-    storage = Path(opts.storage).resolve() if opts.storage else paths.default_storage()
-    exp = Experiment(storage, opts.name or space.name)
+    exp = resolve_experiment(opts, space)
     sched = space.scheduler
     have = {k: cluster.get(k, 0.0) for k in ("CPU", "GPU")}
     lines = [
@@ -219,11 +236,10 @@ def plan_search(opts: SearchOptions) -> list[str]:
         f"per trial:  {resources.workers_per_trial} Train worker(s) x {resources.per_worker()}",
         f"cluster:    {have}; {concurrent} trial(s) at once",
         f"experiment: {exp.dir}" + ("  (resumed)" if opts.resume else ""),
-        f"optuna:     {opts.optuna_storage or exp.optuna_url}  (study {exp.name})",
+        "optuna:     {}  (study {})".format(*optuna_study(opts, exp)),
     ]
     if opts.refit_top > 0:
-        folds = opts.folds if opts.folds is not None else (opts.fold,)
-        lines.append(f"refits:     the top {opts.refit_top} configs on fold(s) {list(folds)} -> {exp.members}")
+        lines.append(f"refits:     the top {opts.refit_top} configs on fold(s) {list(refit_folds(opts))} -> {exp.members}")
     return lines
 
 
@@ -235,10 +251,7 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
     space = resolve_space(opts, data_dir)
     cluster, most = ray_env.cluster_resources()
     resources = resolve_resources(opts, space, cluster, most)
-    if opts.storage and "://" in opts.storage:  # reports, refits and the ensemble read files by path
-        raise InputError(opts.storage, "cloud storage URIs are not supported: use a path shared by all nodes")
-    storage = Path(opts.storage).resolve() if opts.storage else paths.default_storage()
-    exp = Experiment(storage, opts.name or space.name)
+    exp = resolve_experiment(opts, space)
     settings = trainer.DriverSettings(
         experiment=exp.name,
         storage_path=str(exp.storage),
@@ -249,7 +262,7 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
     )
     capacity = resolve_capacity(opts, resources)
     trainable = trainer.make_trainable(settings, train_fn)
-    study = (opts.optuna_storage or exp.optuna_url, exp.name)
+    study = optuna_study(opts, exp)
     exp.dir.mkdir(parents=True, exist_ok=True)  # SQLite creates its file, not the folder
 
     def make_tuner() -> Any:
@@ -257,11 +270,12 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
 
     tuner.fit_or_resume(make_tuner, exp.dir, trainable, opts.resume)
     _write_options(exp, opts, space, resources, capacity.limit(cluster, most))
-    board = report.write_report(exp.dir, space, study)
+    records = report.load_trials(exp.dir)
+    board = report.write_report(exp.dir, space, study, records)
     result = SearchResult(
         experiment_dir=exp.dir,
         leaderboard=board,
-        best_config=report.best_config(board, report.load_trials(exp.dir)),
+        best_config=report.best_config(board, records),
         trials=len(board),
         epochs_run=int(board["epochs_run"].sum()) if len(board) else 0,
         epochs_budget=len(board) * space.scheduler.max_epochs,
@@ -273,7 +287,7 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
             "search interrupted: %d trials unfinished; finish with --resume", report.unfinished(board)
         )
     elif opts.refit_top > 0:
-        folds = opts.folds if opts.folds is not None else (opts.fold,)  # reuses the search trials
+        folds = refit_folds(opts)
         concurrent = capacity.limit(*ray_env.cluster_resources())  # refits: fixed, from the cluster now
         out = refit.run_refit(exp, space, settings, opts.refit_top, folds, concurrent, opts.resume, train_fn)
         result.members, result.members_path, result.refit_leaderboard = out

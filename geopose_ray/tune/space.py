@@ -121,12 +121,16 @@ class SearchSpace:
             return [self.fixed[key]]
         param = next((p for p in self.parameters if p.name == key), None)
         if param is None:
-            return [self.defaults().get(key, config_default(key))]
+            return [self.default_config().to_dict()[key]]
         return list(param.values) if param.type == "choice" else []
+
+    def default_config(self) -> Config:
+        """The Config of the default trial (keys the space leaves out at Config's defaults)."""
+        return Config.from_dict(self.defaults(), strict=False)
 
     def n_folds(self) -> int:
         """The folds the space's data is split into (a fixed key, else Config's default)."""
-        return Config.from_dict(self.defaults(), strict=False).data.n_folds
+        return self.default_config().data.n_folds
 
     def with_fixed(self, overrides: dict[str, Any], source: str = "--set") -> SearchSpace:
         """The space with more fixed settings (`run_search.py --set KEY=VALUE`): Config keys that
@@ -165,12 +169,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             raise InputError("--set", f"{key}: VALUE is not valid YAML: {value!r}") from None
     return out
-
-
-def config_default(key: str) -> Any:
-    """A Config key's default value."""
-    cfg = Config.from_dict({})
-    return getattr(getattr(cfg, key_owners()[key]), key)
 
 
 def is_space_file(path: str | Path) -> bool:

@@ -11,7 +11,6 @@ Tune by `TuneReportCallback`. Search trials, refits and the tests all build thei
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import tempfile
@@ -126,11 +125,6 @@ def build_trainer(
             callbacks=list(callbacks),
         ),
     )
-
-
-def with_loss_hook(loss_hook: LossHook) -> WorkerFn:
-    """The per-worker function with a `fit` loss hook (the fault tests' NaN losses)."""
-    return functools.partial(train_fn_per_worker, loss_hook=loss_hook)
 
 
 # --- layer 2: a Tune trial's driver -----------------------------------------------------------

@@ -111,6 +111,10 @@ def run_config_kwargs(params: Sequence[str], max_epochs: int, columns: Sequence[
 
 
 # --- the Tuners -------------------------------------------------------------------------------
+def _trial_folder(trial: Any) -> str:
+    return trial_dirname(trial.trial_id)
+
+
 def build_searcher(space: SearchSpace, seed: int, study: tuple[str, str] | None = None) -> Any:
     """OptunaSearch over the define-by-run space (TPE, seeded); its first trial is the defaults.
     `study` = (storage URL, study name): the study then lives in that database (an SQLite file or
@@ -164,7 +168,7 @@ def build_tuner(
             scheduler=scheduler,
             num_samples=space.num_samples,
             max_concurrent_trials=None,  # the ElasticLimiter decides, from the live cluster
-            trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id),
+            trial_dirname_creator=_trial_folder,
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -193,7 +197,7 @@ def build_refit_tuner(
         tune_config=tune.TuneConfig(
             num_samples=1,
             max_concurrent_trials=concurrent,
-            trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id),
+            trial_dirname_creator=_trial_folder,
         ),
         run_config=tune.RunConfig(
             name=name,
