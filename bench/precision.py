@@ -62,7 +62,8 @@ def trainer(
     Also bench/gpu.py's trainer (it imports no Ray)."""
     from geopose_ray.losses import build_criterion
     from geopose_ray.models import build_model
-    from geopose_ray.train_loop import autocast_dtype, build_optimizer, train_one_epoch
+    from geopose_ray.optim import build_optimizer
+    from geopose_ray.train_loop import autocast_dtype, train_one_epoch
 
     dev = torch.device(device)
     cfg = Config.from_dict(

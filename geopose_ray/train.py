@@ -23,8 +23,9 @@ from geopose_ray.config import Config, load_yaml_config
 from geopose_ray.data.transforms import build_train_transform_from_config
 from geopose_ray.errors import HelpFormatter, InputError, run_cli
 from geopose_ray.models import pretrained
+from geopose_ray.optim import build_optimizer, build_scheduler
 from geopose_ray.synthetic import ensure_default
-from geopose_ray.train_loop import NonFiniteLossError, autocast_dtype, build_optimizer, build_scheduler, fit
+from geopose_ray.train_loop import NonFiniteLossError, autocast_dtype, fit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,7 +51,7 @@ def read_flat_config(path: str | Path) -> dict[str, Any]:
 def load_config(args: argparse.Namespace) -> Config:
     """Config from the YAML plus command-line overrides; every bad value names the YAML file."""
     flat = read_flat_config(args.config)
-    cache = str(Path(args.cache).resolve()) if getattr(args, "cache", None) else None
+    cache = str(Path(args.cache).resolve()) if args.cache else None
     overrides: dict[str, Any] = {"epochs": args.epochs, "fold": args.fold, "cache_dir": cache}
     flat.update({k: v for k, v in overrides.items() if v is not None})
     try:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not cfg.data.data_dir:
         cfg = cfg.replace(data_dir=str(ensure_default(paths.default_data_dir())))
     m = cfg.model
-    if pretrained.is_hub(m.encoder_weights) and not m.init_checkpoint:  # downloaded once, then read offline
+    if pretrained.needs_hub(m):  # downloaded once, then read offline
         pretrained.ensure([(m.encoder, m.encoder_weights)], m.weights_cache)
     out = Path(args.out) if args.out else paths.home() / "train" / Path(args.config).stem
     best = {"score": -math.inf, "epoch": 0}

@@ -22,16 +22,15 @@ import torch.distributed as dist
 from torch import nn
 
 from geopose_ray.checkpoint import init_from_checkpoint, make_state, restore_state
-from geopose_ray.config import Config, OptimConfig
+from geopose_ray.config import Config
 from geopose_ray.constants import CITIES
 from geopose_ray.data.dataset import city_means, target_units
 from geopose_ray.data.loaders import build_loaders, split_samples, start_epoch
 from geopose_ray.losses import build_criterion
 from geopose_ray.metrics import GeoposeScore
 from geopose_ray.models import build_model
+from geopose_ray.optim import build_optimizer, build_scheduler, is_per_epoch
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("cosine", "plateau", "onecycle", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 Reporter = Callable[[dict[str, float], Callable[[], dict[str, Any]] | None], None]
@@ -72,58 +71,6 @@ def autocast_dtype(precision: str, device: torch.device) -> tuple[torch.dtype | 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-# --- optimizer and schedule ---------------------------------------------------------------------
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Optimizer by name; weight decay only on weight matrices / kernels, never on norms or biases."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; known: {OPTIMIZERS}")
-
-
-def _cosine_factor(step: int, warmup: int, total: int, floor: float) -> float:
-    """LR multiplier: linear warm-up over `warmup` steps, then cosine from 1 down to `floor`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int
-) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau:
-    """Schedule by name. `plateau` steps once per epoch on the validation score (mode max); every
-    other schedule steps once per optimizer step (`steps_per_epoch` = optimizer steps)."""
-    sched = torch.optim.lr_scheduler
-    total = max(1, steps_per_epoch * epochs)
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    if cfg.schedule == "cosine":
-        return sched.LambdaLR(optimizer, lambda s: _cosine_factor(s, warmup, total, cfg.min_lr_ratio))
-    if cfg.schedule == "constant":
-        return sched.LambdaLR(optimizer, lambda s: 1.0)
-    if cfg.schedule == "plateau":
-        return sched.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
-    if cfg.schedule == "onecycle":
-        pct = min(0.5, warmup / total) if warmup > 0 else 0.3
-        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=pct)
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; known: {SCHEDULES}")
-
-
-def is_per_epoch(scheduler: Any) -> bool:
-    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
 # --- one epoch ----------------------------------------------------------------------------------

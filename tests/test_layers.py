@@ -16,10 +16,12 @@ RAY_FILES = {"ray_env.py", "tune/trainer.py", "tune/tuner.py", "ensemble/job.py"
 PRIVATE_SHIM = "ray_env.py"
 RAY_FREE = [
     "geopose_ray.train_loop",
+    "geopose_ray.optim",
     "geopose_ray.checkpoint",
     "geopose_ray.train",
     "geopose_ray.predict",
     "geopose_ray.ensemble.blend",
+    "geopose_ray.ensemble.written",
     "geopose_ray.ensemble.members",
     "geopose_ray.experiment",
     "geopose_ray.tune.space",

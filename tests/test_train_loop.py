@@ -24,14 +24,8 @@ from geopose_ray.checkpoint import (
 )
 from geopose_ray.config import Config, OptimConfig
 from geopose_ray.errors import InputError
-from geopose_ray.train_loop import (
-    NonFiniteLossError,
-    autocast_dtype,
-    build_optimizer,
-    build_scheduler,
-    train_one_epoch,
-    validate,
-)
+from geopose_ray.optim import build_optimizer, build_scheduler
+from geopose_ray.train_loop import NonFiniteLossError, autocast_dtype, train_one_epoch, validate
 
 SIZE = 8  # px
 

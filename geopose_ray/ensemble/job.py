@@ -4,7 +4,7 @@ validated submission, previews, report.
 Both inference passes are Ray Data `map_batches` over tile records with an actor class
 (RAY_NOTES section 8): each actor loads every member once (one actor per GPU, `num_gpus=1`, or CPU
 actors when there is no GPU) and calls the Ray-free `predict_tile`. OOF actors return per-tile
-statistics (a few hundred numbers, see `blend.tile_stats`) and test actors write their tiles'
+statistics (a few hundred numbers, see `written.tile_stats`) and test actors write their tiles'
 prediction files themselves, so no AGL map ever travels through the object store. With a truth/
 folder, test actors also return each tile's official metric sums for every member config alone,
 the plain mean and the blend, so the best member's test score comes without a second test pass.
@@ -29,9 +29,10 @@ from geopose_ray.constants import SUBMISSION_ARCHIVE
 from geopose_ray.data import io
 from geopose_ray.data.cache import CachedSample, load_cache
 from geopose_ray.data.folds import config_folds
-from geopose_ray.ensemble.blend import BlendParams, OofTable, fit_blend, tile_stats
+from geopose_ray.ensemble.blend import BlendParams, OofTable, fit_blend
 from geopose_ray.ensemble.members import Member, cache_dir_for, group_by_config, lead_config
 from geopose_ray.ensemble.preview import write_previews
+from geopose_ray.ensemble.written import tile_stats
 from geopose_ray.errors import InputError
 from geopose_ray.metrics import GeoposeScore, image_sums
 from geopose_ray.predict import Prediction, blend_predictions, load_member, predict_tile
