@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fold", type=int, default=0, help="validation fold of the search")
     p.add_argument("--folds", help="refit folds: a count or a comma list (default: the search's --fold, "
                    "whose full-budget trials are reused, so nothing is retrained)")  # fmt: skip
-    p.add_argument("--refit-top", type=int, help="refit the K best configs on every fold (default: 2 with no "
+    p.add_argument("--refit-top", type=int, help="refit the K best configs on every fold (default: 3 with no "
                    "--space, else 0)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="finish the interrupted experiment --name")
     p.add_argument("--max-failures", type=int, default=1, help="Train restarts per trial after a crash")
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus_per_worker=args.cpus_per_worker,
         fold=args.fold,
         folds=parse_folds(args.folds) if args.folds else None,
-        refit_top=args.refit_top if args.refit_top is not None else (2 if embedded else 0),
+        refit_top=args.refit_top if args.refit_top is not None else (3 if embedded else 0),
         resume=args.resume,
         seed=args.seed,
         max_epochs=args.max_epochs,

@@ -76,9 +76,11 @@ def make_state(
     cfg: Config,
     nonfinite_total: int = 0,
     val_score: np.ndarray | None = None,
+    ema_model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """The checkpoint state (ARCHITECTURE.md): `epoch` = completed epochs, model unwrapped;
-    `val_score`: the validation fold's metric accumulators at this epoch, when known.
+    `val_score`: the validation fold's metric accumulators at this epoch, when known; "ema": the
+    weights' moving average, when trained with one (what was validated, and what predicts).
 
     A snapshot: every tensor is copied, since training updates weights and moments in place.
     """
@@ -92,6 +94,8 @@ def make_state(
         "config": cfg.to_dict(),
         "nonfinite_total": nonfinite_total,
     }
+    if ema_model is not None:
+        state["ema"] = {k: v.detach().to("cpu", copy=True) for k, v in ema_model.state_dict().items()}
     if val_score is not None:  # a copy (np.array), as the docstring promises
         state["val_score"] = torch.from_numpy(np.array(val_score, dtype=np.float64))
     return state
@@ -137,6 +141,11 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> No
     model.load_state_dict(weights)
 
 
+def inference_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights that predict: the moving average when the run kept one, else the raw weights."""
+    return state.get("ema", state["model"])
+
+
 def _check_finite(weights: dict[str, torch.Tensor]) -> None:
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -151,6 +160,8 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
     """
     directory = Path(directory)
     _check_finite(state["model"])
+    if "ema" in state:
+        _check_finite(state["ema"])
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / STATE_FILE) as tmp:
         torch.save(state, tmp)
@@ -177,7 +188,7 @@ def init_from_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
     """Start `model` from another run's weights: a second stage, as the 1st place fine-tuned its
     stage-1 models with larger crops. Only the weights: optimizer, schedule and epoch start
     afresh. The architecture must match exactly (a mismatch names the folder, exit 2)."""
-    weights = load_state(directory)["model"]
+    weights = inference_weights(load_state(directory))
     try:
         load_weights(model, weights)
     except RuntimeError as e:
@@ -230,5 +241,5 @@ def load_model_from_checkpoint(
     # the checkpoint holds every weight: never fetch pretrained ones
     cfg = Config.from_dict({**state["config"], "encoder_weights": None}, strict=False)
     model = build_model(cfg.model)
-    load_weights(model, state["model"])
+    load_weights(model, inference_weights(state))
     return model.to(map_location).eval(), cfg

@@ -94,6 +94,7 @@ class TrainConfig:
     val_every: int = 1  # epochs
     checkpoint_every: int = 1  # epochs
     threads: int = 0  # torch intra-op threads per worker; 0 = leave torch's default
+    ema_decay: float = 0.9999  # cap of the weight EMA's warming-up decay (train_loop.build_ema); 0 = off
 
 
 SECTIONS: dict[str, type] = {

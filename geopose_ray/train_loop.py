@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch import nn
 
-from geopose_ray.checkpoint import init_from_checkpoint, make_state, restore_state
+from geopose_ray.checkpoint import init_from_checkpoint, load_weights, make_state, restore_state, unwrap
 from geopose_ray.config import Config
 from geopose_ray.constants import CITIES
 from geopose_ray.data.dataset import city_means, target_units
@@ -121,6 +122,26 @@ def _end_group(model: nn.Module, optimizer, scaler, scheduler: Any, grad_clip: f
         optimizer.zero_grad(set_to_none=True)
 
 
+EMA_POWER = 0.5  # the EMA window grows as step^EMA_POWER (build_ema)
+
+
+def build_ema(model: nn.Module, cfg: Config, start_state: dict[str, Any] | None = None) -> ModelEmaV3 | None:
+    """An exponential moving average of the weights (timm's ModelEmaV3), or None when
+    `ema_decay` is 0. Validation, checkpoints and inference use it: the raw weights of a short,
+    high-lr run swing from epoch to epoch (the score by +-0.1 on the embedded default), which
+    makes ASHA's rungs and the trial ranking noise. Its decay warms up, 1 - (1 + step)^(-1/2)
+    capped at `ema_decay`, so it averages over ~sqrt(step) steps: a window that grows with the
+    run, whatever its length (20 steps after 400, 100 after 10,000). timm's default power, 2/3,
+    lagged a fast-improving run by 0.03-0.08 in its second half (docs/LEARNING.md). A resumed
+    run continues the saved average."""
+    if cfg.train.ema_decay <= 0:
+        return None
+    ema = ModelEmaV3(unwrap(model), decay=cfg.train.ema_decay, use_warmup=True, warmup_power=EMA_POWER)
+    if start_state is not None and "ema" in start_state:
+        load_weights(ema.module, start_state["ema"])
+    return ema
+
+
 def _forward_loss(model, criterion, batch, device, dtype) -> tuple[torch.Tensor, dict[str, Any]]:
     with _autocast(device, dtype):
         pred = model(batch["image"], batch["gsd"], batch["city"])
@@ -139,6 +160,7 @@ def train_one_epoch(
     cfg: Config,
     step_offset: int = 0,
     loss_hook: LossHook | None = None,
+    ema: ModelEmaV3 | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns flat metrics (train_loss, train_<part>, lr, nonfinite_steps,
     imgs_per_s, epoch_time_s).
@@ -147,7 +169,7 @@ def train_one_epoch(
     non-finite loss skips its backward and counts; `cfg.train.max_nonfinite` of them in a row raise
     NonFiniteLossError. Batch i of this epoch is global step `step_offset + i` (0-based):
     `loss_hook(step, loss)`, when given, sees every loss before the finiteness check (the fault
-    tests make it NaN at chosen steps).
+    tests make it NaN at chosen steps). `ema` follows the weights after every optimizer step.
     """
     tcfg, ocfg = cfg.train, cfg.optim
     model.train()
@@ -177,7 +199,10 @@ def train_one_epoch(
                 nonfinite, streak = nonfinite + 1, streak + 1
                 _check_streak(streak, tcfg.max_nonfinite, step_offset + i)
         if last:
-            _end_group(model, optimizer, scaler, scheduler, ocfg.grad_clip, group_backwards > 0 and streak == 0)
+            complete = group_backwards > 0 and streak == 0
+            _end_group(model, optimizer, scaler, scheduler, ocfg.grad_clip, complete)
+            if ema is not None and complete:
+                ema.update(unwrap(model), step=(step_offset + i) // accum + 1)  # optimizer steps so far
             group_backwards = 0
     elapsed = time.perf_counter() - t0
     metrics = {"train_loss": math.nan, **{k: v / max(1, finite_steps) for k, v in sums.items()}}
@@ -321,6 +346,8 @@ def fit(
     if start_state is not None:
         start = restore_state(start_state, model, optimizer, scaler, scheduler, cfg, rank)
         nonfinite_total = int(start_state.get("nonfinite_total", 0))
+    ema = build_ema(model, cfg, start_state)
+    evaluated = model if ema is None else ema.module  # what validation, checkpoints and inference use
     trained = wrap_model(model)
     metrics: dict[str, float] = {}
     val_metrics: dict[str, float] = {}
@@ -329,12 +356,12 @@ def fit(
         start_epoch(train_dl, cfg.train.seed, rank, epoch)
         step = epoch * len(train_dl)  # global step of the epoch's first batch
         tm = train_one_epoch(
-            trained, train_dl, criterion, optimizer, scheduler, scaler, device, cfg, step, loss_hook
+            trained, train_dl, criterion, optimizer, scheduler, scaler, device, cfg, step, loss_hook, ema
         )
         done = epoch + 1
         if not val_metrics or done % cfg.train.val_every == 0 or done == cfg.train.epochs:
             val_metrics = validate(
-                model, val_dl, criterion, device, cfg.train.precision, reduce=dist_sum, keep=kept
+                evaluated, val_dl, criterion, device, cfg.train.precision, reduce=dist_sum, keep=kept
             )
             if is_per_epoch(scheduler):
                 scheduler.step(val_metrics["score"] if math.isfinite(val_metrics["score"]) else -math.inf)
@@ -344,7 +371,8 @@ def fit(
         is_ckpt = done % cfg.train.checkpoint_every == 0 or done == cfg.train.epochs
 
         def state_fn(done: int = done, total: int = nonfinite_total) -> dict[str, Any]:
-            return make_state(model, optimizer, scaler, scheduler, done, cfg, total, kept.get("val_score"))
+            ema_model = None if ema is None else ema.module
+            return make_state(model, optimizer, scaler, scheduler, done, cfg, total, kept.get("val_score"), ema_model)
 
         if reporter is not None:
             reporter(metrics, state_fn if is_ckpt else None)

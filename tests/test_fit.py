@@ -9,7 +9,13 @@ import pytest
 import torch
 from helpers_train import nan_at
 
-from geopose_ray.checkpoint import init_from_checkpoint, load_state, save_state
+from geopose_ray.checkpoint import (
+    inference_weights,
+    init_from_checkpoint,
+    load_model_from_checkpoint,
+    load_state,
+    save_state,
+)
 from geopose_ray.config import Config
 from geopose_ray.errors import InputError
 from geopose_ray.train_loop import NonFiniteLossError
@@ -74,9 +80,28 @@ def test_fit_resumes_at_the_next_epoch_as_if_never_stopped(two_epochs, tmp_path)
     resumed = Recorder()
     fit(cfg, reporter=resumed, start_state=load_state(tmp_path))
     assert [m["epoch"] for m in resumed.metrics] == [2.0]  # epoch 1 is not trained again
-    for key, value in rec.states[2]["model"].items():
-        torch.testing.assert_close(resumed.states[2]["model"][key], value, msg=key)
+    for part in ("model", "ema"):  # the moving average continues too
+        for key, value in rec.states[2][part].items():
+            torch.testing.assert_close(resumed.states[2][part][key], value, msg=f"{part} {key}")
     assert resumed.metrics[0]["score"] == pytest.approx(rec.metrics[1]["score"], rel=1e-5)
+
+
+def test_the_checkpoint_predicts_with_the_weights_moving_average(two_epochs, tmp_path):
+    from geopose_ray.train_loop import fit
+
+    cfg, rec, _ = two_epochs
+    state = rec.states[2]
+    raw, ema = state["model"], state["ema"]
+    assert raw.keys() == ema.keys()
+    moved = [k for k, v in raw.items() if v.is_floating_point() and not torch.equal(v, ema[k])]
+    assert len(moved) > len(raw) // 2  # the average lags the raw weights
+    save_state(tmp_path / "ckpt", state)
+    model, _ = load_model_from_checkpoint(tmp_path / "ckpt")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, ema[key], rtol=0, atol=0, msg=key)
+    off = Recorder()
+    fit(cfg.replace(epochs=1, ema_decay=0.0), reporter=off)
+    assert "ema" not in off.states[1] and inference_weights(off.states[1]) is off.states[1]["model"]
 
 
 def test_folds_follow_fold_seed_not_the_training_seed(synthetic_dir, tmp_path):
@@ -115,7 +140,7 @@ def test_init_checkpoint_loads_every_weight_and_refuses_another_architecture(two
     model = build_model(cfg.model)
     init_from_checkpoint(model, tmp_path / "stage1")
     for key, value in model.state_dict().items():
-        torch.testing.assert_close(value, rec.states[2]["model"][key], msg=key)
+        torch.testing.assert_close(value, inference_weights(rec.states[2])[key], msg=key)
     with pytest.raises(InputError, match="does not fit this model") as err:
         init_from_checkpoint(build_model(cfg.replace(arch="FPN").model), tmp_path / "stage1")
     assert str(tmp_path / "stage1") in str(err.value)
@@ -130,7 +155,7 @@ def test_a_second_stage_starts_from_the_first_stages_weights(two_epochs, tmp_pat
 
     cfg, rec, _ = two_epochs
     save_state(tmp_path / "stage1", rec.states[2])
-    stage1 = rec.states[2]["model"]
+    stage1 = inference_weights(rec.states[2])  # a second stage starts from the averaged weights
     frozen = {"epochs": 1, "lr": 1e-12, "schedule": "constant", "weight_decay": 0.0}
 
     def params_after(**flat) -> dict[str, torch.Tensor]:
