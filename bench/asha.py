@@ -29,7 +29,8 @@ from bench import common
 from geopose_ray.errors import run_cli
 
 GOAL_RATIO, GOAL_SCORE = 0.35, 0.01
-FULL_SAMPLES = 8  # trials without --quick (the space's own count with it)
+FULL_SAMPLES = 10  # trials without --quick (the space's own count with it): all sampled at random
+# (TPE's first 10), so both runs train the same configs; 8 trials put the floor at 0.344 (asha_floor)
 
 
 def asha_floor(trials: int, max_epochs: int, grace: int) -> float:
@@ -106,6 +107,8 @@ def run(args: Any) -> list[dict[str, Any]]:
             without, wall_f = search(no_stop, data, storage, "no_stop", samples, max_epochs)
     finally:
         shutil.rmtree(storage, ignore_errors=True)
+    for name, result in (("asha", with_asha), ("no_stop", without)):  # every trial, for BENCHMARKS.md
+        result.leaderboard.to_csv(work / "asha" / f"leaderboard_{name}.csv", index=False)
     cmp = compare(with_asha.leaderboard, without.leaderboard)
     ratio = cmp["epochs_asha"] / max(1, cmp["epochs_full"])
     grace = min(smoke.scheduler.grace_period, max_epochs)

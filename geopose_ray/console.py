@@ -52,7 +52,7 @@ def setup(verbose: bool = False) -> dict[str, Any]:
 
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's DataContext: ray_env.init
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # again after its import: ray_env.init
     return {"log_to_driver": False, "logging_level": logging.WARNING}
 
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -67,6 +68,11 @@ def init(
         from ray.data import DataContext
 
         DataContext.get_current().print_on_execution_start = False  # Ray Data's plan lines
+        # importing ray.data re-applies its logging config: its per-block progress lines (INFO,
+        # every 10 s when stdout is not a terminal) keep going to its session log file only
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.stdout):
+                handler.setLevel(logging.WARNING)
     local = address == LOCAL
     if local:
         pin_local_address()
