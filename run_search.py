@@ -2,7 +2,7 @@
 
     python run_search.py                       # embedded default: synthetic set, smoke.yaml, CPU
     python run_search.py --data DIR --space search_spaces/architectures.yaml --refit-top 3 --folds 0,1
-    python run_search.py --data DIR --storage s3://BUCKET/PREFIX
+    python run_search.py --data DIR --storage s3://BUCKET/PREFIX --mlflow http://MLFLOW:5000
 
 With no arguments: generates the synthetic set when missing, searches `search_spaces/smoke.yaml`
 on CPU and refits the top 2 configs on the search's fold, reusing its full-budget trials (about
@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--optuna-storage", metavar="URL", help="the Optuna study's database, named after the "
                    "experiment (default: sqlite:///<storage>/<name>/optuna.db, in the local cache when "
                    "--storage is a URI; on a cluster a PostgreSQL URL); --resume continues the same study")  # fmt: skip
+    p.add_argument("--mlflow", metavar="URI", help="log every trial as an MLflow run (experiment = --name) "
+                   "to this tracking URI, e.g. http://HOST:5000 or sqlite:///mlflow.db (needs mlflow)")  # fmt: skip
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
     p.add_argument("--num-samples", type=int, help="trials (default: the space's num_samples)")
     p.add_argument("--workers-per-trial", type=int, help="Train workers per trial (default: hint, else 2)")
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from geopose_ray.tune.search import (
         SearchOptions,
         check_capacity_options,
+        check_mlflow,
         load_run_space,
         plan_search,
         prepare_weights,
@@ -101,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         pending_trials=args.pending_trials,
         optuna_storage=args.optuna_storage,
         weights_cache=args.weights_cache,
+        mlflow=args.mlflow,
     )
     space = load_run_space(opts)  # a bad space, --set or flag fails at once, before Ray starts
     check_capacity_options(opts)
+    check_mlflow(opts)
     prepare_weights(opts, space)  # hub weights: downloaded once here, or exit 2 naming the missing file
     if args.data:  # so does a bad data set (the embedded synthetic one is generated valid)
         from geopose_ray.data.cache import validate_unless_cached

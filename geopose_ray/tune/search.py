@@ -60,6 +60,7 @@ class SearchOptions:
     pending_trials: int | None = None  # admitted beyond what fits (autoscaler demand); None: 0 fixed, else 1
     optuna_storage: str | None = None  # the study's database URL; None: SQLite in the experiment folder
     weights_cache: str | None = None  # pretrained encoder weights; None: <home>/weights
+    mlflow: str | None = None  # MLflow tracking URI: every trial logged as a run (MLflowLoggerCallback)
 
 
 @dataclass
@@ -177,6 +178,17 @@ def check_capacity_options(opts: SearchOptions) -> None:
         raise InputError("--max-concurrent", f"must be >= 1, got {opts.max_concurrent}")
 
 
+def check_mlflow(opts: SearchOptions) -> None:
+    """--mlflow needs the optional `mlflow` package (imported only then): without it, exit 2 with
+    one line before Ray starts."""
+    if opts.mlflow is None:
+        return
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise InputError("--mlflow", "needs the mlflow package: pip install mlflow") from None
+
+
 def resolve_capacity(opts: SearchOptions, resources: TrialResources) -> Capacity:
     """A fixed local instance admits only what fits; a joined cluster without an autoscaler config
     keeps one trial pending by default (see `geopose_ray.tune.capacity`)."""
@@ -270,7 +282,9 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
         exp.fetch(OPTUNA_DB)  # resumed on another machine: the study's copy from the storage
 
     def make_tuner() -> Any:
-        return tuner.build_tuner(space, trainable, exp.name, str(exp.storage), capacity, opts.seed, study=study)
+        return tuner.build_tuner(
+            space, trainable, exp.name, str(exp.storage), capacity, opts.seed, study=study, mlflow=opts.mlflow
+        )
 
     tuner.fit_or_resume(make_tuner, exp.location, trainable, opts.resume)
     _write_options(exp, opts, space, resources, capacity.limit(cluster, most))

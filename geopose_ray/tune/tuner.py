@@ -118,6 +118,17 @@ def run_config_kwargs(
     return kwargs
 
 
+def mlflow_callbacks(tracking_uri: str | None, experiment: str) -> list[Any]:
+    """[MLflowLoggerCallback] when a tracking URI is given: each trial becomes a run of the MLflow
+    experiment `experiment` with its config as params and every report as metrics. `mlflow` is
+    optional: `search.check_mlflow` refuses the flag without it before Ray starts."""
+    if not tracking_uri:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return [MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment, save_artifact=False)]
+
+
 # --- the Tuners -------------------------------------------------------------------------------
 def _trial_folder(trial: Any) -> str:
     return trial_dirname(trial.trial_id)
@@ -151,11 +162,13 @@ def build_tuner(
     seed: int,
     resources_fn: ResourcesFn | None = None,
     study: tuple[str, str] | None = None,
+    mlflow: str | None = None,
 ) -> tune.Tuner:
     """OptunaSearch + ASHA over `trainable` (the driver, or any function reporting `epoch` and
     `score`), behind an ElasticLimiter that re-reads the cluster's size (tests pass a fake
-    `resources_fn`); `study`: see `build_searcher`; `storage`: a path or a URI. Metric and mode
-    live on searcher and scheduler, not on TuneConfig: rank results with them explicitly."""
+    `resources_fn`); `study`: see `build_searcher`; `storage`: a path or a URI; `mlflow`: a
+    tracking URI, every trial then is an MLflow run of the experiment `name`. Metric and mode live
+    on searcher and scheduler, not on TuneConfig: rank results with them explicitly."""
     from ray.tune.schedulers import ASHAScheduler
 
     sched = space.scheduler
@@ -180,7 +193,9 @@ def build_tuner(
         ),
         run_config=tune.RunConfig(
             name=name,
-            **run_config_kwargs(space.searched(), sched.max_epochs, columns(space), storage),
+            **run_config_kwargs(
+                space.searched(), sched.max_epochs, columns(space), storage, mlflow_callbacks(mlflow, name)
+            ),
         ),
     )
 
