@@ -2,6 +2,7 @@
 
     python run_search.py                       # embedded default: synthetic set, smoke.yaml, CPU
     python run_search.py --data DIR --space search_spaces/architectures.yaml --refit-top 3 --folds 0,1
+    python run_search.py --data DIR --storage s3://BUCKET/PREFIX --mlflow http://MLFLOW:5000
 
 With no arguments: generates the synthetic set when missing, searches `search_spaces/smoke.yaml`
 on CPU and refits the top 2 configs on the search's fold, reusing its full-budget trials (about
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from geopose_ray.errors import HelpFormatter, run_cli
 
@@ -24,13 +26,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", help="DrivenData-layout folder (default: the embedded synthetic set)")
     p.add_argument("--cache", help="conversion cache (default: <data>/.geopose_cache)")
     p.add_argument("--space", default=str(HERE / "search_spaces" / "smoke.yaml"), help="search-space YAML")
-    p.add_argument("--storage", help="Ray storage path (default: runs/experiments)")
+    p.add_argument("--storage", help="experiments: a folder, or a URI s3://BUCKET/PREFIX or gs://... read and "
+                   "written through pyarrow (default: runs/experiments)")  # fmt: skip
+    p.add_argument("--local-cache", help="local mirror of a remote --storage: report files, the default "
+                   "Optuna SQLite file (default: runs/cache/<bucket>/<prefix>)")  # fmt: skip
     p.add_argument("--name", help="experiment name (default: the space file's name)")
     p.add_argument("--weights-cache", help="pretrained encoder weights, downloaded once before the trials "
                    "(default: runs/weights; on a cluster a shared folder)")  # fmt: skip
     p.add_argument("--optuna-storage", metavar="URL", help="the Optuna study's database, named after the "
-                   "experiment (default: sqlite:///<storage>/<name>/optuna.db; on a cluster a PostgreSQL "
-                   "URL); --resume continues the same study")  # fmt: skip
+                   "experiment (default: sqlite:///<storage>/<name>/optuna.db, in the local cache when "
+                   "--storage is a URI; on a cluster a PostgreSQL URL); --resume continues the same study")  # fmt: skip
+    p.add_argument("--mlflow", metavar="URI", help="log every trial as an MLflow run (experiment = --name) "
+                   "to this tracking URI, e.g. http://HOST:5000 or sqlite:///mlflow.db (needs mlflow)")  # fmt: skip
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
     p.add_argument("--num-samples", type=int, help="trials (default: the space's num_samples)")
     p.add_argument("--workers-per-trial", type=int, help="Train workers per trial (default: hint, else 2)")
@@ -60,12 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from geopose_ray import ray_env
+    from geopose_ray import ray_env, storage
     from geopose_ray.tune.refit import parse_folds
-    from geopose_ray.tune.report import format_table
     from geopose_ray.tune.search import (
         SearchOptions,
         check_capacity_options,
+        check_mlflow,
         load_run_space,
         plan_search,
         prepare_weights,
@@ -78,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         space=args.space,
         data=args.data,
         cache=args.cache,
-        storage=args.storage,
+        storage=str(storage.normalize(args.storage)) if args.storage else None,  # a bad URI: exit 2 here
+        local_cache=args.local_cache,
         name=args.name,
         num_samples=args.num_samples,
         workers_per_trial=args.workers_per_trial,
@@ -96,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         pending_trials=args.pending_trials,
         optuna_storage=args.optuna_storage,
         weights_cache=args.weights_cache,
+        mlflow=args.mlflow,
     )
     space = load_run_space(opts)  # a bad space, --set or flag fails at once, before Ray starts
     check_capacity_options(opts)
+    check_mlflow(opts)
     prepare_weights(opts, space)  # hub weights: downloaded once here, or exit 2 naming the missing file
     if args.data:  # so does a bad data set (the embedded synthetic one is generated valid)
         from geopose_ray.data.cache import validate_unless_cached
@@ -113,15 +123,24 @@ def main(argv: list[str] | None = None) -> int:
         res = run_search(opts)
     finally:
         ray_env.shutdown()
+    print_result(res)
+    return 1 if res.interrupted else 0
+
+
+def print_result(res: Any) -> None:
+    """The leaderboard, where the experiment is, the epochs ASHA saved, the members, the time."""
+    from geopose_ray.tune.report import format_table
+
     print(format_table(res.leaderboard))
-    print(f"\nexperiment: {res.experiment_dir}")
+    print(f"\nexperiment: {res.location}")
+    if res.location != str(res.experiment_dir):
+        print(f"report (local copy): {res.experiment_dir}")
     print(f"trials: {res.trials}  epochs run: {res.epochs_run} of a full budget of {res.epochs_budget}")
     if res.members_path is not None:
         print(f"refit members: {len(res.members)} -> {res.members_path}")
     print(f"wall time: {res.wall_s:.0f} s")
     if res.interrupted:
         print("interrupted: run the same command with --resume to finish", file=sys.stderr)
-    return 1 if res.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@
     <storage>/<name>-refit/           the refit Tuner (trials over config rank x fold)
     <storage>/<name>-<trial id>/      each trial's Ray Train run (its checkpoints)
 
+`<storage>` is a local folder or a URI (`s3://bucket/prefix`, `gs://...`, see `storage.py`).
+Ray writes the trials and checkpoints there itself; the files this project writes (report,
+members, SQLite, ensemble) are written into `Experiment.dir`, which for a remote storage is a
+local mirror (`<cache>/<bucket>/<prefix>/<name>`), and uploaded with `push`.
+
 The search, refit, report and ensemble code all name these paths through `Experiment`. Trials and
 members are ranked by one metric, `METRIC` (the official score, `MODE` higher is better).
 """
@@ -20,6 +25,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from geopose_ray import paths, storage
 
 METRIC, MODE = "score", "max"  # what ASHA, Optuna, checkpoints and members are ranked by
 RUN_KEYS = ("data_dir", "cache_dir", "weights_cache", "fold")  # where and which fold it ran: not identity
@@ -35,27 +42,49 @@ SCORE_VS_EPOCH = "score_vs_epoch.png"
 SCORE_BY_PARAM = "score_by_param.png"
 ENSEMBLE = "ensemble"
 OPTUNA_DB = "optuna.db"
+REPORT_FILES = (LEADERBOARD, BEST_CONFIG, IMPORTANCES, SCORE_VS_EPOCH, SCORE_BY_PARAM)
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """One experiment of `storage` (a local folder) by name."""
+    """One experiment of `storage` (a local folder or a URI) by name. `cache`: the root of the
+    local mirror of a remote storage (None: `paths.storage_cache()`)."""
 
-    storage: Path
+    storage: str | Path
     name: str
+    cache: Path | None = None
+
+    @property
+    def remote(self) -> bool:
+        return storage.is_remote(self.storage)
+
+    @property
+    def location(self) -> str:
+        """Where Ray writes the experiment: a local path or a URI."""
+        return storage.join(self.storage, self.name)
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache) if self.cache else paths.storage_cache()
 
     @property
     def dir(self) -> Path:
-        return Path(self.storage) / self.name
+        """The local folder this project writes its files into: the experiment folder itself,
+        or its mirror in the local cache when the storage is remote."""
+        return storage.cache_path(self.location, self.cache_root)
 
     @property
     def refit(self) -> Experiment:
         """The experiment of this search's fold refits."""
-        return Experiment(self.storage, self.name + REFIT_SUFFIX)
+        return Experiment(self.storage, self.name + REFIT_SUFFIX, self.cache)
 
-    def train_run(self, trial_id: str) -> Path:
-        """The Ray Train run folder of one trial (see `train_run_name`)."""
-        return Path(self.storage) / train_run_name(self.name, trial_id)
+    def train_run(self, trial_id: str) -> str:
+        """The Ray Train run location of one trial (see `train_run_name`)."""
+        return storage.join(self.storage, train_run_name(self.name, trial_id))
+
+    def file(self, name: str) -> str:
+        """Location of a file of the experiment folder in the storage (not the local mirror)."""
+        return storage.join(self.location, name)
 
     @property
     def members(self) -> Path:
@@ -71,8 +100,26 @@ class Experiment:
 
     @property
     def optuna_url(self) -> str:
-        """The default Optuna storage: an SQLite file in the experiment folder (one machine)."""
+        """The default Optuna storage: an SQLite file in the (local) experiment folder; with a
+        remote storage, in its local mirror (SQLite cannot live on an object store)."""
         return f"sqlite:///{self.dir / OPTUNA_DB}"
+
+    def push(self, *names: str) -> None:
+        """Upload these files or folders of `dir` (relative names) to the remote experiment
+        folder; missing ones are skipped. Nothing to do when the storage is local."""
+        if not self.remote:
+            return
+        for name in names:
+            if (self.dir / name).exists():
+                storage.upload(self.dir / name, self.file(name))
+
+    def fetch(self, name: str) -> Path | None:
+        """The local copy of one file of the experiment folder, downloaded from the remote
+        storage when it is missing locally; None when it exists in neither place."""
+        local = self.dir / name
+        if self.remote and not local.exists() and storage.exists(self.file(name)):
+            storage.download(self.file(name), local)
+        return local if local.exists() else None
 
 
 def train_run_name(experiment: str, trial_id: str) -> str:
@@ -85,11 +132,11 @@ def trial_dirname(trial_id: str) -> str:
     return f"trial_{trial_id}"
 
 
-def latest(storage: str | Path) -> str | None:
-    """Name of the most recently written experiment in `storage` that has members, or None."""
-    storage = Path(storage)
-    found = sorted(storage.glob(f"*/{MEMBERS}"), key=lambda p: p.stat().st_mtime) if storage.is_dir() else []
-    return found[-1].parent.name if found else None
+def latest(location: str | Path) -> str | None:
+    """Name of the most recently written experiment in `location` (a local folder or a URI)
+    that has members, or None."""
+    found = sorted(storage.subdir_files(location, MEMBERS), key=lambda item: item[1])
+    return found[-1][0] if found else None
 
 
 def trial_train_config(config: dict[str, Any]) -> dict[str, Any]:

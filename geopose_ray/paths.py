@@ -23,6 +23,12 @@ def default_storage() -> Path:
     return home() / "experiments"
 
 
+def storage_cache() -> Path:
+    """Local mirror of remote experiment storage (`<this>/<bucket>/<prefix>/...`): the report,
+    the default Optuna SQLite file and the checkpoints the ensemble loads."""
+    return home() / "cache"
+
+
 def default_cache_dir(data_dir: str | Path) -> Path:
     """Conversion cache beside the data unless --cache says otherwise."""
     return Path(data_dir).resolve() / ".geopose_cache"

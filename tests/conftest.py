@@ -1,8 +1,11 @@
-"""Shared fixtures: one Ray instance per test session, one small synthetic data set."""
+"""Shared fixtures: one Ray instance per test session, one small synthetic data set, a local S3
+server (moto) for the cloud-storage tests."""
 
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,26 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Every S3 request of the tests goes to the local moto server of `s3_server`, never to AWS. Set
+# here, before any Ray instance starts, so that its workers (which upload checkpoints) inherit it.
+S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+os.environ.update(
+    AWS_ENDPOINT_URL=S3_ENDPOINT,
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
+os.environ.pop("AWS_PROFILE", None)
+os.environ.pop("AWS_SESSION_TOKEN", None)
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +61,28 @@ def ray_session():
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 API on 127.0.0.1 at AWS_ENDPOINT_URL (a real HTTP server: pyarrow, boto3 and the
+    Ray workers all reach it through the usual AWS settings)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(S3_ENDPOINT.rsplit(":", 1)[1]), verbose=False)
+    server.start()
+    yield S3_ENDPOINT
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new empty bucket's name."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ RAY_FREE = [
     "geopose_ray.ensemble.written",
     "geopose_ray.ensemble.members",
     "geopose_ray.experiment",
+    "geopose_ray.storage",
     "geopose_ray.tune.space",
     "geopose_ray.tune.capacity",
     "geopose_ray.tune.progress",

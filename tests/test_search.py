@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -198,6 +199,19 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_cli_mlflow_without_the_package_exits_2(tmp_path):
+    """`--mlflow` imports mlflow only when given; without the package: one line, exit 2, no Ray."""
+    hide = "sys.modules['mlflow'] = None"  # as if mlflow were not installed: importing it raises
+    argv = [str(ROOT / "run_search.py"), "--space", str(write_space(tmp_path, PLAIN_SPACE))]
+    argv += ["--storage", str(tmp_path / "s"), "--mlflow", "sqlite:///x.db"]
+    code = f"import runpy, sys; {hide}; sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "--mlflow" in out.stderr and "pip install mlflow" in out.stderr
+    assert not (tmp_path / "s").exists()
+
+
 # --- Optuna + ASHA with a plain Tune function (seconds) -----------------------------------------
 def plain_trainable(config: dict) -> None:
     """Score peaks at lr = 1e-3 (the default) and rises slowly with epochs."""
@@ -218,11 +232,11 @@ def test_optuna_asha_search_and_report(ray_session, tmp_path):
     exp = tmp_path / "exp"
 
     study = (f"sqlite:///{tmp_path / 'optuna.db'}", "exp")
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a local MLflow store (its file store is deprecated)
 
     def make_tuner():
-        return tuner.build_tuner(
-            space, trainable, "exp", str(tmp_path), Capacity(TrialResources(), cap=1), seed=3, study=study
-        )
+        cap = Capacity(TrialResources(), cap=1)
+        return tuner.build_tuner(space, trainable, "exp", str(tmp_path), cap, seed=3, study=study, mlflow=mlflow_uri)
 
     tuner.fit_or_resume(make_tuner, exp, trainable, resume=False)
     recs = report.load_trials(exp)
@@ -252,10 +266,27 @@ def test_optuna_asha_search_and_report(ray_session, tmp_path):
     for png in (experiment.SCORE_VS_EPOCH, experiment.SCORE_BY_PARAM):
         assert (exp / png).read_bytes()[:4] == b"\x89PNG"
     assert len(pd.read_csv(exp / experiment.LEADERBOARD)) == space.num_samples
+    _check_mlflow_runs(mlflow_uri, recs)
     with pytest.raises(InputError, match="--resume"):
         tuner.fit_or_resume(make_tuner, exp, trainable, resume=False)
     with pytest.raises(InputError, match="no experiment"):
         tuner.fit_or_resume(make_tuner, tmp_path / "none", trainable, resume=True)
+
+
+def _check_mlflow_runs(uri: str, recs: list[report.TrialRecord]) -> None:
+    """`--mlflow`: one run per trial (named after it) in the MLflow experiment named after the
+    search, with the trial's config as params and its reports as metrics."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert len(runs) == len(recs)
+    for rec in recs:
+        (run,) = [r for r in runs if r.info.run_name.endswith(f"_{rec.trial_id}")]
+        assert float(run.data.params["lr"]) == rec.config["lr"]
+        assert run.data.params["agl_loss"] == rec.config["agl_loss"]
+        assert run.data.metrics["score"] == pytest.approx(rec.history["score"].iloc[-1])
+        assert run.data.metrics["epoch"] == rec.epochs_run()
 
 
 # --- end to end through Ray Train (real worker) -------------------------------------------------

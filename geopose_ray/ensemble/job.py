@@ -23,6 +23,7 @@ import numpy as np
 import ray
 import torch
 
+from geopose_ray import paths, storage
 from geopose_ray.atomic import atomic_write_json, json_safe
 from geopose_ray.config import Config
 from geopose_ray.constants import SUBMISSION_ARCHIVE
@@ -46,7 +47,8 @@ class EnsemblePredictor:
     mode "oof": a row names, per config, the fold whose member did not train on the tile; returns
     the tile's blend statistics. mode "test": every fold member of a config predicts, their mean
     is the config's prediction, `params` blends the configs, and the tile's files are written;
-    with `truth_dir`, the tile's `truth_sums` come back too.
+    with `truth_dir`, the tile's `truth_sums` come back too. A checkpoint given as a URI is
+    downloaded once per node into `checkpoint_cache` (`storage.local_copy`).
     """
 
     def __init__(
@@ -59,13 +61,18 @@ class EnsemblePredictor:
         pred_dir: str | None = None,
         threads: int = 0,
         truth_dir: str | None = None,
+        checkpoint_cache: str | None = None,
     ):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if threads and self.device == "cpu":
             torch.set_num_threads(threads)
         self.mode, self.tta, self.max_tile, self.params, self.pred_dir = mode, tta, max_tile, params, pred_dir
         self.truth_dir = Path(truth_dir) if truth_dir else None
-        self.models = [{int(f): load_member(p, self.device)[0] for f, p in c.items()} for c in configs]
+        root = Path(checkpoint_cache or paths.storage_cache())
+        self.models = [
+            {int(f): load_member(storage.local_copy(p, root), self.device)[0] for f, p in c.items()}
+            for c in configs
+        ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["id"]))]
@@ -200,9 +207,11 @@ def run_ensemble(
     num_actors: int | None = None,
     n_previews: int = 4,
     archive: str | Path | None = None,
+    checkpoint_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fit the blend out-of-fold, predict the test tiles, pack and check the submission (into
-    `archive`, default `out_dir/submission_compressed.tar.gz`).
+    `archive`, default `out_dir/submission_compressed.tar.gz`). Members whose checkpoints are
+    URIs are downloaded by the actors into `checkpoint_cache` (default `paths.storage_cache()`).
 
     Returns the report (also written to `out_dir/ensemble_report.json`); `report["valid"]` is
     False, with `problems`, when `check_submission` refuses the archive.
@@ -219,6 +228,7 @@ def run_ensemble(
         "configs": [{f: str(m.checkpoint) for f, m in ms.items()} for _, ms in configs],
         "tta": tta,
         "max_tile": max_tile,
+        "checkpoint_cache": str(Path(checkpoint_cache or paths.storage_cache()).resolve()),  # absolute: the actors' cwd differs
     }
     t0 = time.perf_counter()
     records = run_actors(oof_items(configs, load_cache(cache, "train")), num_actors, mode="oof", **common)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from geopose_ray import experiment
+from geopose_ray import experiment, storage
 from geopose_ray.checkpoint import STATE_FILE, read_checkpoint_config
 from geopose_ray.config import Config
 from geopose_ray.errors import InputError
@@ -26,7 +26,7 @@ REQUIRED_KEYS = ("rank", "config_id", "fold", "checkpoint", "config")
 class Member:
     config_id: str
     fold: int  # the validation fold this member did not train on
-    checkpoint: Path  # folder holding state.pt
+    checkpoint: Path | str  # folder holding state.pt: a Path, or a URI in a remote storage
     rank: int = 0  # the config's place in the search (0 = best)
     score: float = math.nan
     trial_id: str = ""
@@ -43,25 +43,31 @@ def _reject_constant(token: str) -> float:
     raise ValueError(f"{token} is not valid JSON")
 
 
-def _load_json(path: Path) -> Any:
-    if not path.is_file():
+def _load_json(path: str | Path) -> Any:
+    """A JSON file from a path or a URI."""
+    if not storage.is_file(path):
         raise InputError(path, "file not found")
     try:
-        return json.loads(path.read_text(), parse_constant=_reject_constant)
+        return json.loads(storage.read_bytes(path).decode(), parse_constant=_reject_constant)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise InputError(path, f"cannot parse JSON ({str(e).splitlines()[0][:120]})") from None
 
 
-def _checkpoint_dir(value: Any, base: Path, source: Path) -> Path:
+def _checkpoint_dir(value: Any, base: str | Path, source: str | Path) -> Path | str:
+    """A member's checkpoint folder: absolute, a URI, or relative to the experiment folder `base`."""
     if not isinstance(value, str) or not value:
         raise InputError(source, f"checkpoint must be a folder path, got {value!r}")
-    folder = Path(value) if Path(value).is_absolute() else base / value
-    if not (folder / STATE_FILE).is_file():
-        raise InputError(folder, f"no {STATE_FILE} in this checkpoint folder (listed in {source.name})")
+    if storage.is_remote(value) or storage.is_remote(base):
+        folder = value if storage.is_remote(value) else storage.join(base, value)
+    else:
+        folder = Path(value) if Path(value).is_absolute() else Path(base) / value
+    if not storage.is_file(storage.join(folder, STATE_FILE)):
+        name = Path(str(source)).name
+        raise InputError(folder, f"no {STATE_FILE} in this checkpoint folder (listed in {name})")
     return folder
 
 
-def _member(entry: Any, i: int, path: Path) -> Member:
+def _member(entry: Any, i: int, path: str | Path) -> Member:
     if not isinstance(entry, dict):
         raise InputError(path, f"entry {i} must be an object with keys {list(REQUIRED_KEYS)}")
     if missing := [k for k in REQUIRED_KEYS if k not in entry]:
@@ -76,7 +82,7 @@ def _member(entry: Any, i: int, path: Path) -> Member:
     return Member(
         config_id=str(entry["config_id"]),
         fold=fold,
-        checkpoint=_checkpoint_dir(entry["checkpoint"], path.parent, path),
+        checkpoint=_checkpoint_dir(entry["checkpoint"], storage.parent(path), path),
         rank=rank,
         score=score,
         trial_id=str(entry.get("trial_id", "")),
@@ -84,9 +90,10 @@ def _member(entry: Any, i: int, path: Path) -> Member:
     )
 
 
-def read_members(storage: str | Path, name: str, top_k: int) -> list[Member]:
-    """The members of the `top_k` best-ranked configs in `<storage>/<name>/members.json`."""
-    path = Experiment(Path(storage), name).members
+def read_members(root: str | Path, name: str, top_k: int) -> list[Member]:
+    """The members of the `top_k` best-ranked configs in `<root>/<name>/members.json` (`root`: a
+    folder or a URI; the file is read where it is, the checkpoints stay there too)."""
+    path = Experiment(root, name).file(MEMBERS)
     doc = _load_json(path)
     if not isinstance(doc, list) or not doc:
         raise InputError(path, "expected a non-empty JSON list of members")
@@ -98,11 +105,12 @@ def read_members(storage: str | Path, name: str, top_k: int) -> list[Member]:
     return [m for m in members if m.config_id in keep]
 
 
-def latest_experiment(storage: str | Path) -> str:
-    """Name of the most recently written experiment in `storage` that has a members.json."""
-    name = latest(storage)
+def latest_experiment(root: str | Path) -> str:
+    """Name of the most recently written experiment in `root` (a folder or a URI) that has a
+    members.json."""
+    name = latest(root)
     if name is None:
-        raise InputError(storage, f"no experiment with {MEMBERS} here: run run_search.py first")
+        raise InputError(root, f"no experiment with {MEMBERS} here: run run_search.py first")
     return name
 
 

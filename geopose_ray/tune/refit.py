@@ -4,13 +4,15 @@ to the full epoch budget, with no early stopping; the runs become the ensemble's
 A second Tuner (`<name>-refit`) runs a grid over (config_rank, fold) with the FIFO scheduler.
 A search trial that already ran the full budget on one of those folds *is* that refit run (same
 config, fold and epochs; ASHA only ever stops trials early), so it is reused, not retrained.
-`<storage>/<name>/members.json` lists every member and its best checkpoint (by score). The
-paths come from `geopose_ray.experiment`, the Tuner from `tuner.py`.
+`<storage>/<name>/members.json` lists every member and its best checkpoint (by score; a path, or
+a URI when the storage is remote). The paths come from `geopose_ray.experiment`, the Tuner from
+`tuner.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 from pathlib import Path
@@ -18,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from geopose_ray import storage
 from geopose_ray.atomic import atomic_write_json, json_safe
 from geopose_ray.checkpoint import VAL_SCORE_FILE
 from geopose_ray.errors import InputError
-from geopose_ray.experiment import Experiment, config_id
+from geopose_ray.experiment import MEMBERS, REPORT_FILES, Experiment, config_id
 from geopose_ray.metrics import GeoposeScore
 from geopose_ray.tune import report, trainer, tuner
 from geopose_ray.tune.space import SearchSpace
@@ -77,7 +80,7 @@ def member_row(rank: int, rec: report.TrialRecord, exp: Experiment, source: str)
     if path is None:
         log.warning("trial %s of %s has no checkpoint: not a member", rec.trial_id, exp.name)
         return None
-    val_score = Path(path) / VAL_SCORE_FILE  # this fold's metric accumulators (out-of-fold)
+    val_score = storage.join(path, VAL_SCORE_FILE)  # this fold's metric accumulators (out-of-fold)
     return {
         "rank": rank,
         "config_id": config_id(cfg),
@@ -87,7 +90,7 @@ def member_row(rank: int, rec: report.TrialRecord, exp: Experiment, source: str)
         "source": source,  # "search" (reused full-budget trial) or "refit"
         "score": score if math.isfinite(score) else rec.best()[0],
         "checkpoint": path,
-        "val_score": str(val_score) if val_score.is_file() else None,
+        "val_score": val_score if storage.is_file(val_score) else None,
         "config": json_safe(cfg),
     }
 
@@ -104,11 +107,16 @@ def add_oof_scores(members: list[dict]) -> None:
     for rows in by_config.values():
         score = math.nan
         if all(r["val_score"] for r in rows):
-            total = sum(GeoposeScore.from_array(np.load(r["val_score"])) for r in rows)
+            total = sum(GeoposeScore.from_array(_load_npy(r["val_score"])) for r in rows)
             result = total.compute()
             score = result["final"] if math.isfinite(result["final"]) else result["final_present"]
         for r in rows:
             r["config_oof_score"] = float(score)
+
+
+def _load_npy(location: str) -> np.ndarray:
+    """An .npy file from a path or a URI (a few hundred numbers: read directly, not cached)."""
+    return np.load(io.BytesIO(storage.read_bytes(location)))
 
 
 def plan_jobs(
@@ -142,10 +150,10 @@ def run_refit(
     n_folds = space.n_folds()
     if max(folds) >= n_folds:
         raise InputError(space.path, f"--folds {list(folds)} needs folds < n_folds ({n_folds})")
-    records = report.load_trials(exp.dir)
+    records = report.load_trials(exp.location)
     tops = top_configs(records, k)
     if not tops:
-        raise InputError(exp.dir, "no finished trial with a finite score: nothing to refit")
+        raise InputError(exp.location, "no finished trial with a finite score: nothing to refit")
     configs = [t.train_config for t in tops]
     reused, jobs = plan_jobs(records, configs, folds, space.scheduler.max_epochs)
     board = None
@@ -153,15 +161,16 @@ def run_refit(
     if jobs:
         refit = exp.refit
         trainable = trainer.make_trainable(dataclasses.replace(settings, experiment=refit.name), train_fn)
-        storage = str(refit.storage)
+        root = str(refit.storage)
         tuner.fit_or_resume(
-            lambda: tuner.build_refit_tuner(configs, jobs, trainable, refit.name, storage, concurrent, space),
-            refit.dir,
+            lambda: tuner.build_refit_tuner(configs, jobs, trainable, refit.name, root, concurrent, space),
+            refit.location,
             trainable,
-            resume and tuner.can_restore(refit.dir),  # a resumed search may not have reached its refit yet
+            resume and tuner.can_restore(refit.location),  # a resumed search may not have reached its refit yet
         )
-        refit_records = report.load_trials(refit.dir)
+        refit_records = report.load_trials(refit.location)
         board = report.write_report(refit.dir, space, records=refit_records)
+        refit.push(*REPORT_FILES)
         if report.unfinished(board):
             log.warning("refit interrupted: members.json not written; finish it with --resume")
             return [], None, board
@@ -171,4 +180,5 @@ def run_refit(
     members = sorted((m for m in members if m is not None), key=lambda m: (m["rank"], m["fold"]))
     add_oof_scores(members)
     atomic_write_json(exp.members, members)
+    exp.push(MEMBERS)
     return members, exp.members, board

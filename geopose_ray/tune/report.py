@@ -59,7 +59,7 @@ class TrialRecord:
 
 
 def load_trials(experiment_dir: str | Path) -> list[TrialRecord]:
-    """Every trial of a Tune experiment folder, finished or not (no running Ray needed)."""
+    """Every trial of a Tune experiment (a folder or a URI), finished or not (no running Ray needed)."""
     from geopose_ray.tune.tuner import read_trials
 
     return [TrialRecord(*row) for row in read_trials(experiment_dir)]
@@ -217,7 +217,8 @@ def write_report(
 ) -> pd.DataFrame:
     """Write every report file into `experiment_dir`; returns the leaderboard. The parameter
     importances come from the Optuna `study` (storage URL, name); refits have none (their configs
-    were picked, not sampled). `records`: the folder's trials when the caller already read them."""
+    were picked, not sampled). `records`: the folder's trials when the caller already read them
+    (from a remote experiment: `experiment_dir` is then its local mirror, see `Experiment.push`)."""
     exp = Path(experiment_dir)
     records = load_trials(exp) if records is None else records
     board = leaderboard(records, space)

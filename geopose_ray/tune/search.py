@@ -17,10 +17,10 @@ from typing import Any
 
 import pandas as pd
 
-from geopose_ray import paths, ray_env
+from geopose_ray import paths, ray_env, storage
 from geopose_ray.atomic import atomic_write_text
 from geopose_ray.errors import InputError
-from geopose_ray.experiment import Experiment
+from geopose_ray.experiment import MEMBERS, OPTIONS, OPTUNA_DB, REPORT_FILES, Experiment
 from geopose_ray.models import pretrained
 from geopose_ray.tune import refit, report, trainer, tuner
 from geopose_ray.tune.capacity import Capacity, TrialResources, knows_every_need
@@ -39,7 +39,8 @@ class SearchOptions:
     space: str
     data: str | None = None  # None: the embedded synthetic set (generated when missing)
     cache: str | None = None
-    storage: str | None = None  # None: paths.default_storage()
+    storage: str | None = None  # a folder or a URI (s3://bucket/prefix, gs://...); None: paths.default_storage()
+    local_cache: str | None = None  # local mirror of a remote storage; None: paths.storage_cache()
     name: str | None = None  # None: the space file's stem
     num_samples: int | None = None
     workers_per_trial: int | None = None
@@ -59,11 +60,12 @@ class SearchOptions:
     pending_trials: int | None = None  # admitted beyond what fits (autoscaler demand); None: 0 fixed, else 1
     optuna_storage: str | None = None  # the study's database URL; None: SQLite in the experiment folder
     weights_cache: str | None = None  # pretrained encoder weights; None: <home>/weights
+    mlflow: str | None = None  # MLflow tracking URI: every trial logged as a run (MLflowLoggerCallback)
 
 
 @dataclass
 class SearchResult:
-    experiment_dir: Path
+    experiment_dir: Path  # the local folder holding the report (a mirror when the storage is remote)
     leaderboard: pd.DataFrame
     best_config: dict[str, Any] | None
     trials: int
@@ -74,6 +76,7 @@ class SearchResult:
     members_path: Path | None = None
     refit_leaderboard: pd.DataFrame | None = None
     interrupted: bool = False  # unfinished trials: run again with --resume
+    location: str = ""  # the experiment in its storage: a local path or a URI
 
 
 def weights_cache(opts: SearchOptions) -> Path:
@@ -175,6 +178,17 @@ def check_capacity_options(opts: SearchOptions) -> None:
         raise InputError("--max-concurrent", f"must be >= 1, got {opts.max_concurrent}")
 
 
+def check_mlflow(opts: SearchOptions) -> None:
+    """--mlflow needs the optional `mlflow` package (imported only then): without it, exit 2 with
+    one line before Ray starts."""
+    if opts.mlflow is None:
+        return
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise InputError("--mlflow", "needs the mlflow package: pip install mlflow") from None
+
+
 def resolve_capacity(opts: SearchOptions, resources: TrialResources) -> Capacity:
     """A fixed local instance admits only what fits; a joined cluster without an autoscaler config
     keeps one trial pending by default (see `geopose_ray.tune.capacity`)."""
@@ -195,11 +209,11 @@ def resolve_data(opts: SearchOptions) -> str:
 
 
 def resolve_experiment(opts: SearchOptions, space: SearchSpace) -> Experiment:
-    """--storage (a local folder) / --name, else runs/experiments / the space's name."""
-    if opts.storage and "://" in opts.storage:  # reports, refits and the ensemble read files by path
-        raise InputError(opts.storage, "cloud storage URIs are not supported: use a path shared by all nodes")
-    storage = Path(opts.storage).resolve() if opts.storage else paths.default_storage()
-    return Experiment(storage, opts.name or space.name)
+    """--storage (a local folder or a URI) / --name, else runs/experiments / the space's name.
+    A URI pyarrow cannot open is refused with exit 2."""
+    root = storage.normalize(opts.storage) if opts.storage else paths.default_storage()
+    cache = Path(opts.local_cache).resolve() if opts.local_cache else None
+    return Experiment(root, opts.name or space.name, cache)
 
 
 def optuna_study(opts: SearchOptions, exp: Experiment) -> tuple[str, str]:
@@ -235,11 +249,11 @@ def plan_search(opts: SearchOptions) -> list[str]:
         f"ASHA grace {sched.grace_period}, reduction factor {sched.reduction_factor}",
         f"per trial:  {resources.workers_per_trial} Train worker(s) x {resources.per_worker()}",
         f"cluster:    {have}; {concurrent} trial(s) at once",
-        f"experiment: {exp.dir}" + ("  (resumed)" if opts.resume else ""),
+        f"experiment: {exp.location}" + ("  (resumed)" if opts.resume else ""),
         "optuna:     {}  (study {})".format(*optuna_study(opts, exp)),
     ]
     if opts.refit_top > 0:
-        lines.append(f"refits:     the top {opts.refit_top} configs on fold(s) {list(refit_folds(opts))} -> {exp.members}")
+        lines.append(f"refits:     the top {opts.refit_top} configs on fold(s) {list(refit_folds(opts))} -> {exp.file(MEMBERS)}")
     return lines
 
 
@@ -254,7 +268,7 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
     exp = resolve_experiment(opts, space)
     settings = trainer.DriverSettings(
         experiment=exp.name,
-        storage_path=str(exp.storage),
+        storage_path=str(exp.storage),  # a path or a URI: each trial resolves it with its own credentials
         resources=resources,
         num_to_keep=opts.num_to_keep,
         max_failures=opts.max_failures,
@@ -264,14 +278,19 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
     trainable = trainer.make_trainable(settings, train_fn)
     study = optuna_study(opts, exp)
     exp.dir.mkdir(parents=True, exist_ok=True)  # SQLite creates its file, not the folder
+    if opts.resume and opts.optuna_storage is None:
+        exp.fetch(OPTUNA_DB)  # resumed on another machine: the study's copy from the storage
 
     def make_tuner() -> Any:
-        return tuner.build_tuner(space, trainable, exp.name, str(exp.storage), capacity, opts.seed, study=study)
+        return tuner.build_tuner(
+            space, trainable, exp.name, str(exp.storage), capacity, opts.seed, study=study, mlflow=opts.mlflow
+        )
 
-    tuner.fit_or_resume(make_tuner, exp.dir, trainable, opts.resume)
+    tuner.fit_or_resume(make_tuner, exp.location, trainable, opts.resume)
     _write_options(exp, opts, space, resources, capacity.limit(cluster, most))
-    records = report.load_trials(exp.dir)
+    records = report.load_trials(exp.location)
     board = report.write_report(exp.dir, space, study, records)
+    exp.push(OPTIONS, *REPORT_FILES, *([] if opts.optuna_storage else [OPTUNA_DB]))
     result = SearchResult(
         experiment_dir=exp.dir,
         leaderboard=board,
@@ -280,6 +299,7 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
         epochs_run=int(board["epochs_run"].sum()) if len(board) else 0,
         epochs_budget=len(board) * space.scheduler.max_epochs,
         wall_s=0.0,
+        location=exp.location,
     )
     result.interrupted = report.unfinished(board) > 0
     if result.interrupted:

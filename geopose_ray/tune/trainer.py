@@ -27,7 +27,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from geopose_ray import ray_env
+from geopose_ray import ray_env, storage
 from geopose_ray.checkpoint import load_state, save_state
 from geopose_ray.config import Config, key_owners
 from geopose_ray.experiment import METRIC, MODE, train_run_name, trial_train_config
@@ -104,7 +104,9 @@ def build_trainer(
     Checkpoints are ranked by `METRIC`. `controller_failure_limit`: Train retries a worker group
     that cannot be placed forever (-1), right while an autoscaler adds nodes; on a fixed cluster
     that means leaked resources, so the search gives a limit there. `train_fn`: another
-    per-worker function (the benches time one; the fault tests inject NaN losses)."""
+    per-worker function (the benches time one; the fault tests inject NaN losses).
+    `storage_path`: a folder or a URI (s3://, gs://), resolved here, on the trial's node."""
+    path, fs = storage.for_ray(storage_path)
     return TorchTrainer(
         train_fn or train_fn_per_worker,
         train_loop_config=dict(config),
@@ -115,7 +117,8 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage_path),
+            storage_path=path,
+            storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=num_to_keep, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
             ),
@@ -134,7 +137,7 @@ class DriverSettings:
     trainable through `tune.with_parameters`)."""
 
     experiment: str
-    storage_path: str
+    storage_path: str  # a folder or a URI (no filesystem object: its credentials would travel too)
     resources: TrialResources = field(default_factory=TrialResources)
     num_to_keep: int = 2
     max_failures: int = 1
@@ -182,15 +185,17 @@ def make_trainable(settings: DriverSettings, train_fn: WorkerFn | None = None) -
 
 # --- reading a finished run -------------------------------------------------------------------
 def best_checkpoint(run_dir: str | Path) -> tuple[str | None, float]:
-    """(path, score) of a Train run's best kept checkpoint by `METRIC`, or (None, nan)."""
-    if not Path(run_dir).is_dir():
+    """(location, score) of a Train run's best kept checkpoint by `METRIC`, or (None, nan).
+    `run_dir` is a folder or a URI; the location returned is of the same kind."""
+    if not storage.exists(run_dir):
         return None, math.nan
+    path, fs = storage.for_ray(run_dir)
     with ray_env.quiet_checkpoint_manager():
-        result = ray.train.Result.from_path(str(run_dir))
+        result = ray.train.Result.from_path(path, storage_filesystem=fs)
     ckpt = result.get_best_checkpoint(METRIC, MODE)
     if ckpt is None:
         return None, math.nan
     score = next(
         (m.get(METRIC, math.nan) for c, m in result.best_checkpoints if c.path == ckpt.path), math.nan
     )
-    return ckpt.path, float(score)
+    return storage.to_location(run_dir, ckpt.path), float(score)

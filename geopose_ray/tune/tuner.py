@@ -19,7 +19,7 @@ import pandas as pd
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from geopose_ray import console, ray_env
+from geopose_ray import console, ray_env, storage
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import METRIC, MODE, REFIT_CONFIGS, trial_dirname
 from geopose_ray.tune.capacity import Capacity
@@ -92,10 +92,18 @@ class TrialLines(tune.Callback):
         print(self._line(trial, error=True), flush=True)
 
 
-def run_config_kwargs(params: Sequence[str], max_epochs: int, columns: Sequence[str]) -> dict[str, Any]:
-    """`tune.RunConfig` arguments: the TrialLines callback, and when `console.setup` chose the
-    terse engine, verbose=1 with a CLIReporter showing `columns` (parameters) plus epoch and score."""
-    kwargs: dict[str, Any] = {"callbacks": [TrialLines(params, max_epochs)]}
+def run_config_kwargs(
+    params: Sequence[str], max_epochs: int, columns: Sequence[str], location: str, callbacks: Sequence[Any] = ()
+) -> dict[str, Any]:
+    """`tune.RunConfig` arguments: the storage (`location`, a path or a URI: Ray's storage_path and
+    storage_filesystem), the TrialLines callback and `callbacks`, and when `console.setup` chose
+    the terse engine, verbose=1 with a CLIReporter showing `columns` (parameters) plus epoch and score."""
+    path, fs = storage.for_ray(location)
+    kwargs: dict[str, Any] = {
+        "storage_path": path,
+        "storage_filesystem": fs,
+        "callbacks": [TrialLines(params, max_epochs), *callbacks],
+    }
     if console.quiet():
         kwargs["verbose"] = 1
         kwargs["progress_reporter"] = tune.CLIReporter(
@@ -108,6 +116,17 @@ def run_config_kwargs(params: Sequence[str], max_epochs: int, columns: Sequence[
             sort_by_metric=True,
         )
     return kwargs
+
+
+def mlflow_callbacks(tracking_uri: str | None, experiment: str) -> list[Any]:
+    """[MLflowLoggerCallback] when a tracking URI is given: each trial becomes a run of the MLflow
+    experiment `experiment` with its config as params and every report as metrics. `mlflow` is
+    optional: `search.check_mlflow` refuses the flag without it before Ray starts."""
+    if not tracking_uri:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return [MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment, save_artifact=False)]
 
 
 # --- the Tuners -------------------------------------------------------------------------------
@@ -143,11 +162,13 @@ def build_tuner(
     seed: int,
     resources_fn: ResourcesFn | None = None,
     study: tuple[str, str] | None = None,
+    mlflow: str | None = None,
 ) -> tune.Tuner:
     """OptunaSearch + ASHA over `trainable` (the driver, or any function reporting `epoch` and
     `score`), behind an ElasticLimiter that re-reads the cluster's size (tests pass a fake
-    `resources_fn`); `study`: see `build_searcher`. Metric and mode live on searcher and scheduler, not on TuneConfig: rank
-    results with them explicitly."""
+    `resources_fn`); `study`: see `build_searcher`; `storage`: a path or a URI; `mlflow`: a
+    tracking URI, every trial then is an MLflow run of the experiment `name`. Metric and mode live
+    on searcher and scheduler, not on TuneConfig: rank results with them explicitly."""
     from ray.tune.schedulers import ASHAScheduler
 
     sched = space.scheduler
@@ -172,8 +193,9 @@ def build_tuner(
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=storage,
-            **run_config_kwargs(space.searched(), sched.max_epochs, columns(space)),
+            **run_config_kwargs(
+                space.searched(), sched.max_epochs, columns(space), storage, mlflow_callbacks(mlflow, name)
+            ),
         ),
     )
 
@@ -201,26 +223,31 @@ def build_refit_tuner(
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=storage,
             **run_config_kwargs(
-                space.searched(), space.scheduler.max_epochs, ["member/config_rank", "member/fold"]
+                space.searched(), space.scheduler.max_epochs, ["member/config_rank", "member/fold"], storage
             ),
         ),
     )
 
 
 def can_restore(experiment_dir: str | Path) -> bool:
-    return tune.Tuner.can_restore(str(experiment_dir))
+    """Whether a Tune experiment is at this location (a path or a URI)."""
+    path, fs = storage.for_ray(experiment_dir)
+    return tune.Tuner.can_restore(path, storage_filesystem=fs)
 
 
-def fit_or_resume(make_tuner: Callable[[], Any], experiment_dir: Path, trainable: Any, resume: bool) -> Any:
-    """A new experiment, or (`resume`) the one in `experiment_dir` restored with its errored
-    trials retried; the Train runs of unfinished trials resume from their latest checkpoints."""
+def fit_or_resume(
+    make_tuner: Callable[[], Any], experiment_dir: str | Path, trainable: Any, resume: bool
+) -> Any:
+    """A new experiment, or (`resume`) the one at `experiment_dir` (a path or a URI) restored with
+    its errored trials retried; the Train runs of unfinished trials resume from their latest
+    checkpoints."""
     exists = can_restore(experiment_dir)
     if resume:
         if not exists:
             raise InputError(experiment_dir, "no experiment to resume here")
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+        path, fs = storage.for_ray(experiment_dir)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     else:
         if exists:
             raise InputError(
@@ -233,9 +260,11 @@ def fit_or_resume(make_tuner: Callable[[], Any], experiment_dir: Path, trainable
 # --- reading an experiment back ---------------------------------------------------------------
 def read_trials(experiment_dir: str | Path) -> list[tuple[str, str, dict[str, Any], pd.DataFrame, str]]:
     """(trial id, status, config, per-report history, path) of every trial of a Tune experiment
-    folder, finished or not (no running Ray needed). A resumed trial re-reports the epochs after
-    its last checkpoint: the history keeps the latest report of each epoch."""
-    ea = tune.ExperimentAnalysis(str(experiment_dir))
+    (a folder or a URI: read through its filesystem), finished or not (no running Ray needed). A
+    resumed trial re-reports the epochs after its last checkpoint: the history keeps the latest
+    report of each epoch."""
+    path, fs = storage.for_ray(experiment_dir)
+    ea = tune.ExperimentAnalysis(path, storage_filesystem=fs)
     frames = ea.trial_dataframes
     rows = []
     for t in ea.trials:
