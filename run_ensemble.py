@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--local-cache", type=Path, default=None, help="local mirror of a remote --storage: the "
                     "members' checkpoints and the ensemble's output before upload (default: runs/cache)")  # fmt: skip
     ap.add_argument("--name", default=None, help="experiment (default: the latest one with members.json)")
-    ap.add_argument("--top-k", type=int, default=3, help="member configs to blend, each with all its folds")
+    ap.add_argument("--top-k", type=int, default=4, help="member configs to blend, each with all its folds")
     ap.add_argument("--tta", choices=("none", "flip", "d4"), default="d4", help="test-time views: "
                     "the 8 D4 views as the winners used (default), a horizontal flip, or none")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="output folder, or the archive's path when it ends "

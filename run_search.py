@@ -5,8 +5,8 @@
     python run_search.py --data DIR --storage s3://BUCKET/PREFIX --mlflow http://MLFLOW:5000
 
 With no arguments: generates the synthetic set when missing, searches `search_spaces/smoke.yaml`
-on CPU and refits the top 2 configs on the search's fold, reusing its full-budget trials (about
-10 minutes on a 2-core laptop). Then `python run_ensemble.py` blends them into a submission.
+on CPU and refits the top 2 configs on the search's fold, each with a second training seed,
+reusing its full-budget trials (about 11 minutes on a 2-core laptop). Then `python run_ensemble.py` blends them into a submission.
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fold", type=int, default=0, help="validation fold of the search")
     p.add_argument("--folds", help="refit folds: a count or a comma list (default: the search's --fold, "
                    "whose full-budget trials are reused, so nothing is retrained)")  # fmt: skip
-    p.add_argument("--refit-top", type=int, help="refit the K best configs on every fold (default: 3 with no "
+    p.add_argument("--refit-top", type=int, help="refit the K best configs on every fold (default: 2 with no "
                    "--space, else 0)")  # fmt: skip
+    p.add_argument("--refit-seeds", type=int, help="train each refit config with N seeds, N members (default: "
+                   "2 with no --space, else 1)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="finish the interrupted experiment --name")
     p.add_argument("--max-failures", type=int, default=1, help="Train restarts per trial after a crash")
     p.add_argument("--seed", type=int, default=0, help="seeds Optuna's sampler and every trial's training "
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         cpus_per_worker=args.cpus_per_worker,
         fold=args.fold,
         folds=parse_folds(args.folds) if args.folds else None,
-        refit_top=args.refit_top if args.refit_top is not None else (3 if embedded else 0),
+        refit_top=args.refit_top if args.refit_top is not None else (2 if embedded else 0),
+        refit_seeds=args.refit_seeds if args.refit_seeds is not None else (2 if embedded else 1),
         resume=args.resume,
         seed=args.seed,
         max_epochs=args.max_epochs,

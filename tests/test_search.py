@@ -108,6 +108,17 @@ def test_top_configs_are_distinct_finished_and_finite():
     assert refit.reusable(recs, experiment.config_id(b), fold=0, max_epochs=2) is None  # stopped at 1
 
 
+def test_seed_replicas_follow_the_configs_with_new_seeds_and_new_identities():
+    a, b = {"lr": 1e-3, "seed": 4, "fold": 0}, {"lr": 1e-2, "fold": 0}  # b: the Config default seed 0
+    out = refit.seed_replicas([a, b], 3)
+    assert [(c["lr"], c.get("seed")) for c in out] == [
+        (1e-3, 4), (1e-2, None), (1e-3, 5), (1e-2, 1), (1e-3, 6), (1e-2, 2)
+    ]  # fmt: skip
+    assert len({experiment.config_id(c) for c in out}) == 6  # each replica is a member of its own
+    assert refit.seed_replicas([a, b], 1) == [a, b]
+    assert a == {"lr": 1e-3, "seed": 4, "fold": 0}  # not mutated
+
+
 def test_leaderboard_and_importances_from_records(tmp_path):
     space = load_space(write_space(tmp_path, PLAIN_SPACE.replace("max_epochs: 2", "max_epochs: 4")))
     recs = [
@@ -300,6 +311,7 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
         workers_per_trial=2,
         cpus_per_worker=1.0,  # 4-CPU fixture: one trial at a time, so the default reaches rung 1 first
         refit_top=1,
+        refit_seeds=2,
         folds=(0, 1),
         seed=0,
     )
@@ -311,8 +323,9 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
     assert board["node_id"].notna().all()
     assert res.epochs_run == board["epochs_run"].sum() < res.epochs_budget == 2 * len(board)
     members = json.loads(res.members_path.read_text())
-    assert members == res.members and sorted(m["fold"] for m in members) == [0, 1]
-    assert {m["config_id"] for m in members} == {board["config_id"].iloc[0]}
+    assert members == res.members and [(m["rank"], m["fold"]) for m in members] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert {m["config_id"] for m in members if m["rank"] == 0} == {board["config_id"].iloc[0]}
+    assert [m["config"]["seed"] for m in members] == [0, 0, 1, 1]  # rank 1: the best config's seed replica
     refits = [m for m in members if m["source"] == "refit"]
     assert refits and all(m["experiment"].endswith("-refit") for m in refits)
     for m in members:
@@ -320,8 +333,10 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
         assert Config.from_dict(m["config"]).data.fold == m["fold"]
         own = GeoposeScore.from_array(np.load(m["val_score"])).compute()  # this fold's accumulators
         assert own["final_present"] == pytest.approx(m["score"], abs=1e-6)
-    pooled = sum(GeoposeScore.from_array(np.load(m["val_score"])) for m in members).compute()
-    assert all(m["config_oof_score"] == pytest.approx(pooled["final"]) for m in members)
+    for rank in (0, 1):  # each config's out-of-fold score pools its own folds
+        rows = [m for m in members if m["rank"] == rank]
+        pooled = sum(GeoposeScore.from_array(np.load(m["val_score"])) for m in rows).compute()
+        assert all(m["config_oof_score"] == pytest.approx(pooled["final"]) for m in rows)
     refit_board = res.refit_leaderboard
     assert not refit_board["stopped_early"].any() and (refit_board["epochs_run"] == 2).all()
     assert set(refit_board["fold"]) == {m["fold"] for m in refits}

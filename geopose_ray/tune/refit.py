@@ -59,6 +59,17 @@ def top_configs(records: list[report.TrialRecord], k: int) -> list[report.TrialR
     return sorted(best.values(), key=lambda r: r.best()[0], reverse=True)[:k]
 
 
+def seed_replicas(configs: list[dict], seeds: int) -> list[dict]:
+    """The configs, then each again with training seeds +1 .. +seeds-1 (ranks follow this order).
+
+    Short runs from scratch move by +-0.03 in score from seed to seed (docs/LEARNING.md): the
+    mean of two runs of the best config removes part of that noise, which a blend of the best
+    config with weaker ones cannot. The replicas are members with a config of their own (the
+    seed is part of its identity), trained like any refit."""
+    replicas = [{**c, "seed": int(c.get("seed", 0)) + i} for i in range(1, seeds) for c in configs]
+    return list(configs) + replicas
+
+
 def reusable(
     records: list[report.TrialRecord], cid: str, fold: int, max_epochs: int
 ) -> report.TrialRecord | None:
@@ -144,9 +155,11 @@ def run_refit(
     concurrent: int,
     resume: bool,
     train_fn: trainer.WorkerFn | None = None,
+    seeds: int = 1,
 ) -> tuple[list[dict], Path | None, pd.DataFrame | None]:
-    """Refit the top `k` configs of the search `exp` on `folds`; write its members.json (not
-    when the refit was interrupted: then the path is None). `train_fn`: see `trainer.build_trainer`."""
+    """Refit the top `k` configs of the search `exp` on `folds`, each with `seeds` training seeds
+    (`seed_replicas`); write its members.json (not when the refit was interrupted: then the path
+    is None). `train_fn`: see `trainer.build_trainer`."""
     n_folds = space.n_folds()
     if max(folds) >= n_folds:
         raise InputError(space.path, f"--folds {list(folds)} needs folds < n_folds ({n_folds})")
@@ -154,7 +167,7 @@ def run_refit(
     tops = top_configs(records, k)
     if not tops:
         raise InputError(exp.location, "no finished trial with a finite score: nothing to refit")
-    configs = [t.train_config for t in tops]
+    configs = seed_replicas([t.train_config for t in tops], seeds)
     reused, jobs = plan_jobs(records, configs, folds, space.scheduler.max_epochs)
     board = None
     members = [member_row(r, rec, exp, "search") for (r, _), rec in reused.items()]
