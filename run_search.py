@@ -5,8 +5,8 @@
     python run_search.py --data DIR --storage s3://BUCKET/PREFIX --mlflow http://MLFLOW:5000
 
 With no arguments: generates the synthetic set when missing, searches `search_spaces/smoke.yaml`
-on CPU and refits the top 2 configs on the search's fold, each with a second training seed,
-reusing its full-budget trials (about 11 minutes on a 2-core laptop). Then `python run_ensemble.py` blends them into a submission.
+on CPU, then trains its best config again with a second seed (the best trial is reused as the
+first), about 11 minutes on a 2-core laptop. Then `python run_ensemble.py` blends them into a submission.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fold", type=int, default=0, help="validation fold of the search")
     p.add_argument("--folds", help="refit folds: a count or a comma list (default: the search's --fold, "
                    "whose full-budget trials are reused, so nothing is retrained)")  # fmt: skip
-    p.add_argument("--refit-top", type=int, help="refit the K best configs on every fold (default: 2 with no "
+    p.add_argument("--refit-top", type=int, help="refit the K best configs on every fold (default: 1 with no "
                    "--space, else 0)")  # fmt: skip
     p.add_argument("--refit-seeds", type=int, help="train each refit config with N seeds, N members (default: "
                    "2 with no --space, else 1)")  # fmt: skip
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus_per_worker=args.cpus_per_worker,
         fold=args.fold,
         folds=parse_folds(args.folds) if args.folds else None,
-        refit_top=args.refit_top if args.refit_top is not None else (2 if embedded else 0),
+        refit_top=args.refit_top if args.refit_top is not None else (1 if embedded else 0),
         refit_seeds=args.refit_seeds if args.refit_seeds is not None else (2 if embedded else 1),
         resume=args.resume,
         seed=args.seed,
