@@ -45,9 +45,11 @@ def test_console_trial_lines_and_terse_status_table(tmp_path, monkeypatch, capsy
         "trial d4  agl_loss=mse lr=0.1  epochs 0/2  best -  ERROR (traceback above)",
     ]
     monkeypatch.setenv(console.LEGACY_OUTPUT_ENV, "1")
-    assert set(tuner.run_config_kwargs(space.searched(), 2, ["lr"])) == {"callbacks"}
+    full = tuner.run_config_kwargs(space.searched(), 2, ["lr"], str(tmp_path))
+    assert set(full) == {"callbacks", "storage_path", "storage_filesystem"}
+    assert full["storage_path"] == str(tmp_path) and full["storage_filesystem"] is None  # a local folder
     monkeypatch.setenv(console.LEGACY_OUTPUT_ENV, "0")
-    terse = tuner.run_config_kwargs(space.searched(), 2, ["lr"])
+    terse = tuner.run_config_kwargs(space.searched(), 2, ["lr"], str(tmp_path))
     assert terse["verbose"] == 1 and isinstance(terse["progress_reporter"], tune.CLIReporter)
     assert console.setup(verbose=True) == {"log_to_driver": True}  # Ray's full console, untouched
 
