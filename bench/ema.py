@@ -14,7 +14,6 @@ default), with power 1/2 (what `train_loop.build_ema` uses), and a fixed decay o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench.learning import BASE, R10T, make_set  # noqa: E402
+from bench.learning import BASE, R10T, make_set, run_and_collect  # noqa: E402
 
 # name -> Config overrides of learning.BASE (the smoke space's fixed keys)
 RUNS: dict[str, dict[str, Any]] = {
@@ -112,11 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot-only", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.plot_only:
-        for name in args.only or list(RUNS):
-            (out / f"{name}.json").write_text(json.dumps(run(name, Path(args.data_root)), indent=1))
-    results = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+    names = [] if args.plot_only else args.only or list(RUNS)
+    results = run_and_collect(out, names, lambda name: run(name, Path(args.data_root)))
     plot(results, out / "ema_curves.png")
     for name, res in sorted(results.items()):
         at = {int(r["epoch"]): r for r in res["curve"]}

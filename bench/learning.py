@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,15 @@ def table(results: dict[str, dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def run_and_collect(out: Path, names: list[str], run_one: Callable[[str], dict]) -> dict[str, dict]:
+    """Run each of `names`, keep its result as `<out>/<name>.json`, and return every result the
+    folder holds (earlier runs too: a study is run a few settings at a time)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (out / f"{name}.json").write_text(json.dumps(run_one(name), indent=1))
+    return {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -174,13 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot-only", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.plot_only:
-        for name in args.only or list(SETTINGS):
-            print(f"setting {name}", flush=True)
-            res = run_setting(name, Path(args.data_root), args.threads)
-            (out / f"{name}.json").write_text(json.dumps(res, indent=1))
-    results = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+
+    def one(name: str) -> dict[str, Any]:
+        print(f"setting {name}", flush=True)
+        return run_setting(name, Path(args.data_root), args.threads)
+
+    results = run_and_collect(out, [] if args.plot_only else args.only or list(SETTINGS), one)
     plot(results, out / "learning_curves.png")
     (out / "table.md").write_text(table(results))
     for name, res in sorted(results.items()):
