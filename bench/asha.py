@@ -13,6 +13,7 @@ Goal: <= 0.35 with the same best trial, or a best score within 0.01.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -83,6 +84,16 @@ def search(
     return result, time.perf_counter() - t0
 
 
+def save_curves(result: Any, path: Path) -> None:
+    """The no-stop run's per-epoch scores and times, for `bench/asha_replay.py` (what another grace
+    period or reduction factor would have spent, without training again)."""
+    from bench.asha_replay import curves_from_records
+    from geopose_ray.tune.report import load_trials
+
+    curves = curves_from_records(load_trials(result.experiment_dir), "bench/asha.py no-stop run")
+    path.write_text(json.dumps(curves, indent=1, default=str))
+
+
 def run(args: Any) -> list[dict[str, Any]]:
     from geopose_ray.synthetic import generate
     from geopose_ray.tune.space import load_space
@@ -105,6 +116,7 @@ def run(args: Any) -> list[dict[str, Any]]:
         with common.local_ray():
             with_asha, wall_a = search(asha_space, data, storage, "asha", samples, max_epochs)
             without, wall_f = search(no_stop, data, storage, "no_stop", samples, max_epochs)
+        save_curves(without, work / "asha" / "curves_no_stop.json")
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     for name, result in (("asha", with_asha), ("no_stop", without)):  # every trial, for BENCHMARKS.md

@@ -19,7 +19,7 @@ import pytest
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `bench` lives at the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import asha, common, concurrency, inference, loader, precision, ray_overhead, run_all
+from bench import asha, asha_replay, common, concurrency, inference, loader, precision, ray_overhead, run_all
 from geopose_ray.config import Config
 from geopose_ray.errors import EXIT_BAD_INPUT, InputError, run_cli
 from geopose_ray.tune.space import load_space
@@ -168,3 +168,76 @@ def test_run_all_rewrites_only_between_the_markers(tmp_path):
     (tmp_path / "plain.md").write_text("no markers\n")
     with pytest.raises(InputError):
         run_all.rewrite_doc(tmp_path / "plain.md", "m", rows)
+
+
+def _curves(scores: list[list[float]], concurrent: int = 1, seconds: float = 1.0) -> dict:
+    trials = [
+        {
+            "trial_id": str(i),
+            "config": {},
+            "epochs": [{"epoch": e + 1, "score": s, "seconds": seconds} for e, s in enumerate(c)],
+        }
+        for i, c in enumerate(scores)
+    ]
+    return {"concurrent": concurrent, "max_epochs": max(map(len, scores)), "trials": trials}
+
+
+def test_asha_replay_runs_rays_scheduler_over_recorded_curves():
+    good, bad = [0.1, 0.2, 0.3, 0.4], [-0.5, -0.4, -0.3, -0.2]
+    curves = _curves([good, bad, bad, [0.2, 0.3, 0.5, 0.6]])
+    no_stop = asha_replay.replay(curves, [0, 1, 2, 3], grace=4, rf=2)
+    assert no_stop["epochs"] == 16 and no_stop["best"] == 3  # one rung at the full budget: nothing stops
+    halving = asha_replay.replay(curves, [0, 1, 2, 3], grace=1, rf=2)
+    assert halving["epochs"] == 4 + 1 + 1 + 4  # the first and the best run on; the bad ones stop at epoch 1
+    assert halving["best"] == 3 and halving["best_score"] == pytest.approx(0.6)
+    rows = asha_replay.study(curves, [(1, 2), (4, 2)], orders=5)
+    assert [r["ratio_recorded"] for r in rows] == [pytest.approx(10 / 16), 1.0]
+    assert all(r["keeps_best"] == 1.0 for r in rows) and rows[0]["ratio_max"] <= 1.0
+
+
+def test_asha_replay_reproduces_the_measured_run():
+    """The recorded no-stop run of docs/BENCHMARKS.md, replayed with smoke.yaml's ASHA, spends what
+    the ASHA run of the same morning spent: 105 of 200 epochs, keeping the best trial."""
+    curves = asha_replay.load_curves(asha_replay.DEFAULT_CURVES)
+    sched = load_space(common.SMOKE_SPACE).scheduler
+    out = asha_replay.replay(
+        curves, list(range(len(curves["trials"]))), sched.grace_period, sched.reduction_factor
+    )
+    assert out["epochs"] == 105 and out["best_score"] == pytest.approx(0.7316, abs=1e-4)
+
+
+def test_asha_curves_from_records_orders_trials_and_counts_concurrency():
+    def record(tid: str, start: float, scores: list[float]) -> SimpleNamespace:
+        n = len(scores)
+        history = pd.DataFrame(
+            {
+                "epoch": range(1, n + 1),
+                "score": scores,
+                "time_this_iter_s": [10.0] * n,
+                "timestamp": [start + 10 * (e + 1) for e in range(n)],
+            }
+        )
+        return SimpleNamespace(trial_id=tid, history=history, train_config={"lr": 1e-3})
+
+    recs = [
+        record("late", 100.0, [0.1]),
+        record("first", 0.0, [0.1, 0.2, 0.3]),
+        record("second", 5.0, [0.2, 0.1]),
+    ]
+    curves = asha_replay.curves_from_records(recs, "test")
+    assert [t["trial_id"] for t in curves["trials"]] == ["first", "second", "late"]
+    assert curves["concurrent"] == 2 and curves["trials"][0]["epochs"][2] == {
+        "epoch": 3,
+        "score": 0.3,
+        "seconds": 10.0,
+    }
+
+
+def test_asha_replay_bad_curves_file_exits_2_naming_it(tmp_path, capsys):
+    bad = tmp_path / "curves.json"
+    bad.write_text('{"trials": []}')
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(asha_replay.main, ["--curves", str(bad)])
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0]
