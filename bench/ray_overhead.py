@@ -15,6 +15,10 @@ function timestamps when training starts and ends inside Ray, which separates:
 - `startup_s`: ray.init to the first line of the worker function (Ray's fixed start-up cost),
   `ray_init_s` of it; `teardown_s`: worker end to ray.shutdown done (report files included).
 - `ratio_total`: everything / the bare loop.
+- `to_first_forward_s`: ray.init to the first training loss (`worker_to_first_forward_s` of it
+  inside the worker function: data, model, DDP wrap); `first_step_s` / `second_step_s`: the first
+  two optimizer steps (StepStamps). Tune's start to the first optimizer step is
+  `to_first_forward_s + first_step_s`.
 """
 
 from __future__ import annotations
@@ -45,9 +49,24 @@ class EnoughEpochs(Exception):
     """Raised by the bare loop's reporter once the target time has passed (ends `fit` cleanly)."""
 
 
+class StepStamps:
+    """A `loss_hook` that notes when the losses of the first `keep` steps were computed: the
+    first forward pass ends at stamps[0], and stamps[1] - stamps[0] is the first optimizer step
+    (backward, step, the next batch and forward), against stamps[2] - stamps[1] for the second."""
+
+    def __init__(self, keep: int = 3):
+        self.keep, self.stamps = keep, []
+
+    def __call__(self, step: int, loss: Any) -> Any:
+        if len(self.stamps) < self.keep:
+            self.stamps.append(time.time())
+        return loss
+
+
 class TimedWorker:
-    """The real per-worker function, timestamped: writes {"start", "end"} (epoch seconds) to
-    `<folder>/rank<r>.json`. Picklable (Ray workers import `bench` through PYTHONPATH)."""
+    """The real per-worker function, timestamped: writes {"start", "end", "steps"} (epoch
+    seconds; `steps`: StepStamps) to `<folder>/rank<r>.json`. Picklable (Ray workers import
+    `bench` through PYTHONPATH)."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -57,10 +76,10 @@ class TimedWorker:
 
         from geopose_ray.tune.trainer import train_fn_per_worker
 
-        start = time.time()
-        train_fn_per_worker(config)
+        start, steps = time.time(), StepStamps()
+        train_fn_per_worker(config, loss_hook=steps)
         rank = ray.train.get_context().get_world_rank()
-        doc = {"start": start, "end": time.time()}
+        doc = {"start": start, "end": time.time(), "steps": steps.stamps}
         (Path(self.folder) / f"rank{rank}.json").write_text(json.dumps(doc))
 
 
@@ -112,9 +131,14 @@ def ray_run(space: Path, data: Path, storage: Path, epochs: int) -> dict[str, fl
         result = run_search(opts, train_fn=TimedWorker(str(stamps)))
     t_end = time.time()
     worker = json.loads((stamps / "rank0.json").read_text())
+    steps = worker["steps"]
     return {
         "ray_init_s": init_s,
         "startup_s": worker["start"] - t_start,
+        "to_first_forward_s": steps[0] - t_start,  # Tune's start (ray.init) to the first loss
+        "worker_to_first_forward_s": steps[0] - worker["start"],  # data, model, DDP wrap
+        "first_step_s": steps[1] - steps[0],
+        "second_step_s": steps[2] - steps[1],
         "in_loop_s": worker["end"] - worker["start"],
         "teardown_s": t_end - worker["end"],
         "total_s": t_end - t_start,
