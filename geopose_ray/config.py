@@ -95,6 +95,11 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs
     threads: int = 0  # torch intra-op threads per worker; 0 = leave torch's default
     ema_decay: float = 0.9999  # cap of the weight EMA's warming-up decay (train_loop.build_ema); 0 = off
+    sync_every: int = 16  # micro-batches between host reads of the loss sums (1 = every one, the old loop)
+
+    def __post_init__(self) -> None:
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
 
 
 SECTIONS: dict[str, type] = {

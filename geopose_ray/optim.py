@@ -14,8 +14,10 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "plateau", "onecycle", "constant")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Optimizer by name; weight decay only on weight matrices / kernels, never on norms or biases."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """Optimizer by name; weight decay only on weight matrices / kernels, never on norms or biases.
+    `fused`: torch's fused kernels, whose step a device tensor can cancel (`step_stats.gated_step`,
+    so a skipped step needs no host sync); the default foreach ones are not bit-identical to them."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -25,11 +27,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
+        return torch.optim.Adam(groups, lr=cfg.lr, fused=fused or None)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+        momentum, nesterov = cfg.momentum, cfg.momentum > 0
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=nesterov, fused=fused or None)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; known: {OPTIMIZERS}")
 
 

@@ -12,7 +12,6 @@ import contextlib
 import math
 import random
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,6 +30,16 @@ from geopose_ray.losses import build_criterion
 from geopose_ray.metrics import GeoposeScore
 from geopose_ray.models import build_model
 from geopose_ray.optim import build_optimizer, build_scheduler, is_per_epoch
+from geopose_ray.step_stats import (
+    StepStats,
+    Totals,
+    backward,
+    finite_flag,
+    gate_mode,
+    gated_ema_update,
+    gated_step,
+    is_distributed,
+)
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -82,44 +91,50 @@ def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool =
     return out
 
 
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _finite_on_all_ranks(loss: torch.Tensor) -> bool:
-    """One decision for every DDP rank, so that all of them skip (or run) the same backward."""
-    flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
-    if _is_distributed():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _optimizer_step(model: nn.Module, optimizer, scaler, grad_clip: float) -> None:
+def _optimizer_step(
+    model: nn.Module, optimizer, scaler, grad_clip: float, ok: torch.Tensor | None = None
+) -> None:
+    """Unscale, clip and step; `ok` (() bool, "device" gate): a fused step cancelled on the device."""
     if grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
+    if ok is None:
+        scaler.step(optimizer)
+    else:
+        gated_step(optimizer, ok)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
 
-def _check_streak(streak: int, limit: int, step: int) -> None:
-    if streak >= limit:
+def _check_streak(totals: Totals, limit: int) -> None:
+    if totals.hit >= 0:
         raise NonFiniteLossError(
-            f"{streak} non-finite losses in a row (global step {step}); "
+            f"{limit} non-finite losses in a row (global step {totals.hit}); "
             "lower the lr, use fp32 or bf16, or check the data"
         )
 
 
-def _end_group(model: nn.Module, optimizer, scaler, scheduler: Any, grad_clip: float, complete: bool) -> None:
-    """An accumulation group ends: step (and a per-step scheduler) when its micro-batches were
-    finite up to the syncing one; else drop its unsynchronised gradients."""
-    if complete:
+def _end_group(
+    model: nn.Module, optimizer, scaler, scheduler: Any, ema: ModelEmaV3 | None, grad_clip: float,
+    ok: torch.Tensor | bool, gate: str, ema_step: int,
+) -> None:  # fmt: skip
+    """An accumulation group ends; `ok`: its last micro-batch was finite (the syncing one, so the
+    earlier ones' gradients are usable). "host" / "group" gates: step (and a per-step scheduler,
+    the EMA) when `ok`, else drop the unsynchronised gradients. "device" gate: the optimizer step
+    and the EMA update are cancelled on the device when not `ok`; the scheduler always steps."""
+    if gate == "device":
+        _optimizer_step(model, optimizer, scaler, grad_clip, ok)
+    elif bool(ok):  # "group": the one host read of the group
         _optimizer_step(model, optimizer, scaler, grad_clip)
-        if scheduler is not None and not is_per_epoch(scheduler):
-            scheduler.step()
     else:
         optimizer.zero_grad(set_to_none=True)
+        return
+    if scheduler is not None and not is_per_epoch(scheduler):
+        scheduler.step()
+    if ema is not None and gate == "device":
+        gated_ema_update(ema, unwrap(model), ema_step, ok)
+    elif ema is not None:
+        ema.update(unwrap(model), step=ema_step)
 
 
 EMA_POWER = 0.5  # the EMA window grows as step^EMA_POWER (build_ema)
@@ -166,17 +181,28 @@ def train_one_epoch(
     imgs_per_s, epoch_time_s).
 
     `scheduler` is stepped after every optimizer step unless it is per-epoch (plateau). A
-    non-finite loss skips its backward and counts; `cfg.train.max_nonfinite` of them in a row raise
-    NonFiniteLossError. Batch i of this epoch is global step `step_offset + i` (0-based):
-    `loss_hook(step, loss)`, when given, sees every loss before the finiteness check (the fault
-    tests make it NaN at chosen steps). `ema` follows the weights after every optimizer step.
+    non-finite loss adds no gradient and counts; `cfg.train.max_nonfinite` of them in a row raise
+    NonFiniteLossError naming the global step where the streak reached it. Batch i of this epoch
+    is global step `step_offset + i` (0-based): `loss_hook(step, loss)`, when given, sees every
+    loss before the finiteness check (the fault tests make it NaN at chosen steps). `ema` follows
+    the weights after every optimizer step.
+
+    Host syncs: sums, counts and the streak live on the device (`StepStats`) and are read every
+    `cfg.train.sync_every` micro-batches and at the end, so a streak raises at the next sync point
+    (up to sync_every - 1 micro-batches late; the step named is exact). sync_every = 1 is the old
+    loop ("host" gate). Above 1, a group whose last micro-batch is non-finite is skipped with no
+    host read by a fused Adam / AdamW ("device" gate, `step_stats.gate_mode`; `fit` builds it
+    fused): weights, optimizer state and EMA are those of sync_every = 1 with the same optimizer,
+    bit for bit, but a per-step scheduler still steps on the skipped group (its lr then runs one
+    step ahead). Other optimizers, or a GradScaler, read one flag per group ("group" gate), exact.
     """
     tcfg, ocfg = cfg.train, cfg.optim
     model.train()
     dtype, _ = autocast_dtype(tcfg.precision, device)
-    accum, n = max(1, ocfg.grad_accum), len(loader)
-    sums: dict[str, float] = defaultdict(float)
-    finite_steps = nonfinite = streak = imgs = group_backwards = 0
+    accum, n, every = max(1, ocfg.grad_accum), len(loader), tcfg.sync_every
+    gate, stats = gate_mode(every, optimizer, scaler), StepStats(device, tcfg.max_nonfinite)
+    params = [p for p in model.parameters() if p.requires_grad]
+    imgs, totals = 0, None
     optimizer.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     for i, batch in enumerate(loader):
@@ -189,24 +215,19 @@ def train_one_epoch(
             if loss_hook is not None:
                 loss = loss_hook(step_offset + i, loss)
             imgs += batch["image"].shape[0]
-            if _finite_on_all_ranks(loss):
-                streak = 0
-                scaler.scale(loss / group).backward()
-                group_backwards, finite_steps = group_backwards + 1, finite_steps + 1
-                for k, v in {"loss": loss.item(), **parts}.items():
-                    sums[f"train_{k}"] += float(v)
-            else:
-                nonfinite, streak = nonfinite + 1, streak + 1
-                _check_streak(streak, tcfg.max_nonfinite, step_offset + i)
+            finite = finite_flag(loss)  # () bool, the same on every rank
+            stats.add(step_offset + i, loss, parts, finite)
+            ok = backward(loss, finite, scaler, group, gate, None if last else params)
         if last:
-            complete = group_backwards > 0 and streak == 0
-            _end_group(model, optimizer, scaler, scheduler, ocfg.grad_clip, complete)
-            if ema is not None and complete:
-                ema.update(unwrap(model), step=(step_offset + i) // accum + 1)  # optimizer steps so far
-            group_backwards = 0
+            ema_step = (step_offset + i) // accum + 1  # optimizer steps so far
+            _end_group(model, optimizer, scaler, scheduler, ema, ocfg.grad_clip, ok, gate, ema_step)
+        if (i + 1) % every == 0 or i == n - 1:
+            totals = stats.sync()
+            _check_streak(totals, tcfg.max_nonfinite)
     elapsed = time.perf_counter() - t0
-    metrics = {"train_loss": math.nan, **{k: v / max(1, finite_steps) for k, v in sums.items()}}
-    metrics.update(lr=optimizer.param_groups[0]["lr"], nonfinite_steps=float(nonfinite))
+    totals = totals or stats.sync()
+    metrics = {"train_loss": math.nan, **{k: v / max(1, totals.finite) for k, v in totals.sums.items()}}
+    metrics.update(lr=optimizer.param_groups[0]["lr"], nonfinite_steps=float(totals.nonfinite))
     metrics.update(imgs_per_s=imgs / max(elapsed, 1e-9), epoch_time_s=elapsed)
     return metrics
 
@@ -214,7 +235,7 @@ def train_one_epoch(
 # --- validation ---------------------------------------------------------------------------------
 def dist_sum(array: np.ndarray) -> np.ndarray:
     """Sum a float64 array over DDP ranks (identity when not distributed): validation's `reduce`."""
-    if not _is_distributed():
+    if not is_distributed():
         return array
     t = torch.as_tensor(array, dtype=torch.float64)
     if dist.get_backend() == "nccl":
@@ -300,7 +321,9 @@ def validate(
     return metrics
 
 
-def _initial_model(cfg: Config, train: list, start_state: dict[str, Any] | None, device: torch.device) -> nn.Module:
+def _initial_model(
+    cfg: Config, train: list, start_state: dict[str, Any] | None, device: torch.device
+) -> nn.Module:
     """The model on `device`, started from `init_checkpoint` (a second stage) or given the training
     targets' output units; a resumed run's weights come from its state afterwards instead."""
     model = build_model(cfg.model)
@@ -338,7 +361,7 @@ def fit(
     needs_means = "r2_city" in (cfg.loss.agl_loss, cfg.loss.mag_loss)  # the only loss that uses them
     criterion = build_criterion(cfg.loss, city_means(train) if needs_means else None)
     model = _initial_model(cfg, train, start_state, device)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, fused=cfg.train.sync_every > 1)  # see train_one_epoch
     steps_per_epoch = math.ceil(len(train_dl) / max(1, cfg.optim.grad_accum))
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg.train.precision, device)[1])
@@ -372,7 +395,9 @@ def fit(
 
         def state_fn(done: int = done, total: int = nonfinite_total) -> dict[str, Any]:
             ema_model = None if ema is None else ema.module
-            return make_state(model, optimizer, scaler, scheduler, done, cfg, total, kept.get("val_score"), ema_model)
+            return make_state(
+                model, optimizer, scaler, scheduler, done, cfg, total, kept.get("val_score"), ema_model
+            )
 
         if reporter is not None:
             reporter(metrics, state_fn if is_ckpt else None)

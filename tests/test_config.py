@@ -37,3 +37,15 @@ def test_replace_returns_a_new_config():
     cfg = Config.from_dict({"lr": 1e-3})
     other = cfg.replace(lr=2e-3)
     assert (cfg.optim.lr, other.optim.lr) == (1e-3, 2e-3)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 16), ("4", 4), (np.int64(1), 1)])
+def test_sync_every_is_a_flat_train_key(value, expected):
+    flat = {} if value is None else {"sync_every": value}
+    assert Config.from_dict(flat).train.sync_every == expected
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_sync_every_below_one_is_refused(value):
+    with pytest.raises(ValueError, match="sync_every must be >= 1"):
+        Config.from_dict({"sync_every": value})
