@@ -18,12 +18,14 @@ function timestamps when training starts and ends inside Ray, which separates:
 - `to_first_forward_s`: ray.init to the first training loss (`worker_to_first_forward_s` of it
   inside the worker function: data, model, DDP wrap); `first_step_s` / `second_step_s`: the first
   two optimizer steps (StepStamps). Tune's start to the first optimizer step is
-  `to_first_forward_s + first_step_s`.
+  `to_first_forward_s + first_step_s`. `median_step_s` against `bare_median_step_s`: whether a
+  step itself is slower inside Ray, or the time goes between the epochs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import shutil
@@ -50,17 +52,25 @@ class EnoughEpochs(Exception):
 
 
 class StepStamps:
-    """A `loss_hook` that notes when the losses of the first `keep` steps were computed: the
-    first forward pass ends at stamps[0], and stamps[1] - stamps[0] is the first optimizer step
-    (backward, step, the next batch and forward), against stamps[2] - stamps[1] for the second."""
+    """A `loss_hook` that notes when each training loss was computed: the first forward pass
+    ends at stamps[0], stamps[1] - stamps[0] is the first optimizer step (backward, step, the next
+    batch and forward), and the median gap between later stamps the steady step (`step_times`)."""
 
-    def __init__(self, keep: int = 3):
-        self.keep, self.stamps = keep, []
+    def __init__(self):
+        self.stamps: list[float] = []
 
     def __call__(self, step: int, loss: Any) -> Any:
-        if len(self.stamps) < self.keep:
-            self.stamps.append(time.time())
+        self.stamps.append(time.time())
         return loss
+
+
+def step_times(stamps: list[float]) -> dict[str, float]:
+    """First step, second step and the median step (gaps within an epoch are what a step costs;
+    the gaps across an epoch end, which hold validation and the checkpoint, are above it)."""
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    if len(gaps) < 2:
+        return {"first_step_s": math.nan, "second_step_s": math.nan, "median_step_s": math.nan}
+    return {"first_step_s": gaps[0], "second_step_s": gaps[1], "median_step_s": common.median(gaps[1:])}
 
 
 class TimedWorker:
@@ -84,7 +94,11 @@ class TimedWorker:
 
 
 def bare_loop(
-    cfg: Config, target_s: float, ckpt_dir: Path, max_epochs: int = MAX_EPOCHS
+    cfg: Config,
+    target_s: float,
+    ckpt_dir: Path,
+    max_epochs: int = MAX_EPOCHS,
+    stamps: StepStamps | None = None,
 ) -> tuple[float, int, float]:
     """(wall seconds, epochs, best validation score) of `fit` run epoch by epoch until `target_s` has passed
     (or `max_epochs` are done), with a checkpoint saved every epoch. The constant LR makes the
@@ -105,7 +119,7 @@ def bare_loop(
             raise EnoughEpochs
 
     with contextlib.suppress(EnoughEpochs):
-        fit(cfg.replace(epochs=max_epochs), reporter=reporter)
+        fit(cfg.replace(epochs=max_epochs), reporter=reporter, loss_hook=stamps)
     return time.perf_counter() - t0, done, score
 
 
@@ -137,8 +151,7 @@ def ray_run(space: Path, data: Path, storage: Path, epochs: int) -> dict[str, fl
         "startup_s": worker["start"] - t_start,
         "to_first_forward_s": steps[0] - t_start,  # Tune's start (ray.init) to the first loss
         "worker_to_first_forward_s": steps[0] - worker["start"],  # data, model, DDP wrap
-        "first_step_s": steps[1] - steps[0],
-        "second_step_s": steps[2] - steps[1],
+        **step_times(steps),
         "in_loop_s": worker["end"] - worker["start"],
         "teardown_s": t_end - worker["end"],
         "total_s": t_end - t_start,
@@ -170,7 +183,8 @@ def run(args: Any) -> list[dict[str, Any]]:
     shutil.rmtree(storage, ignore_errors=True)
     storage.mkdir(parents=True)
     try:
-        bare_s, epochs, bare_score = bare_loop(cfg, args.target_s, storage / "bare_ckpt")
+        bare_stamps = StepStamps()
+        bare_s, epochs, bare_score = bare_loop(cfg, args.target_s, storage / "bare_ckpt", stamps=bare_stamps)
         ray = ray_run(space.path, data, storage, epochs)
         bare_runs = [bare_s]
         if not args.quick:  # A-B-A: load drift during the Ray run shows as a gap between the two
@@ -188,6 +202,7 @@ def run(args: Any) -> list[dict[str, Any]]:
             bare_runs_s=bare_runs,
             epochs=epochs,
             bare_best_score=bare_score,
+            bare_median_step_s=step_times(bare_stamps.stamps)["median_step_s"],
             **ray,
             bare_ge_target=bare_runs[0] >= args.target_s,
             workers=1,

@@ -192,7 +192,7 @@ def train_one_epoch(
     (up to sync_every - 1 micro-batches late; the step named is exact). sync_every = 1 is the old
     loop ("host" gate). Above 1, a group whose last micro-batch is non-finite is skipped with no
     host read by a fused Adam / AdamW ("device" gate, `step_stats.gate_mode`; `fit` builds it
-    fused): weights, optimizer state and EMA are those of sync_every = 1 with the same optimizer,
+    fused on a GPU): weights, optimizer state and EMA are those of sync_every = 1 with the same optimizer,
     bit for bit, but a per-step scheduler still steps on the skipped group (its lr then runs one
     step ahead). Other optimizers, or a GradScaler, read one flag per group ("group" gate), exact.
     """
@@ -361,7 +361,9 @@ def fit(
     needs_means = "r2_city" in (cfg.loss.agl_loss, cfg.loss.mag_loss)  # the only loss that uses them
     criterion = build_criterion(cfg.loss, city_means(train) if needs_means else None)
     model = _initial_model(cfg, train, start_state, device)
-    optimizer = build_optimizer(model, cfg.optim, fused=cfg.train.sync_every > 1)  # see train_one_epoch
+    # fused (the "device" gate of train_one_epoch) only where a host read stalls a stream; on CPU
+    # the per-group read costs nothing and the foreach kernels keep CPU runs as they were
+    optimizer = build_optimizer(model, cfg.optim, fused=cfg.train.sync_every > 1 and device.type == "cuda")
     steps_per_epoch = math.ceil(len(train_dl) / max(1, cfg.optim.grad_accum))
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg.train.precision, device)[1])
