@@ -160,12 +160,13 @@ def ray_run(space: Path, data: Path, storage: Path, epochs: int) -> dict[str, fl
     }
 
 
-def overhead_space(work: Path) -> Path:
-    """The smoke space narrowed to this bench: one trial, full tiles, no early stop possible."""
+def overhead_space(work: Path, threads: int = FIXED["threads"]) -> Path:
+    """The smoke space narrowed to this bench: one trial, full tiles, no early stop possible;
+    `threads`: torch threads in both loops (the Train worker is given 1 CPU either way)."""
     return common.derived_space(
         work / "ray_overhead" / "space.yaml",
         num_samples=1,
-        fixed=FIXED,
+        fixed={**FIXED, "threads": threads},
         scheduler={"max_epochs": MAX_EPOCHS, "grace_period": MAX_EPOCHS},
     )
 
@@ -176,7 +177,7 @@ def run(args: Any) -> list[dict[str, Any]]:
 
     work = common.work_dir(args.work)
     data = common.synthetic_set(work, 256, per_city=8, test_per_city=2)
-    space = load_space(overhead_space(work))
+    space = load_space(overhead_space(work, args.threads))
     cfg = Config.from_dict({**space.defaults(), "data_dir": str(data)})
     split_samples(cfg)  # convert the cache before anything is timed
     storage = work / "ray_overhead" / "storage"
@@ -206,6 +207,7 @@ def run(args: Any) -> list[dict[str, Any]]:
             **ray,
             bare_ge_target=bare_runs[0] >= args.target_s,
             workers=1,
+            threads=args.threads,
             tile_px=256,
             goal="<= 1.05 (startup reported apart)",
             goal_met=common.goal_met(ratio, *GOAL),
@@ -216,6 +218,7 @@ def run(args: Any) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--target-s", type=float, default=60.0, help="the bare loop runs at least this long")
+    p.add_argument("--threads", type=int, default=FIXED["threads"], help="torch threads in both loops")
     run(p.parse_args(argv))
     return 0
 

@@ -283,13 +283,30 @@ def fit_params(t: OofTable, use: set[str] | frozenset[str]) -> BlendParams:
     return BlendParams(weights=w.tolist(), agl_mult=mult, scale_model=scale_model)
 
 
-def cross_fit_score(t: OofTable, use: set[str] | frozenset[str]) -> float:
-    """Honest score of fitting `use`: each fold is scored with parameters fitted on the others."""
+MAX_TILE_GROUPS = 10  # one fold's tiles are cross-fitted in this many groups (leave-one-out below)
+
+
+def tile_groups(t: OofTable) -> np.ndarray:
+    """(N,) cross-fitting groups for the tiles of one fold: in (city, id) order, dealt round-robin
+    into min(N, MAX_TILE_GROUPS) groups, so each city's tiles spread over the groups. Judged
+    in-sample instead, a refinement always looks better: on a users'-data set with 12 training
+    tiles per city (10 OOF tiles), per-city multipliers and a scale line fitted on 2-3 tiles per
+    city were kept, and cost 0.24 of the official score on its test truth."""
+    order = np.lexsort((t.ids, t.city))
+    groups = np.empty(len(t.ids), dtype=np.int64)
+    groups[order] = np.arange(len(t.ids)) % max(1, min(len(t.ids), MAX_TILE_GROUPS))
+    return groups
+
+
+def cross_fit_score(t: OofTable, use: set[str] | frozenset[str], groups: np.ndarray | None = None) -> float:
+    """Honest score of fitting `use`: each group of tiles (default: each fold) is scored with
+    parameters fitted on the others."""
+    groups = t.fold if groups is None else groups
     g = np.zeros(len(t.ids), dtype=np.int64)
     mult = np.ones(len(t.ids))
     scale = np.zeros(len(t.ids))
-    for f in np.unique(t.fold):
-        held = t.fold == f
+    for f in np.unique(groups):
+        held = groups == f
         params = fit_params(t.subset(~held), use)
         g[held], mult[held], s = params.rows(t.subset(held))
         scale[held] = np.einsum("nk,nk->n", weight_grid(t.k)[g[held]], t.scale[held]) if s is None else s
@@ -297,22 +314,26 @@ def cross_fit_score(t: OofTable, use: set[str] | frozenset[str]) -> float:
 
 
 def fit_blend(t: OofTable, refinements: Sequence[str] = REFINEMENTS) -> tuple[BlendParams, dict[str, Any]]:
-    """Greedy: try each refinement on top of those kept, keep it only if it raises the OOF score
-    (cross-fitted over folds when there are two or more, in-sample otherwise). Returns the
-    parameters fitted on all of `t` and a report of every score."""
+    """Greedy: try each refinement on top of those kept, keep it only if it raises the OOF score,
+    cross-fitted: over folds when there are two or more, else over groups of the one fold's
+    tiles (`tile_groups`); with a single tile nothing can be judged and nothing is kept. Returns
+    the parameters fitted on all of `t` and a report of every score."""
     unknown = set(refinements) - set(REFINEMENTS)
     if unknown:
         raise ValueError(f"unknown refinements {sorted(unknown)}; known: {REFINEMENTS}")
     n_folds = len(np.unique(t.fold))
+    groups = t.fold if n_folds >= 2 else tile_groups(t)
+    n_groups = len(np.unique(groups))
+    refinements = refinements if n_groups >= 2 else ()
 
     def judge(use: frozenset[str]) -> float:
-        return cross_fit_score(t, use) if n_folds >= 2 else final(fit_params(t, use).score(t))
+        return cross_fit_score(t, use, groups) if use else final(fit_params(t, use).score(t))
 
     one_hot = np.eye(t.k)
     report: dict[str, Any] = {
         "tiles": len(t.ids),
         "folds": n_folds,
-        "validation": "cross-fitted over folds" if n_folds >= 2 else "in-sample (one fold)",
+        "validation": f"cross-fitted over {n_groups} {'folds' if n_folds >= 2 else 'tile groups (one fold)'}",
         "members": [final(BlendParams(list(e)).score(t)) for e in one_hot],
         "plain_mean": final(BlendParams([1.0 / t.k] * t.k).score(t)),
         "tried": {},
