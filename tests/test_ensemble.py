@@ -270,6 +270,9 @@ def test_member_and_blend_test_scores_equal_the_official_scorer_on_written_files
     )
     assert lines[-1].endswith(f"(gain {table['gain']:+.4f})")
     assert not blend_table({**report, "test": None})[-1].startswith("best member")
+    assert lines[5].split()[1] == "0.2000"  # no cross-fitted score: the blend's own
+    judged = blend_table({**report, "oof": {**report["oof"], "judged": 0.15}})[5]
+    assert judged.split()[1] == "0.1500" and "(in-sample OOF 0.2000)" in judged  # the honest one first
 
 
 def _checkpoints(exp: Path) -> list[dict]:

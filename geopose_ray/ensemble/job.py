@@ -321,7 +321,8 @@ def test_table(results: dict[str, dict], official: dict[str, Any] | None) -> dic
 
 def blend_table(report: dict[str, Any]) -> list[str]:
     """The console's blend table: OOF and test score of every member config, of the plain mean
-    and of the fitted blend, then `best member test X  blend test Y  (gain +Z)` when there is truth."""
+    and of the fitted blend (its cross-fitted OOF score), then `best member test X  blend test Y
+    (gain +Z)` when there is truth."""
     fit, test = report["oof"], report.get("test") or {}
 
     def row(name: str, folds: str, oof: Any, score: Any) -> str:
@@ -336,7 +337,10 @@ def blend_table(report: dict[str, Any]) -> list[str]:
         lines.append(row(c["config_id"], ",".join(map(str, c["folds"])), c["oof"], c.get("test")))
     lines.append(row("plain mean", "", fit.get("plain_mean"), test.get("plain_mean")))
     kept = ", ".join(fit.get("kept") or []) or "none"
-    lines.append(row("blend", "", fit.get("blend"), test.get("blend")) + f"  kept: {kept}")
+    # OOF: the cross-fitted score that chose the refinements (tiles scored by parameters fitted
+    # on other tiles), not the final parameters' in-sample score, which flatters them
+    oof = fit.get("judged", fit.get("blend"))
+    lines.append(row("blend", "", oof, test.get("blend")) + f"  kept: {kept} (in-sample OOF {_num(fit.get('blend'))})")
     if test.get("blend") is not None and test.get("best_member") is not None:
         lines.append(
             f"best member test {_num(test['best_member'])}  blend test {_num(test['blend'])}  "
