@@ -178,3 +178,22 @@ def test_killed_write_leaves_no_file_under_its_final_name(tmp_path):
     for path in finals:
         rgb = io.read_rgb(path)
         assert rgb.shape == (3000, 3000, 3) and (rgb == 7).all()
+
+
+def test_local_reads_and_writes_build_no_cloud_session_with_aws_credentials_set(tmp_path, monkeypatch):
+    """With AWS credentials in the environment (a cluster writing to s3://), rasterio builds a
+    boto3 session for every call made outside an Env: 15 ms per read, 2.3x slower epochs."""
+    from rasterio import session
+
+    built = []
+    fake = staticmethod(lambda *a, **k: built.append(1) or session.DummySession())
+    monkeypatch.setattr(session.Session, "from_environ", fake)  # where rasterio builds the boto3 one
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    agl = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 100
+    io.write_agl_tiled(tmp_path / "a.tif", io.agl_m_to_cm(agl))
+    out = io.read_agl(tmp_path / "a.tif", Window(0, 0, 32, 32))
+    assert out.shape == (32, 32) and built == []
+    with rasterio.open(tmp_path / "a.tif") as ds:  # the trap itself: a read outside any Env
+        ds.read(1, window=Window(0, 0, 8, 8))
+    assert built, "rasterio no longer builds a session per call: the guard may be moot"

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.session import DummySession
 from rasterio.windows import Window
 
 from geopose_ray.atomic import atomic_path
@@ -35,13 +36,23 @@ class VFlow:
     angle: float  # rad, atan2(x, y): x = column (right), y = row (down)
 
 
+def local_env() -> rasterio.Env:
+    """A rasterio Env for local files: no cloud session, whatever the environment holds."""
+    return rasterio.Env(session=DummySession())
+
+
 @contextmanager
 def open_raster(path: str | Path) -> Iterator[rasterio.DatasetReader]:
-    """Open for reading; missing / unreadable / corrupt file -> InputError naming it."""
+    """Open for reading; missing / unreadable / corrupt file -> InputError naming it.
+
+    The file is local, so the open and every read run in a rasterio Env with no cloud session.
+    Without one, rasterio builds an Env per call, and with AWS credentials in the environment
+    (a cluster that writes to `--storage s3://`) each builds a boto3 session: 15 ms per read,
+    which made a training epoch 2.3x slower (4.1 s -> 9.4 s on the quality test's set)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), local_env():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         try:
             ds = rasterio.open(path)
@@ -137,7 +148,10 @@ def _write(path: str | Path, array_chw: np.ndarray, **profile: Any) -> None:
     c, h, w = array_chw.shape
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(tmp, "w", width=w, height=h, count=c, dtype=array_chw.dtype, **profile) as ds:
+        with (
+            local_env(),
+            rasterio.open(tmp, "w", width=w, height=h, count=c, dtype=array_chw.dtype, **profile) as ds,
+        ):
             ds.write(array_chw)
 
 
