@@ -6,7 +6,8 @@ finite / non-finite counts and the non-finite streak stay on the device, and the
 in one `StepStats.sync` every `sync_every` micro-batches. A non-finite micro-batch is still kept
 out of the weights without a read: its backward is masked and its gradients restored
 (`masked_backward`), and a group whose last micro-batch is non-finite is skipped by a fused
-optimizer's `found_inf` (`gated_step`) and a gated EMA update (`gated_ema_update`). No `ray`.
+optimizer's `found_inf` (`gated_step`) and a gated EMA update (`gated_ema_update`). `end_group`
+ends an accumulation group: the optimizer step, the scheduler and the EMA, by gate. No `ray`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import torch
 import torch.distributed as dist
 from timm.utils import ModelEmaV3
 from torch import nn
+
+from geopose_ray.checkpoint import unwrap
+from geopose_ray.optim import is_per_epoch
 
 
 def is_distributed() -> bool:
@@ -163,3 +167,41 @@ def gated_ema_update(ema: ModelEmaV3, model: nn.Module, step: int, ok: torch.Ten
             e.lerp_(m, weight.to(e.dtype))
         else:
             e.copy_(torch.where(ok, m, e))
+
+
+def optimizer_step(
+    model: nn.Module, optimizer, scaler, grad_clip: float, ok: torch.Tensor | None = None
+) -> None:
+    """Unscale, clip and step; `ok` (() bool, "device" gate): a fused step cancelled on the device."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if ok is None:
+        scaler.step(optimizer)
+    else:
+        gated_step(optimizer, ok)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def end_group(
+    model: nn.Module, optimizer, scaler, scheduler: Any, ema: ModelEmaV3 | None, grad_clip: float,
+    ok: torch.Tensor | bool, gate: str, ema_step: int,
+) -> None:  # fmt: skip
+    """An accumulation group ends; `ok`: its last micro-batch was finite (the syncing one, so the
+    earlier ones' gradients are usable). "host" / "group" gates: step (and a per-step scheduler,
+    the EMA) when `ok`, else drop the unsynchronised gradients. "device" gate: the optimizer step
+    and the EMA update are cancelled on the device when not `ok`; the scheduler always steps."""
+    if gate == "device":
+        optimizer_step(model, optimizer, scaler, grad_clip, ok)
+    elif bool(ok):  # "group": the one host read of the group
+        optimizer_step(model, optimizer, scaler, grad_clip)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    if scheduler is not None and not is_per_epoch(scheduler):
+        scheduler.step()
+    if ema is not None and gate == "device":
+        gated_ema_update(ema, unwrap(model), ema_step, ok)
+    elif ema is not None:
+        ema.update(unwrap(model), step=ema_step)

@@ -34,10 +34,9 @@ from geopose_ray.step_stats import (
     StepStats,
     Totals,
     backward,
+    end_group,
     finite_flag,
     gate_mode,
-    gated_ema_update,
-    gated_step,
     is_distributed,
 )
 
@@ -91,50 +90,12 @@ def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool =
     return out
 
 
-def _optimizer_step(
-    model: nn.Module, optimizer, scaler, grad_clip: float, ok: torch.Tensor | None = None
-) -> None:
-    """Unscale, clip and step; `ok` (() bool, "device" gate): a fused step cancelled on the device."""
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if ok is None:
-        scaler.step(optimizer)
-    else:
-        gated_step(optimizer, ok)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def _check_streak(totals: Totals, limit: int) -> None:
     if totals.hit >= 0:
         raise NonFiniteLossError(
             f"{limit} non-finite losses in a row (global step {totals.hit}); "
             "lower the lr, use fp32 or bf16, or check the data"
         )
-
-
-def _end_group(
-    model: nn.Module, optimizer, scaler, scheduler: Any, ema: ModelEmaV3 | None, grad_clip: float,
-    ok: torch.Tensor | bool, gate: str, ema_step: int,
-) -> None:  # fmt: skip
-    """An accumulation group ends; `ok`: its last micro-batch was finite (the syncing one, so the
-    earlier ones' gradients are usable). "host" / "group" gates: step (and a per-step scheduler,
-    the EMA) when `ok`, else drop the unsynchronised gradients. "device" gate: the optimizer step
-    and the EMA update are cancelled on the device when not `ok`; the scheduler always steps."""
-    if gate == "device":
-        _optimizer_step(model, optimizer, scaler, grad_clip, ok)
-    elif bool(ok):  # "group": the one host read of the group
-        _optimizer_step(model, optimizer, scaler, grad_clip)
-    else:
-        optimizer.zero_grad(set_to_none=True)
-        return
-    if scheduler is not None and not is_per_epoch(scheduler):
-        scheduler.step()
-    if ema is not None and gate == "device":
-        gated_ema_update(ema, unwrap(model), ema_step, ok)
-    elif ema is not None:
-        ema.update(unwrap(model), step=ema_step)
 
 
 EMA_POWER = 0.5  # the EMA window grows as step^EMA_POWER (build_ema)
@@ -220,7 +181,7 @@ def train_one_epoch(
             ok = backward(loss, finite, scaler, group, gate, None if last else params)
         if last:
             ema_step = (step_offset + i) // accum + 1  # optimizer steps so far
-            _end_group(model, optimizer, scaler, scheduler, ema, ocfg.grad_clip, ok, gate, ema_step)
+            end_group(model, optimizer, scaler, scheduler, ema, ocfg.grad_clip, ok, gate, ema_step)
         if (i + 1) % every == 0 or i == n - 1:
             totals = stats.sync()
             _check_streak(totals, tcfg.max_nonfinite)
