@@ -273,6 +273,9 @@ def test_member_and_blend_test_scores_equal_the_official_scorer_on_written_files
     assert lines[5].split()[1] == "0.2000"  # no cross-fitted score: the blend's own
     judged = blend_table({**report, "oof": {**report["oof"], "judged": 0.15}})[5]
     assert judged.split()[1] == "0.1500" and "(in-sample OOF 0.2000)" in judged  # the honest one first
+    pairs = [{"members": [0, 1], "agl_corr": 0.968, "vflow_corr": 0.96, "agl_cut": 0.003, "vflow_cut": 0.005}]
+    with_div = blend_table({**report, "oof": {**report["oof"], "diversity": pairs}})
+    assert with_div[:-1] == lines and with_div[-1].startswith("members' OOF error correlation: AGL 0.968")
 
 
 def _checkpoints(exp: Path) -> list[dict]:

@@ -139,10 +139,13 @@ def _high_sums(t: OofTable, w: np.ndarray, mult: np.ndarray) -> tuple[np.ndarray
     return q, c
 
 
-def score_rows(t: OofTable, g: np.ndarray, mult: np.ndarray, scale: np.ndarray | None) -> dict[str, Any]:
-    """`GeoposeScore.compute()` of what is written with per-tile weights `weight_grid(K)[g]`
-    (g (N,) int), AGL multipliers mult (N,) in [0, MULT_MAX] and, when given, scales (N,) px/m
-    replacing the blended member scales."""
+def tile_sse(
+    t: OofTable, g: np.ndarray, mult: np.ndarray | None = None, scale: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tile (AGL SSE (N,) m², vflow SSE (N,) px²) of what is written with per-tile weights
+    `weight_grid(K)[g]` (g (N,) int), AGL multipliers mult (N,) in [0, MULT_MAX] (default 1)
+    and, when given, scales (N,) px/m replacing the blended member scales."""
+    mult = np.ones(len(g)) if mult is None else mult
     if not ((mult >= 0.0) & (mult <= MULT_MAX)).all():
         raise ValueError(f"AGL multipliers must lie in [0, {MULT_MAX}] to be scored, got {np.unique(mult)}")
     w = weight_grid(t.k)[g]  # (N, K)
@@ -154,16 +157,23 @@ def score_rows(t: OofTable, g: np.ndarray, mult: np.ndarray, scale: np.ndarray |
     u = unit(np.einsum("nk,nkd->nd", w, t.direction))  # (N, 2)
     cos_err = u[:, 0] * np.sin(t.angle_true) + u[:, 1] * np.cos(t.angle_true)
     st = t.scale_true
-    rows = np.zeros((len(w), len(FIELDS)))
+    return q - 2 * c + t.ysq, s**2 * q - 2 * s * st * cos_err * c + st**2 * t.ysq
+
+
+def score_rows(t: OofTable, g: np.ndarray, mult: np.ndarray, scale: np.ndarray | None) -> dict[str, Any]:
+    """`GeoposeScore.compute()` of what is written (arguments as `tile_sse`)."""
+    agl_sse, vflow_sse = tile_sse(t, g, mult, scale)
+    st = t.scale_true
+    rows = np.zeros((len(g), len(FIELDS)))
     rows[:, _COL["images"]] = 1.0
     rows[:, _COL["agl_n"]] = t.n
     rows[:, _COL["agl_sum"]] = t.ysum
     rows[:, _COL["agl_sumsq"]] = t.ysq
-    rows[:, _COL["agl_sse"]] = q - 2 * c + t.ysq
+    rows[:, _COL["agl_sse"]] = agl_sse
     rows[:, _COL["vflow_n"]] = 2 * t.n
     rows[:, _COL["vflow_sum"]] = st * (np.sin(t.angle_true) + np.cos(t.angle_true)) * t.ysum
     rows[:, _COL["vflow_sumsq"]] = st**2 * t.ysq
-    rows[:, _COL["vflow_sse"]] = s**2 * q - 2 * s * st * cos_err * c + st**2 * t.ysq
+    rows[:, _COL["vflow_sse"]] = vflow_sse
     sums = np.zeros((len(CITIES), len(FIELDS)))
     np.add.at(sums, t.city, rows)
     return GeoposeScore(sums).compute()

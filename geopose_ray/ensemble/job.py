@@ -31,6 +31,7 @@ from geopose_ray.data import io
 from geopose_ray.data.cache import CachedSample, load_cache
 from geopose_ray.data.folds import config_folds
 from geopose_ray.ensemble.blend import BlendParams, OofTable, fit_blend
+from geopose_ray.ensemble.diversity import diversity_line, error_diversity
 from geopose_ray.ensemble.members import Member, cache_dir_for, group_by_config, lead_config
 from geopose_ray.ensemble.preview import write_previews
 from geopose_ray.ensemble.written import tile_stats
@@ -187,7 +188,10 @@ def _record(s: CachedSample) -> dict[str, Any]:
 def _blend(records: list[dict], n_configs: int) -> tuple[BlendParams, dict[str, Any]]:
     if not records:
         return BlendParams([1.0 / n_configs] * n_configs), {"tiles": 0, "kept": [], "note": "no OOF tiles"}
-    return fit_blend(OofTable.from_records(records))
+    table = OofTable.from_records(records)
+    params, fit = fit_blend(table)
+    fit["diversity"] = error_diversity(table)
+    return params, fit
 
 
 def _ensure_cache(data_dir: Path, cfg: Config) -> Path:
@@ -322,7 +326,7 @@ def test_table(results: dict[str, dict], official: dict[str, Any] | None) -> dic
 def blend_table(report: dict[str, Any]) -> list[str]:
     """The console's blend table: OOF and test score of every member config, of the plain mean
     and of the fitted blend (its cross-fitted OOF score), then `best member test X  blend test Y
-    (gain +Z)` when there is truth."""
+    (gain +Z)` when there is truth, and the members' error correlation (`diversity_line`)."""
     fit, test = report["oof"], report.get("test") or {}
 
     def row(name: str, folds: str, oof: Any, score: Any) -> str:
@@ -346,6 +350,8 @@ def blend_table(report: dict[str, Any]) -> list[str]:
             f"best member test {_num(test['best_member'])}  blend test {_num(test['blend'])}  "
             f"(gain {test['gain']:+.4f})"
         )
+    if line := diversity_line(fit.get("diversity") or []):
+        lines.append(line)
     return lines
 
 
