@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
@@ -31,8 +31,10 @@ from geopose_ray import ray_env, storage
 from geopose_ray.checkpoint import load_state, save_state
 from geopose_ray.config import Config, key_owners
 from geopose_ray.experiment import METRIC, MODE, train_run_name, trial_train_config
-from geopose_ray.train_loop import LossHook, fit
 from geopose_ray.tune.capacity import DRIVER_CPUS, TrialResources
+
+if TYPE_CHECKING:
+    from geopose_ray.train_loop import LossHook
 
 log = logging.getLogger(__name__)
 WorkerFn = Callable[[dict[str, Any]], None]
@@ -64,6 +66,11 @@ def _report(rank: int, metrics: dict[str, float], state_fn: Callable[[], dict[st
 def train_fn_per_worker(config: dict[str, Any], loss_hook: LossHook | None = None) -> None:
     """Run `fit` on this Train worker; resumes from the run's latest registered checkpoint.
     `loss_hook`: see `train_loop.train_one_epoch` (the fault tests pass one with `partial`)."""
+    # imported here, not at the top: a trial's driver and Train's controller actor unpickle
+    # functions of this module too, and the training stack (timm, albumentations, the data
+    # layer) would cost each of those fresh processes ~2 s of every trial's start-up
+    from geopose_ray.train_loop import fit
+
     cfg = config_from_trial(config)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
