@@ -67,8 +67,10 @@ def train_fn_per_worker(config: dict[str, Any], loss_hook: LossHook | None = Non
     """Run `fit` on this Train worker; resumes from the run's latest registered checkpoint.
     `loss_hook`: see `train_loop.train_one_epoch` (the fault tests pass one with `partial`)."""
     # imported here, not at the top: a trial's driver and Train's controller actor unpickle
-    # functions of this module too, and the training stack (timm, albumentations, the data
-    # layer) would cost each of those fresh processes ~2 s of every trial's start-up
+    # functions of this module too, and never train; the training stack (timm, albumentations,
+    # the data layer) doubled their import (3.0 s -> 6.0 s of CPU each on 2 cores). Measured
+    # with bench/ray_overhead.py, Tune's start to the first loss did not move (27.7 s, against
+    # 26.2-29.4 s): the worker now pays that import inside this function instead.
     from geopose_ray.train_loop import fit
 
     cfg = config_from_trial(config)
