@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "--space, else 0)")  # fmt: skip
     p.add_argument("--refit-seeds", type=int, help="train each refit config with N seeds, N members (default: "
                    "2 with no --space, else 1)")  # fmt: skip
+    p.add_argument("--refit-epochs", type=int, help="train each refit for N epochs (default: the space's "
+                   "max_epochs); more than the search's budget helps when its models are undertrained")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="finish the interrupted experiment --name")
     p.add_argument("--max-failures", type=int, default=1, help="Train restarts per trial after a crash")
     p.add_argument("--seed", type=int, default=0, help="seeds Optuna's sampler and every trial's training "
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         folds=parse_folds(args.folds) if args.folds else None,
         refit_top=args.refit_top if args.refit_top is not None else (1 if embedded else 0),
         refit_seeds=args.refit_seeds if args.refit_seeds is not None else (2 if embedded else 1),
+        refit_epochs=args.refit_epochs,
         resume=args.resume,
         seed=args.seed,
         max_epochs=args.max_epochs,

@@ -70,6 +70,7 @@ def test_capacity_options_defaults_and_bad_values(tmp_path):
         ({"pending_trials": -1}, "--pending-trials"),
         ({"max_concurrent": 0}, "--max-concurrent"),
         ({"refit_seeds": 0}, "--refit-seeds"),
+        ({"refit_epochs": 0}, "--refit-epochs"),
     ):
         with pytest.raises(InputError, match=flag):
             search.check_capacity_options(search.SearchOptions(space="s.yaml", **bad))

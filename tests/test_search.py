@@ -119,6 +119,19 @@ def test_seed_replicas_follow_the_configs_with_new_seeds_and_new_identities():
     assert a == {"lr": 1e-3, "seed": 4, "fold": 0}  # not mutated
 
 
+def test_longer_refits_are_new_configs_and_never_reuse_the_searchs_shorter_trials():
+    a = {"lr": 1e-3, "fold": 0, "epochs": 2}
+    recs = [record("t1", a, [0.2, 0.6])]  # the search's full-budget trial of `a` on fold 0
+    assert refit.with_epochs([a], None) == [a]
+    (longer,) = refit.with_epochs([a], 5)
+    assert longer == {**a, "epochs": 5} and a["epochs"] == 2  # not mutated
+    assert experiment.config_id(longer) != experiment.config_id(a)  # a member of its own
+    reused, jobs = refit.plan_jobs(recs, [a], (0, 1), max_epochs=2)
+    assert list(reused) == [(0, 0)] and jobs == [(0, 1)]  # same budget: fold 0 is the search's trial
+    reused, jobs = refit.plan_jobs(recs, [longer], (0, 1), max_epochs=5)
+    assert reused == {} and jobs == [(0, 0), (0, 1)]  # longer: both folds trained again
+
+
 def test_leaderboard_and_importances_from_records(tmp_path):
     space = load_space(write_space(tmp_path, PLAIN_SPACE.replace("max_epochs: 2", "max_epochs: 4")))
     recs = [
@@ -310,8 +323,9 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
         storage=str(tmp_path / "storage"),
         workers_per_trial=2,
         cpus_per_worker=1.0,  # 4-CPU fixture: one trial at a time, so the default reaches rung 1 first
-        refit_top=1,  # one refit run (fold 1): seed replicas are planned as fold refits are run
-        folds=(0, 1),  # (test_seed_replicas_follow_...), and each nested run costs ~25 s here
+        refit_top=1,  # seed replicas are planned (test_seed_replicas_follow_...) and run like
+        folds=(0, 1),  # these refits; each nested run costs ~25 s here
+        refit_epochs=3,  # longer than the search's 2: both folds are trained again, for 3 epochs
         seed=0,
     )
     res = search.run_search(opts)
@@ -323,8 +337,10 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
     assert res.epochs_run == board["epochs_run"].sum() < res.epochs_budget == 2 * len(board)
     members = json.loads(res.members_path.read_text())
     assert members == res.members and [(m["rank"], m["fold"]) for m in members] == [(0, 0), (0, 1)]
-    assert {m["config_id"] for m in members} == {board["config_id"].iloc[0]}
-    assert [m["source"] for m in members] == ["search", "refit"]
+    (cid,) = {m["config_id"] for m in members}
+    assert cid != board["config_id"].iloc[0]  # the best config for 3 epochs: a config of its own
+    assert [m["source"] for m in members] == ["refit", "refit"]
+    assert all(m["config"]["epochs"] == 3 for m in members)
     refits = [m for m in members if m["source"] == "refit"]
     assert refits and all(m["experiment"].endswith("-refit") for m in refits)
     for m in members:
@@ -336,7 +352,7 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
     pooled = sum(GeoposeScore.from_array(np.load(m["val_score"])) for m in members).compute()
     assert all(m["config_oof_score"] == pytest.approx(pooled["final"]) for m in members)
     refit_board = res.refit_leaderboard
-    assert not refit_board["stopped_early"].any() and (refit_board["epochs_run"] == 2).all()
+    assert not refit_board["stopped_early"].any() and (refit_board["epochs_run"] == 3).all()
     assert set(refit_board["fold"]) == {m["fold"] for m in refits}
     for name in (experiment.LEADERBOARD, experiment.BEST_CONFIG, experiment.IMPORTANCES, experiment.OPTIONS):
         assert (res.experiment_dir / name).is_file()

@@ -70,6 +70,14 @@ def seed_replicas(configs: list[dict], seeds: int) -> list[dict]:
     return list(configs) + replicas
 
 
+def with_epochs(configs: list[dict], epochs: int | None) -> list[dict]:
+    """The configs trained for `epochs` (None: unchanged, the space's max_epochs). On a data set
+    where the search's budget leaves the model undertrained, a longer refit of the best config
+    gains more than a second seed (docs/LEARNING.md: 0.251 -> 0.413 on validation for twice the
+    epochs). The epoch count is part of a config's identity, like the seed."""
+    return [dict(c) if epochs is None else {**c, "epochs": int(epochs)} for c in configs]
+
+
 def reusable(
     records: list[report.TrialRecord], cid: str, fold: int, max_epochs: int
 ) -> report.TrialRecord | None:
@@ -156,10 +164,12 @@ def run_refit(
     resume: bool,
     train_fn: trainer.WorkerFn | None = None,
     seeds: int = 1,
+    epochs: int | None = None,
 ) -> tuple[list[dict], Path | None, pd.DataFrame | None]:
     """Refit the top `k` configs of the search `exp` on `folds`, each with `seeds` training seeds
-    (`seed_replicas`); write its members.json (not when the refit was interrupted: then the path
-    is None). `train_fn`: see `trainer.build_trainer`."""
+    (`seed_replicas`) and `epochs` epochs (`with_epochs`; None: the space's max_epochs, so the
+    search's own trials on those folds are reused); write its members.json (not when the refit
+    was interrupted: then the path is None). `train_fn`: see `trainer.build_trainer`."""
     n_folds = space.n_folds()
     if max(folds) >= n_folds:
         raise InputError(space.path, f"--folds {list(folds)} needs folds < n_folds ({n_folds})")
@@ -167,8 +177,9 @@ def run_refit(
     tops = top_configs(records, k)
     if not tops:
         raise InputError(exp.location, "no finished trial with a finite score: nothing to refit")
-    configs = seed_replicas([t.train_config for t in tops], seeds)
-    reused, jobs = plan_jobs(records, configs, folds, space.scheduler.max_epochs)
+    configs = with_epochs(seed_replicas([t.train_config for t in tops], seeds), epochs)
+    budget = epochs or space.scheduler.max_epochs
+    reused, jobs = plan_jobs(records, configs, folds, budget)
     board = None
     members = [member_row(r, rec, exp, "search") for (r, _), rec in reused.items()]
     if jobs:
@@ -176,7 +187,7 @@ def run_refit(
         trainable = trainer.make_trainable(dataclasses.replace(settings, experiment=refit.name), train_fn)
         root = str(refit.storage)
         tuner.fit_or_resume(
-            lambda: tuner.build_refit_tuner(configs, jobs, trainable, refit.name, root, concurrent, space),
+            lambda: tuner.build_refit_tuner(configs, jobs, trainable, refit.name, root, concurrent, space, budget),
             refit.location,
             trainable,
             resume and tuner.can_restore(refit.location),  # a resumed search may not have reached its refit yet

@@ -50,6 +50,7 @@ class SearchOptions:
     folds: tuple[int, ...] | None = None  # refit folds; None: the search fold (its trials are reused)
     refit_top: int = 0
     refit_seeds: int = 1  # training seeds per refit config (refit.seed_replicas)
+    refit_epochs: int | None = None  # epochs of each refit; None: the space's max_epochs (refit.with_epochs)
     resume: bool = False
     seed: int = 0
     max_epochs: int | None = None
@@ -172,13 +173,16 @@ def resolve_resources(
 
 
 def check_capacity_options(opts: SearchOptions) -> None:
-    """--pending-trials >= 0, --max-concurrent >= 1, --refit-seeds >= 1 (checked before Ray starts)."""
+    """--pending-trials >= 0, --max-concurrent >= 1, --refit-seeds and --refit-epochs >= 1
+    (checked before Ray starts)."""
     if opts.pending_trials is not None and opts.pending_trials < 0:
         raise InputError("--pending-trials", f"must be >= 0, got {opts.pending_trials}")
     if opts.max_concurrent is not None and opts.max_concurrent < 1:
         raise InputError("--max-concurrent", f"must be >= 1, got {opts.max_concurrent}")
     if opts.refit_seeds < 1:
         raise InputError("--refit-seeds", f"must be >= 1, got {opts.refit_seeds}")
+    if opts.refit_epochs is not None and opts.refit_epochs < 1:
+        raise InputError("--refit-epochs", f"must be >= 1, got {opts.refit_epochs}")
 
 
 def check_mlflow(opts: SearchOptions) -> None:
@@ -257,6 +261,7 @@ def plan_search(opts: SearchOptions) -> list[str]:
     ]
     if opts.refit_top > 0:
         seeds = f" x {opts.refit_seeds} seeds" if opts.refit_seeds > 1 else ""
+        seeds += f", {opts.refit_epochs} epochs" if opts.refit_epochs else ""
         lines.append(
             f"refits:     the top {opts.refit_top} configs{seeds} on fold(s) {list(refit_folds(opts))}"
             f" -> {exp.file(MEMBERS)}"
@@ -317,8 +322,9 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
         folds = refit_folds(opts)
         concurrent = capacity.limit(*ray_env.cluster_resources())  # refits: fixed, from the cluster now
         out = refit.run_refit(
-            exp, space, settings, opts.refit_top, folds, concurrent, opts.resume, train_fn, opts.refit_seeds
-        )
+            exp, space, settings, opts.refit_top, folds, concurrent, opts.resume, train_fn,
+            opts.refit_seeds, opts.refit_epochs,
+        )  # fmt: skip
         result.members, result.members_path, result.refit_leaderboard = out
         result.interrupted = result.members_path is None
     result.wall_s = time.monotonic() - start
