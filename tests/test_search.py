@@ -132,6 +132,18 @@ def test_longer_refits_are_new_configs_and_never_reuse_the_searchs_shorter_trial
     assert reused == {} and jobs == [(0, 0), (0, 1)]  # longer: both folds trained again
 
 
+def test_a_trial_is_stopped_early_only_before_its_own_epoch_budget(tmp_path):
+    space = load_space(write_space(tmp_path, PLAIN_SPACE.replace("max_epochs: 2", "max_epochs: 4")))
+    recs = [
+        record("short_refit", {"lr": 1e-3, "fold": 1, "epochs": 2}, [0.2, 0.3]),  # --refit-epochs 2
+        record("long_refit", {"lr": 1e-3, "fold": 1, "epochs": 6}, [0.2, 0.3, 0.4, 0.5]),  # cut at 4
+        record("search", {"lr": 1e-3, "fold": 0}, [0.1, 0.2]),  # no epochs key: the space's 4
+    ]
+    row = report.leaderboard(recs, space).set_index("trial_id")
+    assert not row.loc["short_refit", "stopped_early"]
+    assert row.loc["long_refit", "stopped_early"] and row.loc["search", "stopped_early"]
+
+
 def test_leaderboard_and_importances_from_records(tmp_path):
     space = load_space(write_space(tmp_path, PLAIN_SPACE.replace("max_epochs: 2", "max_epochs: 4")))
     recs = [

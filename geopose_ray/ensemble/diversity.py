@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from geopose_ray.ensemble.blend import OofTable, tile_sse, weight_grid
+from geopose_ray.ensemble.blend import OofTable, grid_index, tile_sse, weight_grid
 
 
 def _pair_row(grid: np.ndarray, a: int, b: int) -> tuple[int, float]:
@@ -54,7 +54,7 @@ def error_diversity(t: OofTable) -> list[dict[str, Any]]:
         agl, vflow = tile_sse(t, np.full(n, g))
         return float(agl.sum()), float(vflow.sum())
 
-    alone = [sse(int(np.flatnonzero((grid == np.eye(t.k)[k]).all(axis=1))[0])) for k in range(t.k)]
+    alone = [sse(grid_index(one_hot)) for one_hot in np.eye(t.k)]
     pairs = []
     for a, b in itertools.combinations(range(t.k), 2):
         row, w = _pair_row(grid, a, b)

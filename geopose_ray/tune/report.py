@@ -79,7 +79,8 @@ def leaderboard(records: list[TrialRecord], space: SearchSpace) -> pd.DataFrame:
             "score": score,
             "best_epoch": best_epoch,
             "epochs_run": epochs,
-            "stopped_early": r.status == "TERMINATED" and epochs < max_epochs,
+            # against the trial's own budget: a refit may train more or fewer epochs than the space
+            "stopped_early": r.status == "TERMINATED" and epochs < int(cfg.get("epochs", max_epochs)),
             "status": r.status,
             "node_id": r.last("node_id"),
             "worker_node_ids": r.last("worker_node_ids"),

@@ -208,10 +208,10 @@ def build_refit_tuner(
     storage: str,
     concurrent: int,
     space: SearchSpace,
-    max_epochs: int | None = None,
+    max_epochs: int,
 ) -> tune.Tuner:
     """A grid over the (config rank, fold) `jobs`, FIFO: every refit runs the full budget
-    (`max_epochs`, the configs' own `epochs`; None: the space's max_epochs)."""
+    (`max_epochs`, the configs' own `epochs`)."""
     return tune.Tuner(
         trainable,
         param_space={
@@ -226,10 +226,7 @@ def build_refit_tuner(
         run_config=tune.RunConfig(
             name=name,
             **run_config_kwargs(
-                space.searched(),
-                max_epochs or space.scheduler.max_epochs,
-                ["member/config_rank", "member/fold"],
-                storage,
+                space.searched(), max_epochs, ["member/config_rank", "member/fold"], storage
             ),
         ),
     )
