@@ -6,7 +6,11 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 import random
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +25,7 @@ from geopose_ray.checkpoint import (
     make_state,
     restore_state,
     save_state,
+    staging_dir,
 )
 from geopose_ray.config import Config, OptimConfig
 from geopose_ray.errors import InputError
@@ -370,3 +375,23 @@ def test_missing_or_corrupt_state_is_an_input_error(tmp_path):
     (tmp_path / STATE_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="cannot load"):
         load_state(tmp_path)
+
+
+def test_a_staging_folder_is_removed_and_sweeps_those_of_killed_writers(tmp_path):
+    """A worker killed mid-report leaves its staging folder behind: the next one removes it,
+    but never a live process's folder, another host's, or a folder it did not name."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that no longer runs
+    host = socket.gethostname()
+    orphan = tmp_path / f"geopose-ckpt-{dead.pid}@{host}@abc"
+    live = tmp_path / f"geopose-ckpt-{os.getpid()}@{host}@def"
+    other_host = tmp_path / f"geopose-ckpt-{dead.pid}@{host}-2@ghi"
+    unnamed = tmp_path / "geopose-ckpt-jkl"
+    for folder in (orphan, live, other_host, unnamed):
+        folder.mkdir()
+        (folder / STATE_FILE).write_bytes(b"weights")
+    with staging_dir(tmp_path) as tmp:
+        assert tmp.is_dir() and tmp.name.startswith(f"geopose-ckpt-{os.getpid()}@{host}@")
+        (tmp / STATE_FILE).write_bytes(b"weights")
+    assert not tmp.exists() and not orphan.exists()
+    assert live.is_dir() and other_host.is_dir() and unnamed.is_dir()

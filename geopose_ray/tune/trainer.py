@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from geopose_ray import ray_env, storage
-from geopose_ray.checkpoint import load_state, save_state
+from geopose_ray.checkpoint import load_state, save_state, staging_dir
 from geopose_ray.config import Config, key_owners
 from geopose_ray.experiment import METRIC, MODE, train_run_name, trial_train_config
 from geopose_ray.tune.capacity import DRIVER_CPUS, TrialResources
@@ -55,7 +54,7 @@ def _report(rank: int, metrics: dict[str, float], state_fn: Callable[[], dict[st
     """Every rank reports (report is a barrier); only rank 0 attaches the checkpoint folder.
     `node_id` says where this worker ran (the driver's report callback collects it)."""
     metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
-    with tempfile.TemporaryDirectory(prefix="geopose-ckpt-") as tmp:
+    with staging_dir() as tmp:
         checkpoint = None
         if rank == 0 and state_fn is not None:
             save_state(tmp, state_fn())  # state.pt + config.yaml
