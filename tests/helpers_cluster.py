@@ -112,11 +112,13 @@ def ray_nodes(
     procs: list[subprocess.Popen] = []
 
     def start(args: list[str]) -> subprocess.Popen:
-        with open(log_dir / f"node{len(procs)}.log", "wb") as out:
+        log = log_dir / f"node{len(procs)}.log"
+        with open(log, "wb") as out:
             cmd = [RAY, "start", "--block", *args]
             proc = subprocess.Popen(
                 cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
+        proc.log_path = log  # read by `join_node`
         procs.append(proc)
         return procs[-1]
 
@@ -124,6 +126,21 @@ def ray_nodes(
         yield start
     finally:
         killed.extend(stop_sessions(procs))
+
+
+def join_node(
+    start: Callable[[list[str]], subprocess.Popen], address: str, cpus: int, attempts: int = 3
+) -> subprocess.Popen:
+    """One more `ray start --address` node, launched again on fresh ports when it fails: on a
+    loaded machine a raylet can miss Ray's fixed 30 s registration wait (`ray start` then exits
+    with "The current node timed out during startup"), and an autoscaler would launch it again."""
+    for _ in range(attempts):
+        proc = start([f"--address={address}", *node_args(free_ports(6), cpus)])
+        while proc.poll() is None:
+            if "Ray runtime started" in proc.log_path.read_text(errors="replace"):
+                return proc
+            time.sleep(0.5)
+    raise AssertionError(f"no node joined in {attempts} attempts: {proc.log_path.read_text()[-2000:]}")
 
 
 def node_args(ports: list[int], cpus: int) -> list[str]:
@@ -165,7 +182,9 @@ def wait_for_nodes(address: str, n: int, env: dict[str, str], timeout_s: float =
         env=env, capture_output=True, text=True, timeout=timeout_s + 60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    alive = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(alive) >= n, f"{len(alive)} of {n} nodes alive after {timeout_s} s"
+    return alive
 
 
 # --- the cluster files --------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from helpers_cluster import (
     SEARCH_ARGS,
     free_ports,
     head_args,
+    join_node,
     max_resources,
-    node_args,
     prepared,
     ray_env,
     ray_nodes,
@@ -75,7 +75,7 @@ def test_search_trials_span_two_ray_nodes(synthetic_dir: Path, tmp_path: Path) -
     every trial, Train workers on both nodes."""
     temp = short_tmp("grc")
     env = ray_env(temp)
-    gcs, dash, client, *ports = free_ports(15)
+    gcs, dash, client, *ports = free_ports(9)
     address = f"127.0.0.1:{gcs}"
     storage = tmp_path / "storage"
     try:
@@ -84,7 +84,7 @@ def test_search_trials_span_two_ray_nodes(synthetic_dir: Path, tmp_path: Path) -
             t0 = time.monotonic()
             procs = [start(head_args(gcs, dash, client, ports[:6], cpus=1))]
             wait_for_nodes(address, 1, env)
-            procs.append(start([f"--address={address}", *node_args(ports[6:12], 1)]))
+            procs.append(join_node(start, address, cpus=1))
             nodes = wait_for_nodes(address, 2, env)
             started_s = time.monotonic() - t0
             assert len(nodes) == 2, (tmp_path / "node0.log").read_text()[-2000:]
@@ -124,7 +124,7 @@ def test_a_node_joining_a_running_search_raises_its_concurrency(synthetic_dir: P
 
     temp = short_tmp("grj")
     env = ray_env(temp)
-    gcs, dash, client, *ports = free_ports(15)
+    gcs, dash, client, *ports = free_ports(9)
     address = f"127.0.0.1:{gcs}"
     exp = tmp_path / "storage" / "joined"
     try:
@@ -144,7 +144,7 @@ def test_a_node_joining_a_running_search_raises_its_concurrency(synthetic_dir: P
             while not list(exp.glob("*/params.json")):  # the first trial started
                 assert search.poll() is None and time.monotonic() < deadline, search.communicate()[0][-5000:]
                 time.sleep(0.5)
-            start([f"--address={address}", *node_args(ports[6:12], 2)])
+            join_node(start, address, cpus=2)
             (joined,) = set(wait_for_nodes(address, 2, env)) - {head}
             out = search.communicate(timeout=600)[0]
             assert search.returncode == 0, out[-5000:]
