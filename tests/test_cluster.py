@@ -82,7 +82,7 @@ def test_search_trials_span_two_ray_nodes(synthetic_dir: Path, tmp_path: Path) -
         killed: list[str] = []
         with ray_nodes(env, tmp_path, killed) as start:
             t0 = time.monotonic()
-            procs = [start(head_args(gcs, dash, client, ports[:6], cpus=1))]
+            procs = [start(head_args(gcs, dash, client, ports, cpus=1))]
             wait_for_nodes(address, 1, env)
             procs.append(join_node(start, address, cpus=1))
             nodes = wait_for_nodes(address, 2, env)
@@ -130,7 +130,7 @@ def test_a_node_joining_a_running_search_raises_its_concurrency(synthetic_dir: P
     try:
         killed: list[str] = []
         with ray_nodes(env, tmp_path, killed) as start:
-            start(head_args(gcs, dash, client, ports[:6], cpus=2))
+            start(head_args(gcs, dash, client, ports, cpus=2))
             (head,) = wait_for_nodes(address, 1, env)
             search = subprocess.Popen(
                 [

@@ -54,12 +54,12 @@ def _report(rank: int, metrics: dict[str, float], state_fn: Callable[[], dict[st
     """Every rank reports (report is a barrier); only rank 0 attaches the checkpoint folder.
     `node_id` says where this worker ran (the driver's report callback collects it)."""
     metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
+    if rank != 0 or state_fn is None:
+        ray.train.report(metrics)
+        return
     with staging_dir() as tmp:
-        checkpoint = None
-        if rank == 0 and state_fn is not None:
-            save_state(tmp, state_fn())  # state.pt + config.yaml
-            checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        save_state(tmp, state_fn())  # state.pt + config.yaml
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
 def train_fn_per_worker(config: dict[str, Any], loss_hook: LossHook | None = None) -> None:
