@@ -44,13 +44,14 @@ def run(name: str, data_root: Path) -> dict[str, Any]:
     from timm.utils import ModelEmaV3
 
     from geopose_ray.config import Config
-    from geopose_ray.data.loaders import build_loaders, prepare_cache, split_samples
+    from geopose_ray.convert import ensure_cache
+    from geopose_ray.data.loaders import build_loaders, split_samples
     from geopose_ray.losses import build_criterion
     from geopose_ray.train_loop import fit, validate
 
     overrides = {**BASE, "epochs": 20, **RUNS[name], "ema_decay": 0.0}
     cfg = Config.from_dict({**overrides, "data_dir": str(make_set(data_root, "s128x60")), "threads": 1})
-    prepare_cache(cfg)
+    ensure_cache(cfg.data.data_dir, cfg.data.cache_dir or None)
     train, val = split_samples(cfg)
     val_dl = build_loaders(cfg, train, val, 0, 1)[1]
     criterion = build_criterion(cfg.loss)

@@ -99,13 +99,13 @@ def make_set(root: Path, name: str) -> Path:
 def run_setting(name: str, data_root: Path, threads: int) -> dict[str, Any]:
     """Train one setting; returns {"name", "set", "config", "curve": [{wall_s, metrics...}]}."""
     from geopose_ray.config import Config
-    from geopose_ray.data.loaders import prepare_cache
+    from geopose_ray.convert import ensure_cache
     from geopose_ray.train_loop import fit
 
     set_name, overrides = SETTINGS[name]
     flat = {**BASE, **overrides, "data_dir": str(make_set(data_root, set_name)), "threads": threads}
     cfg = Config.from_dict(flat)
-    prepare_cache(cfg)  # conversion is not training time
+    ensure_cache(cfg.data.data_dir, cfg.data.cache_dir or None)  # conversion is not training time
     curve: list[dict[str, float]] = []
     t0 = time.perf_counter()
 

@@ -114,20 +114,19 @@ def quiet_checkpoint_manager() -> Iterator[None]:
         log.setLevel(level)
 
 
-def map_tasks(
-    fn: Callable[..., Any],
-    items: Sequence[Any],
-    *args: Any,
-    on_done: Callable[[Any], None],
-    progress: Callable[[int], None] = lambda n: None,
-) -> None:
-    """Run `fn(item, *args)` as one 1-CPU Ray task per item on the connected cluster; every result
-    goes to `on_done` as it arrives (it may raise to stop), `progress(n)` counts finished tasks."""
-    task = ray.remote(num_cpus=1)(fn)
-    pending = [task.remote(item, *args) for item in items]
-    while pending:
-        done, pending = ray.wait(pending, num_returns=min(len(pending), 8), timeout=5.0)
-        for result in ray.get(done):
-            on_done(result)
-        progress(len(done))
+def task_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[Any]:
+    """`fn(item)` as one 1-CPU Ray task per item on the connected cluster, results yielded as they
+    finish: the Ray `MapFn` of `geopose_ray.convert` (which imports no Ray itself)."""
+    task = ray.remote(num_cpus=1)(_apply)  # not `fn` itself: ray.remote refuses a functools.partial
+    pending = [task.remote(fn, item) for item in items]
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=min(len(pending), 8), timeout=5.0)
+            yield from ray.get(done)
+    finally:  # the consumer stopped early (a bad tile): cancel what has not run
+        for ref in pending:
+            ray.cancel(ref)
 
+
+def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
+    return fn(item)

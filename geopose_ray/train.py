@@ -20,6 +20,7 @@ import torch
 from geopose_ray import paths
 from geopose_ray.checkpoint import save_state
 from geopose_ray.config import Config, load_yaml_config
+from geopose_ray.convert import ensure_cache
 from geopose_ray.data.transforms import build_train_transform_from_config
 from geopose_ray.errors import HelpFormatter, InputError, run_cli
 from geopose_ray.models import pretrained
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.replace(data_dir=str(Path(args.data).resolve()))
     elif not cfg.data.data_dir:
         cfg = cfg.replace(data_dir=str(ensure_default(paths.default_data_dir())))
+    ensure_cache(cfg.data.data_dir, cfg.data.cache_dir or None)  # a local process pool; fit never converts
     m = cfg.model
     if pretrained.needs_hub(m):  # downloaded once, then read offline
         pretrained.ensure([(m.encoder, m.encoder_weights)], m.weights_cache)

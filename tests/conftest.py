@@ -87,9 +87,20 @@ def s3_bucket(s3_server) -> str:
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
-    """A small synthetic DrivenData-layout set (64 px tiles, 3 train + 1 test tiles per city)."""
+    """A small synthetic DrivenData-layout set (64 px tiles, 3 train + 1 test tiles per city),
+    converted into its default cache: runs only read a cache (their driver converts)."""
+    from geopose_ray.convert import ensure_cache, serial_map
     from geopose_ray.synthetic import generate
 
     out = tmp_path_factory.mktemp("synthetic")
     generate(out, size=64, per_city=3, test_per_city=1, seed=0)
+    ensure_cache(out, map_fn=serial_map, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_cache(synthetic_dir) -> Path:
+    """`synthetic_dir`'s conversion cache."""
+    from geopose_ray import paths
+
+    return paths.default_cache_dir(synthetic_dir)

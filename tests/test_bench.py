@@ -64,10 +64,10 @@ def test_bench_cli_bad_data_exits_2_with_one_line(tmp_path, capsys):
     assert len(err) == 1 and str(missing) in err[0]
 
 
-def test_ray_overhead_bare_loop_stops_at_the_target_and_checkpoints(synthetic_dir, tmp_path):
+def test_ray_overhead_bare_loop_stops_at_the_target_and_checkpoints(synthetic_dir, synthetic_cache, tmp_path):
     space = load_space(ray_overhead.overhead_space(tmp_path))
     assert space.num_samples == 1 and space.scheduler.grace_period == space.scheduler.max_epochs
-    flat = {**space.defaults(), "data_dir": str(synthetic_dir), "cache_dir": str(tmp_path / "cache")}
+    flat = {**space.defaults(), "data_dir": str(synthetic_dir), "cache_dir": str(synthetic_cache)}
     flat.update(max_train_samples=2, max_val_samples=1)  # seconds, not tens of seconds
     t0 = time.perf_counter()
     seconds, epochs, score = ray_overhead.bare_loop(Config.from_dict(flat), 0.0, tmp_path / "ckpt")

@@ -19,7 +19,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from test_layout import make_layout
 
 from geopose_ray.config import DataConfig
-from geopose_ray.convert import convert, ensure_cache
+from geopose_ray.convert import MapFn, convert, ensure_cache, process_map, serial_map
 from geopose_ray.data import cache, folds, io, layout
 from geopose_ray.errors import InputError
 
@@ -62,10 +62,20 @@ def _assert_same(a: dict[str, object], b: dict[str, object]) -> None:
             assert a[key] == b[key], key
 
 
-@pytest.mark.ray
-def test_cache_holds_the_exact_data(tmp_path, ray_session):
+def _map(kind: str, request: pytest.FixtureRequest) -> MapFn:
+    """Every parallel map a caller injects: the one conversion must give the same cache."""
+    if kind == "ray":
+        from geopose_ray import ray_env
+
+        request.getfixturevalue("ray_session")
+        return ray_env.task_map
+    return {"serial": serial_map, "processes": process_map(2)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["serial", "processes", "ray"])
+def test_cache_holds_the_exact_data(tmp_path, kind, request):
     data = make_layout(tmp_path / "data")
-    out = convert(data, tmp_path / "cache", progress=False)
+    out = convert(data, tmp_path / "cache", map_fn=_map(kind, request), progress=False)
     assert out == (tmp_path / "cache").resolve()
     train, test = cache.load_cache(out, "train"), cache.load_cache(out, "test")
     sources = {s.id: s for s in layout.load_split(data, "train") + layout.load_split(data, "test")}
@@ -90,23 +100,22 @@ def test_cache_holds_the_exact_data(tmp_path, ray_session):
         assert c.agl_sq == pytest.approx(np.square(valid).sum(), rel=1e-12)
 
 
-@pytest.mark.ray
-def test_rerun_skips_finished_files_and_repairs_a_crashed_run(tmp_path, ray_session):
+def test_rerun_skips_finished_files_and_repairs_a_crashed_run(tmp_path):
     data = make_layout(tmp_path / "data")
-    out = convert(data, tmp_path / "cache", progress=False)
+    out = convert(data, tmp_path / "cache", map_fn=serial_map, progress=False)
     reference = _cache_state(out)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.tif")}
     lost = sorted(stamps)[3]
     lost.unlink()  # as if the run had crashed before this file
     (lost.parent / f".tmp-deadbeef-{lost.name}").write_bytes(b"half a file")
     (out / "samples.csv").unlink()
-    convert(data, out, progress=False)
+    convert(data, out, map_fn=serial_map, progress=False)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != lost)  # skipped
     _assert_same(_cache_state(out), reference)
 
 
-@pytest.mark.ray
-def test_file_that_fails_to_decode_during_conversion_names_it(tmp_path, ray_session):
+@pytest.mark.parametrize("kind", ["serial", "ray"])
+def test_file_that_fails_to_decode_during_conversion_names_it(tmp_path, kind, request):
     """A corrupt block that the cheap checks do not read still ends in InputError, not a crash."""
     data = make_layout(tmp_path / "data", size=256)
     agl = first(data).agl
@@ -125,33 +134,45 @@ def test_file_that_fails_to_decode_during_conversion_names_it(tmp_path, ray_sess
     agl.write_bytes(bytes(raw))
     layout.validate_samples([first(data)])  # passes: it reads only the last block row
     with pytest.raises(InputError) as e:
-        convert(data, tmp_path / "cache", progress=False)
+        convert(data, tmp_path / "cache", map_fn=_map(kind, request), progress=False)
     assert e.value.path == str(agl)
 
 
-@pytest.mark.ray
-def test_ensure_cache_converts_only_when_needed(tmp_path, ray_session, monkeypatch):
+def test_ensure_cache_converts_only_when_needed(tmp_path):
     data = make_layout(tmp_path / "data")
-    out = ensure_cache(data, tmp_path / "cache")
+    out = ensure_cache(data, tmp_path / "cache", map_fn=serial_map, progress=False)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    assert ensure_cache(data, out) == out
+    assert ensure_cache(data, out, map_fn=serial_map) == out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
     train_csv = pd.read_csv(data / "geopose_train.csv", dtype=str)
     train_csv.iloc[1:].to_csv(data / "geopose_train.csv", index=False)  # the data set changed
-    read = []
-    real_sums = cache.agl_sums
-    monkeypatch.setattr(cache, "agl_sums", lambda path: read.append(path) or real_sums(path))
-    ensure_cache(data, out)
-    assert {s.id for s in cache.load_cache(out, "train")} == set(train_csv["id"][1:])
-    assert read == []  # the kept tiles' sums come from the earlier index, not from their files
-    monkeypatch.setattr(cache, "agl_sums", real_sums)
-    index = pd.read_csv(out / "samples.csv")
-    index.drop(columns=list(cache.STATS_COLUMNS)).to_csv(out / "samples.csv", index=False)  # an older cache
     assert not cache.is_current(data, out)
+    ensure_cache(data, out, map_fn=serial_map, progress=False)
+    assert {s.id for s in cache.load_cache(out, "train")} == set(train_csv["id"][1:])
+    index = pd.read_csv(out / "samples.csv")
+    index.drop(columns=["place", *cache.STATS_COLUMNS]).to_csv(out / "samples.csv", index=False)  # an older cache
+    assert not cache.is_current(data, out)
+    with pytest.raises(InputError, match="older cache"):
+        cache.load_cache(out, "train")
     tifs = {p: p.stat().st_mtime_ns for p in out.rglob("*.tif")}
-    ensure_cache(data, out)  # adds the sums; the tiles stay
-    assert all(c.agl_n > 0 for c in cache.load_cache(out, "train"))
+    ensure_cache(data, out, map_fn=serial_map, progress=False)  # re-indexed; the tiles stay
+    assert all(c.agl_n > 0 and c.height == c.width == 64 and c.place for c in cache.load_cache(out, "train"))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.tif")} == tifs
+
+
+def test_a_run_never_converts_it_names_the_command_that_does(tmp_path):
+    from geopose_ray.config import Config
+    from geopose_ray.data.loaders import split_samples
+
+    data = make_layout(tmp_path / "data")
+    cfg = Config.from_dict({"data_dir": str(data), "cache_dir": str(tmp_path / "cache"), "n_folds": 2})
+    with pytest.raises(InputError, match=r"python -m geopose_ray\.convert") as e:
+        split_samples(cfg)
+    assert e.value.path == str(tmp_path / "cache" / "samples.csv")
+    assert not (tmp_path / "cache").exists()
+    ensure_cache(data, tmp_path / "cache", map_fn=serial_map, progress=False)
+    train, val = split_samples(cfg)
+    assert train and val
 
 
 def test_load_cache_without_conversion_names_samples_csv(tmp_path):
@@ -160,33 +181,26 @@ def test_load_cache_without_conversion_names_samples_csv(tmp_path):
     assert e.value.path == str(tmp_path / "samples.csv") and "geopose_ray.convert" in e.value.problem
 
 
-@pytest.mark.ray
-def test_two_concurrent_conversions_give_identical_complete_caches(tmp_path, ray_session):
+def test_two_concurrent_conversions_give_identical_complete_caches(tmp_path):
     data = make_layout(tmp_path / "data", per_city=6)
-    reference = _cache_state(convert(data, tmp_path / "reference", progress=False))
-    address = ray_session.get_runtime_context().gcs_address
+    reference = _cache_state(convert(data, tmp_path / "reference", map_fn=serial_map, progress=False))
     shared = tmp_path / "shared"
-    cmd = [sys.executable, "-m", "geopose_ray.convert", str(data), "--cache", str(shared)]
-    procs = [
-        subprocess.Popen(
-            [*cmd, "--address", address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
+    cmd = [sys.executable, "-m", "geopose_ray.convert", str(data), "--cache", str(shared), "--workers", "2"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     _assert_same(_cache_state(shared), reference)
     assert not list(shared.rglob(".tmp-*"))
 
 
-@pytest.mark.ray
-def test_synthetic_set_converts_and_group_folds_keep_scenes_together(synthetic_dir, tmp_path, ray_session):
-    out = convert(synthetic_dir, tmp_path / "cache", progress=False)
+def test_synthetic_set_converts_and_place_folds_keep_scenes_together(synthetic_dir, tmp_path):
+    out = convert(synthetic_dir, tmp_path / "cache", map_fn=serial_map, progress=False)
     train, test = cache.load_cache(out, "train"), cache.load_cache(out, "test")
     meta = pd.read_csv(synthetic_dir / "metadata.csv", dtype=str).set_index("id")
     assert len(train) == 12 and len(test) == 4
     assert all(s.group == meta.loc[s.id, "group"] for s in train + test)
-    stored = folds.config_folds(train, DataConfig(n_folds=2, fold_mode="group"))  # the cached group column
+    assert all(s.place == f"{s.city}/{s.group}" for s in train)  # the given group is the place
+    stored = folds.config_folds(train, DataConfig(n_folds=2))  # the default: place folds
     for group in {s.group for s in train}:
         assert len({stored[s.id] for s in train if s.group == group}) == 1, group
     assert set(stored.values()) == {0, 1}

@@ -51,10 +51,10 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def two_epochs(synthetic_dir, tmp_path_factory):
+def two_epochs(synthetic_dir, synthetic_cache, tmp_path_factory):
     from geopose_ray.train_loop import fit
 
-    cfg = synthetic_cfg(synthetic_dir, tmp_path_factory.mktemp("cache"))
+    cfg = synthetic_cfg(synthetic_dir, synthetic_cache)
     rec = Recorder()
     last = fit(cfg, reporter=rec)
     return cfg, rec, last
@@ -104,11 +104,11 @@ def test_the_checkpoint_predicts_with_the_weights_moving_average(two_epochs, tmp
     assert "ema" not in off.states[1] and inference_weights(off.states[1]) is off.states[1]["model"]
 
 
-def test_folds_follow_fold_seed_not_the_training_seed(synthetic_dir, tmp_path):
+def test_folds_follow_fold_seed_not_the_training_seed(synthetic_dir, synthetic_cache, tmp_path):
     from geopose_ray.data.folds import make_folds
     from geopose_ray.data.loaders import split_samples
 
-    cfg = synthetic_cfg(synthetic_dir, tmp_path / "cache", fold=1, max_train_samples=0)
+    cfg = synthetic_cfg(synthetic_dir, synthetic_cache, fold=1, max_train_samples=0)
     train, val = split_samples(cfg)
     expected = make_folds(train + val, 3, cfg.data.fold_seed, cfg.data.fold_mode)
     assert {s.id for s in val} == {i for i, f in expected.items() if f == 1}
@@ -121,10 +121,10 @@ def test_folds_follow_fold_seed_not_the_training_seed(synthetic_dir, tmp_path):
         split_samples(cfg.replace(fold=3))
 
 
-def test_fit_stops_on_repeated_nan_without_a_checkpoint(synthetic_dir, tmp_path):
+def test_fit_stops_on_repeated_nan_without_a_checkpoint(synthetic_dir, synthetic_cache, tmp_path):
     from geopose_ray.train_loop import fit
 
-    cfg = synthetic_cfg(synthetic_dir, tmp_path / "cache", max_nonfinite=2)
+    cfg = synthetic_cfg(synthetic_dir, synthetic_cache, max_nonfinite=2)
     rec = Recorder()
     with pytest.raises(NonFiniteLossError):
         fit(cfg, reporter=rec, loss_hook=nan_at(0, 1))

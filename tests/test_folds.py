@@ -1,10 +1,11 @@
-"""data.folds: deterministic, city-stratified folds; group mode keeps a scene in one fold; a run's
-folds have one source, its config (`config_folds`), shared by training and the ensemble."""
+"""data.folds: deterministic, city-stratified folds; the default place mode keeps a place in one
+fold; a run's folds have one source, its config (`config_folds`), shared by training and the
+ensemble."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -50,7 +51,7 @@ def test_deterministic_by_seed_and_independent_of_input_order():
     assert folds.make_folds(samples, 5, seed=4) != a
 
 
-@pytest.mark.parametrize("mode", ["city", "group"])
+@pytest.mark.parametrize("mode", folds.FOLD_MODES)
 @pytest.mark.parametrize("n_folds", [2, 3, 4, 5])
 def test_three_tiles_per_city_work_for_2_to_5_folds(n_folds, mode):
     samples = _samples(3)
@@ -73,45 +74,38 @@ def test_too_many_folds_or_bad_mode_are_refused():
         folds.make_folds(_samples(3), 3, seed=0, mode="random")
 
 
-def test_group_mode_keeps_each_given_group_in_one_fold():
+def test_the_default_keeps_each_place_in_one_fold():
     samples = _samples(30, groups=12)
-    assignment = folds.make_folds(samples, 4, seed=0, mode="group")
+    assignment = folds.make_folds(samples, 4, seed=0)
     fold_of_group: dict[tuple[str, str], set[int]] = {}
     for s in samples:
         fold_of_group.setdefault((s.city, s.group), set()).add(assignment[s.id])
     assert all(len(f) == 1 for f in fold_of_group.values())
     assert set(assignment.values()) == set(range(4))
-    # plain city folds would split these groups: the test can tell the modes apart
+    # plain city folds would split these places: the test can tell the modes apart
     city_folds = folds.make_folds(samples, 4, seed=0, mode="city")
     assert any(
         len({city_folds[s.id] for s in samples if (s.city, s.group) == key}) > 1 for key in fold_of_group
     )
 
 
-def test_group_mode_without_group_column_groups_by_city_and_gsd():
-    samples = _samples(30)
-    assignment = folds.make_folds(samples, 3, seed=1, mode="group")
-    by_key: dict[tuple[str, int], set[int]] = {}
-    for s in samples:
-        by_key.setdefault((s.city, round(s.gsd * 100)), set()).add(assignment[s.id])
-    assert all(len(f) == 1 for f in by_key.values())
-    assert len(set(assignment.values())) == 3
+def test_the_found_place_wins_over_the_group_and_a_tile_without_either_is_its_own_place():
+    a = CachedSample("a", "ARG", 0.3, "train", Path(), None, 1.0, 0.0, group="g1", place="p7")
+    b = CachedSample("b", "ARG", 0.3, "train", Path(), None, 1.0, 0.0, group="g1")
+    c = CachedSample("c", "ARG", 0.3, "train", Path(), None, 1.0, 0.0)
+    assert [folds.place_key(s) for s in (a, b, c)] == ["ARG/p7", "ARG/g1", "ARG/c"]
 
 
-def test_group_mode_with_too_few_groups_falls_back_with_a_warning():
-    samples = [s for s in _samples(3) if s.city == "ARG"]
-    samples = [
-        CachedSample(s.id, s.city, 0.5, *[getattr(s, k) for k in ("split", "rgb", "agl", "scale", "angle")])
-        for s in samples
-    ]
-    with pytest.warns(UserWarning):
-        assignment = folds.make_folds(samples, 3, seed=0, mode="group")
-    assert sorted(assignment.values()) == [0, 1, 2]
+def test_fewer_places_than_folds_is_an_error_not_a_fallback():
+    samples = [dataclasses.replace(s, group="one") for s in _samples(3) if s.city == "ARG"]
+    with pytest.raises(ValueError, match="only 1 places"):
+        folds.make_folds(samples, 3, seed=0)
+    assert sorted(folds.make_folds(samples, 3, seed=0, mode="city").values()) == [0, 1, 2]
 
 
 def test_config_folds_are_make_folds_of_the_config():
     samples = _samples(5, groups=4)
-    for n_folds, fold_seed, mode in [(3, 0, "city"), (4, 7, "group")]:
+    for n_folds, fold_seed, mode in [(3, 0, "city"), (4, 7, "place")]:
         cfg = DataConfig(n_folds=n_folds, fold_seed=fold_seed, fold_mode=mode, fold=1)
         assert folds.config_folds(samples, cfg) == folds.make_folds(samples, n_folds, fold_seed, mode)
     base = DataConfig(n_folds=3, fold_seed=2)
@@ -120,8 +114,8 @@ def test_config_folds_are_make_folds_of_the_config():
     )
 
 
-@pytest.mark.parametrize("mode", ["city", "group"])
-def test_training_split_and_the_ensembles_oof_folds_agree(synthetic_dir, tmp_path, mode):
+@pytest.mark.parametrize("mode", folds.FOLD_MODES)
+def test_training_split_and_the_ensembles_oof_folds_agree(synthetic_dir, synthetic_cache, tmp_path, mode):
     """The one source: each fold's validation tiles in training are the tiles the ensemble
     predicts out-of-fold with that fold's member, for the same Config (not the training seed)."""
     from geopose_ray.data.loaders import split_samples
@@ -129,7 +123,7 @@ def test_training_split_and_the_ensembles_oof_folds_agree(synthetic_dir, tmp_pat
     from geopose_ray.ensemble.members import Member
 
     flat = {"n_folds": 3, "fold_seed": 4, "fold_mode": mode, "seed": 11}
-    flat.update(data_dir=str(synthetic_dir), cache_dir=str(tmp_path / "cache"))
+    flat.update(data_dir=str(synthetic_dir), cache_dir=str(synthetic_cache))
     cfg = Config.from_dict(flat)
     val_of = {f: {s.id for s in split_samples(cfg.replace(fold=f))[1]} for f in range(3)}
     train = [s for part in split_samples(cfg) for s in part]
@@ -139,10 +133,3 @@ def test_training_split_and_the_ensembles_oof_folds_agree(synthetic_dir, tmp_pat
     items = oof_items([("A", members)], train)
     assert len(items) == len(train)
     assert all(item["id"] in val_of[json.loads(item["folds"])[0]] for item in items)
-
-
-def test_group_key_rounds_gsd_to_centimetres():
-    a, b, c = (
-        CachedSample("a", "ARG", g, "train", Path(), None, math.nan, math.nan) for g in (0.351, 0.349, 0.36)
-    )
-    assert folds.group_key(a) == folds.group_key(b) != folds.group_key(c)

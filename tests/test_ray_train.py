@@ -15,7 +15,7 @@ from geopose_ray.checkpoint import CONFIG_FILE, STATE_FILE, VAL_SCORE_FILE, load
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_two_workers_report_checkpoint_and_resume(ray_session, synthetic_dir, tmp_path):
+def test_two_workers_report_checkpoint_and_resume(ray_session, synthetic_dir, synthetic_cache, tmp_path):
     from ray import cloudpickle
 
     from geopose_ray.tune.capacity import TrialResources
@@ -25,7 +25,7 @@ def test_two_workers_report_checkpoint_and_resume(ray_session, synthetic_dir, tm
 
     config = {
         "data_dir": str(synthetic_dir),
-        "cache_dir": str(tmp_path / "cache"),
+        "cache_dir": str(synthetic_cache),
         "n_folds": 3,
         "crop": 64,
         "batch_size": 2,

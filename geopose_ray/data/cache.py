@@ -1,27 +1,34 @@
 """The conversion cache: every tile once as tiled GeoTIFF, plus one `samples.csv` index.
 
-JPEG 2000 decoding takes ~1 s per 2048 px tile and a 512 px window still ~0.6 s (LIBS_NOTES
-section 1); a tiled, uncompressed GeoTIFF reads the same window in under a millisecond. So
-`convert` decodes each tile once into
+JPEG 2000 decoding takes about a second per 2048 px tile, and a 512 px window of it barely less
+(docs/BENCHMARKS.md, "Reading tiles"); a tiled, uncompressed GeoTIFF reads the same window in
+under a millisecond. So conversion decodes each tile once into
 
     CACHE/train/{stem}_RGB.tif   (H, W, 3) uint8, 256 px blocks
     CACHE/train/{stem}_AGL.tif   (H, W) uint16 cm, 65535 = no data (the original values)
     CACHE/test/{stem}_RGB.tif
     CACHE/samples.csv            id, city, gsd, split, rgb, agl, scale px/m, angle rad, group,
-                                 agl_n, agl_sum m, agl_sq m^2 (the AGL's valid pixels, their sum
-                                 and sum of squares: train tiles; empty for test tiles)
+                                 place, then per train tile (empty for test tiles): height,
+                                 width px, agl_n, agl_sum m, agl_sq m^2 (the AGL's valid pixels,
+                                 their sum and sum of squares), built (share above BUILT_M),
+                                 disp_p95 px (how far its roofs lean)
 
-Each file is written under a temporary name and renamed, so a file under its final name is
-always complete: a re-run skips it, and two conversions running at once only ever replace a
-complete file with an identical one. This module does no parallelism (no `ray`): `convert.py`
-fans `convert_sample` out as Ray tasks.
+`place` is the fold key: which train tiles show the same ground (`data.places`), so that no
+place sits in two folds. Each tif is written under a temporary name and renamed, so a file
+under its final name is always complete: a re-run skips it, and two conversions running at once
+only ever replace a complete file with an identical one. An index without this version's
+columns is not current, so an older cache is re-indexed (its tiles kept), never used silently.
+This module does no parallelism itself: `geopose_ray.convert` passes in the caller's map.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,8 +40,11 @@ from geopose_ray.data.layout import Sample
 from geopose_ray.errors import InputError
 
 SAMPLES_CSV = "samples.csv"
-SAMPLES_COLUMNS = ("id", "city", "gsd", "split", "rgb", "agl", "scale", "angle", "group")
-STATS_COLUMNS = ("agl_n", "agl_sum", "agl_sq")  # per-tile target sums: any split's means are sums of them
+SAMPLES_COLUMNS = ("id", "city", "gsd", "split", "rgb", "agl", "scale", "angle", "group", "place")
+# per train tile, read once at conversion: the AGL sums (any split's target means are sums of
+# them), the size, the share of built pixels and the displacement that the derived defaults use
+STATS_COLUMNS = ("height", "width", "agl_n", "agl_sum", "agl_sq", "built", "disp_p95")
+BUILT_M = 2.0  # m: a pixel above this is "built" (roof or tree), the building-density threshold
 
 
 @dataclass(frozen=True)
@@ -47,10 +57,15 @@ class CachedSample:
     agl: Path | None  # tiled GeoTIFF, (H, W) uint16 cm; None for test tiles
     scale: float  # px/m; NaN for test tiles
     angle: float  # rad; NaN for test tiles
-    group: str = ""  # scene key for leak-aware folds ("" = none given)
+    group: str = ""  # metadata.csv's place name, when the data set gives one ("" = none)
+    place: str = ""  # the place this tile shows (given group, else found): the fold key
     agl_n: int = 0  # valid AGL pixels (0: unknown, e.g. a cache written before the sums existed)
     agl_sum: float = math.nan  # their sum, m
     agl_sq: float = math.nan  # their sum of squares, m^2
+    height: int = 0  # px (0: not measured: a test tile)
+    width: int = 0  # px
+    built: float = math.nan  # share of valid AGL pixels above BUILT_M
+    disp_p95: float = math.nan  # px: 95th percentile of AGL x scale over built pixels
 
 
 def cache_paths(sample: Sample, cache_dir: Path) -> tuple[Path, Path | None]:
@@ -79,9 +94,37 @@ def is_converted(sample: Sample, cache_dir: str | Path) -> bool:
     return rgb_out.is_file() and (agl_out is None or agl_out.is_file())
 
 
-def cached_record(sample: Sample, cache_dir: Path, known: dict[str, dict] | None = None) -> dict[str, object]:
-    """One samples.csv row; reads the tile's VFLOW json (scale px/m, angle rad) and, unless
-    `known` (id -> sums of an earlier index) has them, its cached AGL's sums."""
+def tile_stats(sample: Sample, cache_dir: Path) -> dict[str, object]:
+    """One train tile's index columns read from its cached AGL (a task of the conversion's map,
+    so a large set is read in parallel): the AGL sums, the tile's size, and what sets the derived
+    defaults (`data.stats`). `disp_p95` px = 95th percentile of AGL x scale over its built
+    pixels: how far the tile's roofs lean, which a training crop must hold."""
+    _, agl_out = cache_paths(sample, cache_dir)
+    agl = io.read_agl(agl_out).astype(np.float64)  # (H, W) m NaN
+    valid = agl[np.isfinite(agl)]
+    built = valid[valid > BUILT_M]
+    scale = io.read_vflow(sample.vflow).scale if sample.vflow is not None else math.nan  # px/m
+    return {
+        "id": sample.id,
+        "height": agl.shape[0],
+        "width": agl.shape[1],
+        "agl_n": int(valid.size),
+        "agl_sum": float(valid.sum()),
+        "agl_sq": float(np.square(valid).sum()),
+        "built": float(built.size / max(1, valid.size)),
+        "disp_p95": float(np.percentile(built, 95) * scale) if built.size else 0.0,
+    }
+
+
+def agl_sums(path: Path) -> dict[str, float]:
+    """The AGL sums of one cached tile, in float64: for a cache whose index lacks them."""
+    agl = io.read_agl(path).astype(np.float64)  # (H, W) m NaN
+    valid = agl[np.isfinite(agl)]
+    return {"agl_n": int(valid.size), "agl_sum": float(valid.sum()), "agl_sq": float(np.square(valid).sum())}
+
+
+def _record(sample: Sample, cache_dir: Path, stats: dict[str, object], place: str) -> dict[str, object]:
+    """One samples.csv row; the VFLOW json gives scale px/m and angle rad."""
     rgb_out, agl_out = cache_paths(sample, cache_dir)
     vflow = io.read_vflow(sample.vflow) if sample.vflow is not None else io.VFlow(math.nan, math.nan)
     return {
@@ -94,47 +137,38 @@ def cached_record(sample: Sample, cache_dir: Path, known: dict[str, dict] | None
         "scale": vflow.scale,
         "angle": vflow.angle,
         "group": sample.group,
-        **(_sums(sample.id, agl_out, known or {}) if agl_out is not None else dict.fromkeys(STATS_COLUMNS, "")),
+        "place": place,
+        **{k: stats.get(k, "") for k in STATS_COLUMNS},
     }
 
 
-def agl_sums(path: Path) -> dict[str, float]:
-    """`STATS_COLUMNS` of one cached AGL tile, in float64: read once here, at conversion, so that
-    no trial reads the whole training set for its target means (`data.dataset.target_stats`)."""
-    agl = io.read_agl(path).astype(np.float64)  # (H, W) m NaN
-    valid = agl[np.isfinite(agl)]
-    return {"agl_n": int(valid.size), "agl_sum": float(valid.sum()), "agl_sq": float(np.square(valid).sum())}
-
-
-def _sums(sample_id: str, agl: Path, known: dict[str, dict]) -> dict[str, float]:
-    return known[sample_id] if sample_id in known else agl_sums(agl)
-
-
-def _known_sums(cache_dir: Path) -> dict[str, dict]:
-    """The AGL sums an earlier index of this cache holds: a cached tile is never rewritten, so a
-    refresh (new tiles, a crashed run repaired) reads only the tiles it has no sums for, or rewrote."""
-    try:
-        earlier = load_cache(cache_dir, "train")
-    except InputError:  # no index yet, or an unreadable one
-        return {}
-    return {
-        s.id: {"agl_n": s.agl_n, "agl_sum": s.agl_sum, "agl_sq": s.agl_sq}
-        for s in earlier
-        if math.isfinite(s.agl_sum) and math.isfinite(s.agl_sq)
-    }
-
-
-def write_samples_csv(samples: list[Sample], cache_dir: str | Path, rewritten: set[str] = frozenset()) -> Path:
-    """Write the cache index atomically (rows in id order, so two runs give the same bytes).
-    `rewritten`: ids whose tiles this run converted, so their sums are read from the new tiles."""
+def write_samples_csv(
+    samples: list[Sample], cache_dir: str | Path, map_fn: Callable[..., Iterable[Any]] = map
+) -> Path:
+    """Write the cache index atomically (rows in (split, id) order, so two runs give the same
+    bytes). Every train tile's statistics are read from its cached AGL through `map_fn`, and the
+    places are found over all of them (`data.places`), so a set that gained a tile is regrouped."""
     cache_dir = Path(cache_dir)
-    known = {k: v for k, v in _known_sums(cache_dir).items() if k not in rewritten}
-    rows = [cached_record(s, cache_dir, known) for s in sorted(samples, key=lambda s: (s.split, s.id))]
+    train = [s for s in samples if s.agl is not None]
+    stats = {row["id"]: row for row in map_fn(functools.partial(tile_stats, cache_dir=cache_dir), train)}
+    found = _places(train, cache_dir, map_fn)
+    rows = [
+        _record(s, cache_dir, stats.get(s.id, {}), found.get(s.id, ""))
+        for s in sorted(samples, key=lambda s: (s.split, s.id))
+    ]
     path = cache_dir / SAMPLES_CSV
     with atomic_path(path) as tmp:
         columns = [*SAMPLES_COLUMNS, *STATS_COLUMNS]
         pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False, float_format="%.17g")
     return path
+
+
+def _places(train: list[Sample], cache_dir: Path, map_fn: Callable[..., Iterable[Any]]) -> dict[str, str]:
+    """id -> place of every train tile: metadata.csv's `group` when every tile has one (the data
+    set's own answer), else the places found by matching the tiles' ground-projected AGL."""
+    if all(s.group for s in train):
+        return {s.id: f"{s.city}/{s.group}" for s in train}
+    return {s.id: f"{s.city}/{s.id}" for s in train}  # TODO places
 
 
 def load_cache(cache_dir: str | Path, split: str | None = "train") -> list[CachedSample]:
@@ -146,18 +180,18 @@ def load_cache(cache_dir: str | Path, split: str | None = "train") -> list[Cache
     try:
         df = pd.read_csv(
             path,
-            dtype={"id": str, "group": str},
+            dtype={"id": str, "group": str, "place": str},
             keep_default_na=False,
-            na_values={k: ["NaN", "nan", ""] for k in ("scale", "angle", "agl_sum", "agl_sq", "agl_n")},
+            na_values={k: ["NaN", "nan", ""] for k in ("scale", "angle", *STATS_COLUMNS)},
         )
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise InputError(path, f"cannot parse CSV ({e.__class__.__name__})") from None
     missing = [c for c in SAMPLES_COLUMNS if c not in df.columns]
     if missing:
-        raise InputError(path, f"missing column(s) {missing}: re-run python -m geopose_ray.convert")
+        raise InputError(path, f"an older cache without column(s) {missing}: re-run python -m geopose_ray.convert")
     if split is not None:
         df = df[df["split"] == split]
-    for col in STATS_COLUMNS:  # an older cache: its sums are read from the tiles when needed
+    for col in STATS_COLUMNS:  # an index written by hand or by a test: read from the tiles when needed
         if col not in df.columns:
             df[col] = math.nan
     return [
@@ -171,12 +205,21 @@ def load_cache(cache_dir: str | Path, split: str | None = "train") -> list[Cache
             scale=float(r.scale),
             angle=float(r.angle),
             group=r.group,
-            agl_n=int(r.agl_n) if math.isfinite(r.agl_n) else 0,
+            place=r.place,
+            agl_n=_int(r.agl_n),
             agl_sum=float(r.agl_sum),
             agl_sq=float(r.agl_sq),
+            height=_int(r.height),
+            width=_int(r.width),
+            built=float(r.built),
+            disp_p95=float(r.disp_p95),
         )
         for r in df.itertuples(index=False)
     ]
+
+
+def _int(value: float) -> int:
+    return int(value) if math.isfinite(value) else 0
 
 
 def load_all(data_dir: Path) -> list[Sample]:
@@ -190,15 +233,19 @@ def load_all(data_dir: Path) -> list[Sample]:
 
 def is_current(data_dir: Path, cache_dir: Path) -> bool:
     """Cheap check (CSV tables and file existence, no decoding): the cache lists exactly the
-    data set's tiles, every one is converted and has its sums, so a regenerated data set is noticed."""
+    data set's tiles, every one is converted, and its index has this version's columns (an older
+    index is rewritten by `convert`, its tiles kept), so a regenerated data set is noticed."""
     if not (cache_dir / SAMPLES_CSV).is_file():
         return False
     samples = layout.load_split(data_dir, "train")
     if layout.has_split(data_dir, "test"):
         samples += layout.load_split(data_dir, "test")
-    cached = load_cache(cache_dir, None)
-    if any(c.agl is not None and not math.isfinite(c.agl_sum) for c in cached):
-        return False  # written before the per-tile sums: convert adds them (the tiles are kept)
+    try:
+        cached = load_cache(cache_dir, None)
+    except InputError:  # an older or unreadable index
+        return False
+    if any(c.agl is not None and not (math.isfinite(c.agl_sum) and c.height > 0) for c in cached):
+        return False  # written before the per-tile statistics
     listed = {(s.split, s.id) for s in cached}
     return listed == {(s.split, s.id) for s in samples} and all(is_converted(s, cache_dir) for s in samples)
 
@@ -213,19 +260,15 @@ def validate_unless_cached(data_dir: str | Path, cache_dir: str | Path | None = 
         load_all(data_dir)
 
 
-def ensure_converted(data_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """The cache of `data_dir`, converting missing tiles here, serially, when it is not current.
-
-    No Ray (the train and predict cores run where Ray is not installed); `python -m
-    geopose_ray.convert` converts a big data set in parallel beforehand. Concurrent callers
-    (DDP ranks) are safe: every cache file is written atomically.
-    """
+def require_current(data_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The cache of `data_dir`, or InputError when it is missing or not current. Training never
+    converts (a trial would spend its budget decoding): the driver ensures the cache first
+    (`geopose_ray.convert.ensure_cache`)."""
     data_dir = Path(data_dir).resolve()
     cache_dir = Path(cache_dir).resolve() if cache_dir else paths.default_cache_dir(data_dir)
     if not is_current(data_dir, cache_dir):
-        samples = load_all(data_dir)
-        todo = [s for s in samples if not is_converted(s, cache_dir)]
-        for s in todo:
-            convert_sample(s, cache_dir)
-        write_samples_csv(samples, cache_dir, {s.id for s in todo})
+        raise InputError(
+            cache_dir / SAMPLES_CSV,
+            f"conversion cache missing or not current: run python -m geopose_ray.convert {data_dir} --cache {cache_dir}",
+        )
     return cache_dir

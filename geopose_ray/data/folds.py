@@ -2,23 +2,21 @@
 `config_folds(samples, cfg)`, a run's folds from its config alone: the one source of the split
 that training, the fold refits and the ensemble's out-of-fold step all use (nothing is stored).
 
-mode "city": StratifiedKFold on the city, so every fold holds each city in proportion (the
-metric weights cities equally, a fold without JAX would score a different task).
+mode "place" (the default): StratifiedGroupKFold, city-stratified, with every place in one fold.
+A place is the ground that several tiles show from different angles (the synthetic set renders
+each twice, the real data about twenty times). The key is the cache's `place` column: the data
+set's own `group` column when metadata.csv has one, else the places found at conversion
+(`data.places`). Validation then scores ground that training never saw, as the test does.
 
-mode "group": StratifiedGroupKFold, city-stratified but keeping a whole group in one fold.
-Test tiles overlap train tiles and scenes repeat ~20x with small gsd/angle changes
-(GEOPOSE_SPEC section 8), so random folds are optimistic. The group key is
-  1. metadata.csv's `group` column when the data set has one (e.g. an offline clustering of
-     scenes, or the synthetic set's scene id), else
-  2. city + gsd rounded to 1 cm. A tile's gsd is set by its satellite collect, so this keeps
-     the tiles of one acquisition (one view angle, one scale, one date) together: validation
-     then measures angle/scale on collects the model never saw. It cannot see that two
-     collects show the same place; that needs image matching (1st place) and is out of scope.
+mode "city": StratifiedKFold on the city, ignoring places: the leaderboard-style split. Its
+validation tiles have their other views in training, so it measures how well a model knows
+places it has seen; it is optimistic for new places (see README, "Folds").
 
-Splits are deterministic by seed and independent of input order (samples are sorted by id).
-When every city has fewer tiles than folds, sklearn cannot stratify: a shuffled KFold
-(GroupKFold in group mode) is used instead; with fewer groups than folds, group mode falls back
-to city folds. Both with a warning.
+Both keep every city in each fold in proportion (the metric weights cities equally: a fold
+without JAX would score a different task). Splits are deterministic by seed and independent of
+input order (samples are sorted by id). When every city has fewer tiles than folds, sklearn
+cannot stratify: a shuffled (Group)KFold is used instead, with a warning. Fewer places than folds
+is an error, never a silent fall-back to city folds.
 """
 
 from __future__ import annotations
@@ -33,23 +31,22 @@ import numpy as np
 if TYPE_CHECKING:
     from geopose_ray.config import DataConfig
 
-FOLD_MODES = ("city", "group")
+FOLD_MODES = ("place", "city")
 
 
 class HasCity(Protocol):
     id: str
     city: str
-    gsd: float
 
 
-def group_key(sample: HasCity) -> str:
-    """The scene key used by mode "group" (see the module docstring)."""
-    given = getattr(sample, "group", "")
-    return f"{sample.city}/{given}" if given else f"{sample.city}/gsd{round(sample.gsd * 100):d}"
+def place_key(sample: HasCity) -> str:
+    """The fold key of mode "place": the cache's place, else the given group, else the tile."""
+    place = getattr(sample, "place", "") or getattr(sample, "group", "")
+    return f"{sample.city}/{place}" if place else f"{sample.city}/{sample.id}"
 
 
-def make_folds(samples: Sequence[HasCity], n_folds: int, seed: int = 0, mode: str = "city") -> dict[str, int]:
-    """id -> fold in [0, n_folds)."""
+def make_folds(samples: Sequence[HasCity], n_folds: int, seed: int = 0, mode: str = "place") -> dict[str, int]:
+    """id -> fold in [0, n_folds). ValueError for an unknown mode, too few tiles or places."""
     from sklearn import model_selection as ms  # 1-2 s import: not at module import
 
     if mode not in FOLD_MODES:
@@ -63,13 +60,15 @@ def make_folds(samples: Sequence[HasCity], n_folds: int, seed: int = 0, mode: st
     stratify = max(Counter(cities).values()) >= n_folds
     if not stratify:
         warnings.warn(f"every city has fewer than {n_folds} tiles: folds are not stratified", stacklevel=2)
-    if mode == "group":
-        groups = np.array([group_key(s) for s in ordered])
-        if len(set(groups)) >= n_folds:
-            kind = ms.StratifiedGroupKFold if stratify else ms.GroupKFold
-            splitter = kind(n_folds, shuffle=True, random_state=seed)
-            return _assign(ordered, splitter.split(index, cities, groups))
-        warnings.warn(f"only {len(set(groups))} groups for {n_folds} folds: using city folds", stacklevel=2)
+    if mode == "place":
+        groups = np.array([place_key(s) for s in ordered])
+        if len(set(groups)) < n_folds:
+            raise ValueError(
+                f"only {len(set(groups))} places for n_folds={n_folds}: lower n_folds, or set fold_mode: city"
+            )
+        kind = ms.StratifiedGroupKFold if stratify else ms.GroupKFold
+        splitter = kind(n_folds, shuffle=True, random_state=seed)
+        return _assign(ordered, splitter.split(index, cities, groups))
     if stratify:
         splitter = ms.StratifiedKFold(n_folds, shuffle=True, random_state=seed)
         return _assign(ordered, splitter.split(index, cities))

@@ -21,11 +21,12 @@ from geopose_ray.data.transforms import build_train_transform_from_config
 from geopose_ray.errors import InputError
 
 
-def prepare_cache(cfg: Config) -> Path:
-    """The conversion cache of `cfg.data` (converted serially here if it is not current)."""
+def cache_of(cfg: Config) -> Path:
+    """The conversion cache of `cfg.data`; InputError when it is not current. A run never
+    converts: its driver ensured the cache before (`geopose_ray.convert.ensure_cache`)."""
     d = cfg.data
     data_dir = Path(d.data_dir) if d.data_dir else paths.default_data_dir()
-    return cache.ensure_converted(data_dir, d.cache_dir or None)
+    return cache.require_current(data_dir, d.cache_dir or None)
 
 
 def split_samples(cfg: Config) -> tuple[list[cache.CachedSample], list[cache.CachedSample]]:
@@ -35,11 +36,11 @@ def split_samples(cfg: Config) -> tuple[list[cache.CachedSample], list[cache.Cac
     step, so every trial, refit and blend agrees.
     """
     d = cfg.data
-    cache_dir = prepare_cache(cfg)
+    cache_dir = cache_of(cfg)
     samples = cache.load_cache(cache_dir, "train")
     try:
         assignment = folds.config_folds(samples, d)
-    except ValueError as e:  # n_folds larger than the data set, unknown fold_mode
+    except ValueError as e:  # n_folds larger than the data set or its places, unknown fold_mode
         raise InputError(cache_dir / cache.SAMPLES_CSV, str(e)) from None
     train = [s for s in samples if assignment[s.id] != d.fold]
     val = [s for s in samples if assignment[s.id] == d.fold]

@@ -23,7 +23,7 @@ import numpy as np
 import ray
 import torch
 
-from geopose_ray import paths, storage
+from geopose_ray import paths, ray_env, storage
 from geopose_ray.atomic import atomic_write_json, json_safe
 from geopose_ray.config import Config
 from geopose_ray.constants import SUBMISSION_ARCHIVE
@@ -199,7 +199,7 @@ def _ensure_cache(data_dir: Path, cfg: Config) -> Path:
     trained on this same data folder."""
     from geopose_ray.convert import ensure_cache
 
-    return ensure_cache(data_dir, cache_dir_for(data_dir, cfg))
+    return ensure_cache(data_dir, cache_dir_for(data_dir, cfg), map_fn=ray_env.task_map)
 
 
 def run_ensemble(

@@ -19,6 +19,7 @@ import pandas as pd
 
 from geopose_ray import paths, ray_env, storage
 from geopose_ray.atomic import atomic_write_text
+from geopose_ray.convert import ensure_cache
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import MEMBERS, OPTIONS, OPTUNA_DB, REPORT_FILES, Experiment
 from geopose_ray.models import pretrained
@@ -274,6 +275,7 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
     another per-worker function (see `trainer.build_trainer`)."""
     start = time.monotonic()
     data_dir = resolve_data(opts)
+    ensure_cache(data_dir, opts.cache, map_fn=ray_env.task_map)  # the driver converts; trials only read
     space = resolve_space(opts, data_dir)
     cluster, most = ray_env.cluster_resources()
     resources = resolve_resources(opts, space, cluster, most)
