@@ -50,8 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pending-trials", type=int, help="trials admitted beyond what fits, so an autoscaler adds "
                    "nodes (default: 0 on a local instance, 1 with --address)")  # fmt: skip
     p.add_argument("--fold", type=int, default=0, help="validation fold of the search")
-    p.add_argument("--folds", help="refit folds: a count or a comma list (default: the search's --fold, "
-                   "whose full-budget trials are reused, so nothing is retrained)")  # fmt: skip
+    p.add_argument("--folds", help="refit folds: a count or a comma list (default: the fold after --fold, so the "
+                   "out-of-fold scores that choose members and fit the blend did not choose the configs; "
+                   "the search's own fold reuses its full-budget trials)")  # fmt: skip
     p.add_argument("--refit-top", type=int, help="refit the K best configs on every fold (default: 1 with no "
                    "--space, else 0)")  # fmt: skip
     p.add_argument("--refit-seeds", type=int, help="train each refit config with N seeds, N members (default: "

@@ -76,6 +76,21 @@ def test_read_members_keeps_top_k_configs_with_all_their_folds(tmp_path):
     assert [cid for cid, _ in groups] == ["A", "B"] and sorted(groups[0][1]) == [0, 1]
 
 
+def test_configs_are_chosen_by_their_out_of_fold_score_not_by_search_rank(tmp_path):
+    for name in ("a1", "b1", "c1"):
+        _fake_checkpoint(tmp_path / "exp" / name)
+    entries = [
+        {**_entry(0, "A", 1, "a1"), "config_oof_score": 0.41},  # the search's best, worse out of fold
+        {**_entry(1, "B", 1, "b1"), "config_oof_score": 0.63},
+        {**_entry(2, "C", 1, "c1"), "config_oof_score": None},  # no accumulators: by rank, after
+    ]
+    _experiment(tmp_path, "exp", entries)
+    assert [m.config_id for m in ms.read_members(tmp_path, "exp", top_k=1)] == ["B"]
+    assert sorted(m.config_id for m in ms.read_members(tmp_path, "exp", top_k=2)) == ["A", "B"]
+    order = ms.by_oof_score(ms.read_members(tmp_path, "exp", top_k=3))
+    assert [c for c, _ in order] == ["B", "A", "C"] and order[0][1] == 0.63
+
+
 def test_latest_experiment_is_the_newest_with_members(tmp_path):
     import os
 

@@ -28,7 +28,8 @@ class Member:
     fold: int  # the validation fold this member did not train on
     checkpoint: Path | str  # folder holding state.pt: a Path, or a URI in a remote storage
     rank: int = 0  # the config's place in the search (0 = best)
-    score: float = math.nan
+    score: float = math.nan  # the trial's best validation score (single view, its own fold)
+    oof_score: float = math.nan  # the config's score over all its folds' out-of-fold tiles
     trial_id: str = ""
     config: dict[str, Any] = field(default_factory=dict, compare=False)  # flat Config keys
 
@@ -75,8 +76,9 @@ def _member(entry: Any, i: int, path: str | Path) -> Member:
     try:
         rank, fold = int(entry["rank"]), int(entry["fold"])
         score = math.nan if entry.get("score") is None else float(entry["score"])
+        oof = math.nan if entry.get("config_oof_score") is None else float(entry["config_oof_score"])
     except (TypeError, ValueError):
-        raise InputError(path, f"entry {i}: rank and fold must be integers, score a number") from None
+        raise InputError(path, f"entry {i}: rank and fold must be integers, the scores numbers") from None
     if not isinstance(entry["config"], dict):
         raise InputError(path, f"entry {i}: config must be a flat object of config keys")
     return Member(
@@ -85,24 +87,37 @@ def _member(entry: Any, i: int, path: str | Path) -> Member:
         checkpoint=_checkpoint_dir(entry["checkpoint"], storage.parent(path), path),
         rank=rank,
         score=score,
+        oof_score=oof,
         trial_id=str(entry.get("trial_id", "")),
         config=dict(entry["config"]),
     )
 
 
 def read_members(root: str | Path, name: str, top_k: int) -> list[Member]:
-    """The members of the `top_k` best-ranked configs in `<root>/<name>/members.json` (`root`: a
-    folder or a URI; the file is read where it is, the checkpoints stay there too)."""
+    """The members of the `top_k` best configs in `<root>/<name>/members.json` (`root`: a folder
+    or a URI; the file is read where it is, the checkpoints stay there too), with all their folds.
+
+    Configs are chosen by their out-of-fold score, not by search rank: the rank comes from the
+    search fold's tiles, which chose the configs, while the refit folds' out-of-fold tiles did
+    not (`tune.search.refit_folds`). A config without that score comes after those with one,
+    by rank."""
     path = Experiment(root, name).file(MEMBERS)
     doc = _load_json(path)
     if not isinstance(doc, list) or not doc:
         raise InputError(path, "expected a non-empty JSON list of members")
     members = [_member(e, i, path) for i, e in enumerate(doc)]
-    best_rank: dict[str, int] = {}
-    for m in members:
-        best_rank[m.config_id] = min(best_rank.get(m.config_id, m.rank), m.rank)
-    keep = sorted(best_rank, key=lambda c: (best_rank[c], c))[: max(1, top_k)]
+    keep = [cid for cid, _ in by_oof_score(members)][: max(1, top_k)]
     return [m for m in members if m.config_id in keep]
+
+
+def by_oof_score(members: list[Member]) -> list[tuple[str, float]]:
+    """(config_id, out-of-fold score) best first: a finite score first, then the search rank."""
+    best: dict[str, tuple[float, int]] = {}
+    for m in members:
+        oof = -m.oof_score if math.isfinite(m.oof_score) else math.inf
+        best[m.config_id] = min(best.get(m.config_id, (oof, m.rank)), (oof, m.rank))
+    order = sorted(best, key=lambda c: (*best[c], c))
+    return [(c, -best[c][0]) for c in order]
 
 
 def latest_experiment(root: str | Path) -> str:

@@ -29,6 +29,7 @@ from geopose_ray.tune.space import SearchSpace, load_space
 
 log = logging.getLogger(__name__)
 DEFAULT_WORKERS = 2
+FOLDS_VERSION = 2  # 1: city folds by default, one place's tiles in several folds; 2: place folds
 FIXED_CLUSTER_CONTROLLER_RETRIES = 5  # x 60 s worker-group start timeouts, then the trial errors
 DEFAULT_CPUS_PER_WORKER = 1.0
 
@@ -229,9 +230,39 @@ def optuna_study(opts: SearchOptions, exp: Experiment) -> tuple[str, str]:
     return opts.optuna_storage or exp.optuna_url, exp.name
 
 
-def refit_folds(opts: SearchOptions) -> tuple[int, ...]:
-    """--folds, else the search's own fold (its full-budget trials are then reused, not retrained)."""
-    return opts.folds if opts.folds is not None else (opts.fold,)
+def folds_record(space: SearchSpace) -> dict[str, Any]:
+    """The fold settings every trial, refit and blend of the experiment shares, with the version
+    of their meaning: an experiment is resumed only with the folds it started with."""
+    from geopose_ray.config import Config
+
+    d = Config.from_dict(space.defaults(), strict=False).data
+    return {"version": FOLDS_VERSION, "mode": d.fold_mode, "n_folds": d.n_folds, "fold_seed": d.fold_seed}
+
+
+def check_resumable(exp: Experiment, space: SearchSpace) -> None:
+    """A resumed experiment must have started with these folds: trials split another way would
+    be ranked, refit and blended as if they had seen the same tiles. One that started before
+    place folds (no record) or with other fold settings stops with one line (exit 2)."""
+    local = exp.fetch(OPTIONS)
+    stored = json.loads(local.read_text()).get("folds") if local is not None else None
+    if stored != folds_record(space):
+        problem = "made before leak-free place folds" if stored is None else f"made with folds {stored}"
+        raise InputError(exp.location, f"{problem}, not {folds_record(space)}: start a new --name")
+
+
+def refit_folds(opts: SearchOptions, n_folds: int) -> tuple[int, ...]:
+    """--folds, else the one fold after the search's own. The search chose its configs by their
+    scores on its fold's tiles, so members refit there would predict those same tiles out of
+    fold, and the blend and the member choice fitted on them would inherit that selection's
+    optimism. On another fold, the out-of-fold tiles never took part in choosing."""
+    return opts.folds if opts.folds is not None else ((opts.fold + 1) % n_folds,)
+
+
+def selection_note(opts: SearchOptions, n_folds: int) -> str:
+    """How the refit folds' out-of-fold scores may be read: a person sees it in the plan."""
+    if opts.fold in refit_folds(opts, n_folds):
+        return f"includes the search's fold {opts.fold}: its out-of-fold scores are optimistic"
+    return f"not the search's fold {opts.fold}: out-of-fold scores free of the selection"
 
 
 def plan_search(opts: SearchOptions) -> list[str]:
@@ -263,9 +294,10 @@ def plan_search(opts: SearchOptions) -> list[str]:
     if opts.refit_top > 0:
         seeds = f" x {opts.refit_seeds} seeds" if opts.refit_seeds > 1 else ""
         seeds += f", {opts.refit_epochs} epochs" if opts.refit_epochs else ""
+        folds = refit_folds(opts, space.n_folds())
         lines.append(
-            f"refits:     the top {opts.refit_top} configs{seeds} on fold(s) {list(refit_folds(opts))}"
-            f" -> {exp.file(MEMBERS)}"
+            f"refits:     the top {opts.refit_top} configs{seeds} on fold(s) {list(folds)}"
+            f" ({selection_note(opts, space.n_folds())}) -> {exp.file(MEMBERS)}"
         )
     return lines
 
@@ -292,10 +324,14 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
     trainable = trainer.make_trainable(settings, train_fn)
     study = optuna_study(opts, exp)
     exp.dir.mkdir(parents=True, exist_ok=True)  # SQLite creates its file, not the folder
+    if opts.resume:
+        check_resumable(exp, space)
     if opts.resume and opts.optuna_storage is None:
         exp.fetch(OPTUNA_DB)  # resumed on another machine: the study's copy from the storage
 
-    def make_tuner() -> Any:
+    def make_tuner() -> Any:  # a new experiment only: its options (with its folds) before any trial
+        _write_options(exp, opts, space, resources, capacity.limit(cluster, most))
+        exp.push(OPTIONS)
         return tuner.build_tuner(
             space, trainable, exp.name, str(exp.storage), capacity, opts.seed, study=study, mlflow=opts.mlflow
         )
@@ -321,7 +357,7 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
             "search interrupted: %d trials unfinished; finish with --resume", report.unfinished(board)
         )
     elif opts.refit_top > 0:
-        folds = refit_folds(opts)
+        folds = refit_folds(opts, space.n_folds())
         concurrent = capacity.limit(*ray_env.cluster_resources())  # refits: fixed, from the cluster now
         out = refit.run_refit(
             exp, space, settings, opts.refit_top, folds, concurrent, opts.resume, train_fn,
@@ -342,5 +378,6 @@ def _write_options(exp: Experiment, opts: SearchOptions, space: SearchSpace, res
         max_concurrent_trials=conc,
         max_epochs=space.scheduler.max_epochs,
         fixed=space.fixed,
+        folds=folds_record(space),
     )
     atomic_write_text(exp.options, json.dumps(doc, indent=2, default=str) + "\n")
