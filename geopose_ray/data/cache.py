@@ -10,7 +10,7 @@ under a millisecond. So conversion decodes each tile once into
     CACHE/samples.csv            id, city, gsd, split, rgb, agl, scale px/m, angle rad, group,
                                  place, then per train tile (empty for test tiles): height,
                                  width px, agl_n, agl_sum m, agl_sq m^2 (the AGL's valid pixels,
-                                 their sum and sum of squares), built (share above BUILT_M),
+                                 their sum and sum of squares), built (share above 2 m),
                                  disp_p95 px (how far its roofs lean)
 
 `place` is the fold key: which train tiles show the same ground (`data.places`), so that no
@@ -35,7 +35,7 @@ import pandas as pd
 
 from geopose_ray import paths
 from geopose_ray.atomic import atomic_path
-from geopose_ray.data import io, layout
+from geopose_ray.data import io, layout, stats
 from geopose_ray.data.layout import Sample
 from geopose_ray.errors import InputError
 
@@ -44,7 +44,6 @@ SAMPLES_COLUMNS = ("id", "city", "gsd", "split", "rgb", "agl", "scale", "angle",
 # per train tile, read once at conversion: the AGL sums (any split's target means are sums of
 # them), the size, the share of built pixels and the displacement that the derived defaults use
 STATS_COLUMNS = ("height", "width", "agl_n", "agl_sum", "agl_sq", "built", "disp_p95")
-BUILT_M = 2.0  # m: a pixel above this is "built" (roof or tree), the building-density threshold
 
 
 @dataclass(frozen=True)
@@ -95,25 +94,11 @@ def is_converted(sample: Sample, cache_dir: str | Path) -> bool:
 
 
 def tile_stats(sample: Sample, cache_dir: Path) -> dict[str, object]:
-    """One train tile's index columns read from its cached AGL (a task of the conversion's map,
-    so a large set is read in parallel): the AGL sums, the tile's size, and what sets the derived
-    defaults (`data.stats`). `disp_p95` px = 95th percentile of AGL x scale over its built
-    pixels: how far the tile's roofs lean, which a training crop must hold."""
+    """One train tile's index columns, read from its cached AGL (a task of the conversion's map,
+    so a large set is read in parallel): `data.stats.agl_stats`."""
     _, agl_out = cache_paths(sample, cache_dir)
-    agl = io.read_agl(agl_out).astype(np.float64)  # (H, W) m NaN
-    valid = agl[np.isfinite(agl)]
-    built = valid[valid > BUILT_M]
     scale = io.read_vflow(sample.vflow).scale if sample.vflow is not None else math.nan  # px/m
-    return {
-        "id": sample.id,
-        "height": agl.shape[0],
-        "width": agl.shape[1],
-        "agl_n": int(valid.size),
-        "agl_sum": float(valid.sum()),
-        "agl_sq": float(np.square(valid).sum()),
-        "built": float(built.size / max(1, valid.size)),
-        "disp_p95": float(np.percentile(built, 95) * scale) if built.size else 0.0,
-    }
+    return {"id": sample.id, **stats.agl_stats(io.read_agl(agl_out), scale)}
 
 
 def agl_sums(path: Path) -> dict[str, float]:
@@ -123,7 +108,7 @@ def agl_sums(path: Path) -> dict[str, float]:
     return {"agl_n": int(valid.size), "agl_sum": float(valid.sum()), "agl_sq": float(np.square(valid).sum())}
 
 
-def _record(sample: Sample, cache_dir: Path, stats: dict[str, object], place: str) -> dict[str, object]:
+def _record(sample: Sample, cache_dir: Path, measured: dict[str, object], place: str) -> dict[str, object]:
     """One samples.csv row; the VFLOW json gives scale px/m and angle rad."""
     rgb_out, agl_out = cache_paths(sample, cache_dir)
     vflow = io.read_vflow(sample.vflow) if sample.vflow is not None else io.VFlow(math.nan, math.nan)
@@ -138,7 +123,7 @@ def _record(sample: Sample, cache_dir: Path, stats: dict[str, object], place: st
         "angle": vflow.angle,
         "group": sample.group,
         "place": place,
-        **{k: stats.get(k, "") for k in STATS_COLUMNS},
+        **{k: measured.get(k, "") for k in STATS_COLUMNS},
     }
 
 
@@ -150,10 +135,10 @@ def write_samples_csv(
     places are found over all of them (`data.places`), so a set that gained a tile is regrouped."""
     cache_dir = Path(cache_dir)
     train = [s for s in samples if s.agl is not None]
-    stats = {row["id"]: row for row in map_fn(functools.partial(tile_stats, cache_dir=cache_dir), train)}
+    per_tile = {row["id"]: row for row in map_fn(functools.partial(tile_stats, cache_dir=cache_dir), train)}
     found = _places(train, cache_dir, map_fn)
     rows = [
-        _record(s, cache_dir, stats.get(s.id, {}), found.get(s.id, ""))
+        _record(s, cache_dir, per_tile.get(s.id, {}), found.get(s.id, ""))
         for s in sorted(samples, key=lambda s: (s.split, s.id))
     ]
     path = cache_dir / SAMPLES_CSV

@@ -20,6 +20,8 @@ import pandas as pd
 from geopose_ray import paths, ray_env, storage
 from geopose_ray.atomic import atomic_write_text
 from geopose_ray.convert import ensure_cache
+from geopose_ray.data import derive
+from geopose_ray.data.stats import DataStats
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import MEMBERS, OPTIONS, OPTUNA_DB, REPORT_FILES, Experiment
 from geopose_ray.models import pretrained
@@ -111,9 +113,31 @@ def load_run_space(opts: SearchOptions) -> SearchSpace:
     return space
 
 
-def resolve_space(opts: SearchOptions, data_dir: str) -> SearchSpace:
-    """The space with this run's settings folded in: --set overrides, data, fold and the epoch budget."""
+def measure_data(opts: SearchOptions, data_dir: str | Path) -> DataStats:
+    """The data set's statistics: from its cache when current (every tile, measured at
+    conversion), else from a sample of its AGL files (a dry run converts nothing)."""
+    from geopose_ray.data import cache, stats
+
+    cache_dir = Path(opts.cache).resolve() if opts.cache else paths.default_cache_dir(data_dir)
+    try:
+        if cache.is_current(Path(data_dir), cache_dir):
+            return stats.from_cache(cache.load_cache(cache_dir, "train"))
+        return stats.from_files(data_dir)
+    except ValueError as e:  # no train tile
+        raise InputError(data_dir, str(e)) from None
+
+
+def derived_keys(space: SearchSpace, data: DataStats) -> tuple[dict[str, Any], list[str]]:
+    """(the space's fixed keys with the data's derived defaults added, the plan's lines)."""
+    return derive.apply(space.fixed, space.searched(), derive.derive(data, space.fixed))
+
+
+def resolve_space(opts: SearchOptions, data_dir: str, data: DataStats | None = None) -> SearchSpace:
+    """The space with this run's settings folded in: --set overrides, data, fold, the epoch
+    budget, and (with `data`, the data set's statistics) the defaults derived from the data."""
     space = load_run_space(opts)
+    if data is not None:
+        space = dataclasses.replace(space, fixed=derived_keys(space, data)[0])
     sched = space.scheduler
     if opts.max_epochs is not None:
         if opts.max_epochs < 1:
@@ -273,7 +297,8 @@ def plan_search(opts: SearchOptions) -> list[str]:
 
     data = Path(opts.data).resolve() if opts.data else paths.default_data_dir()
     tiles = {split: len(layout.load_split(data, split)) for split in ("train", "test")} if opts.data else None
-    space = resolve_space(opts, str(data))
+    measured = measure_data(opts, data) if layout.has_split(data, "train") else None
+    space = resolve_space(opts, str(data), measured)
     cluster, most = ray_env.cluster_resources()
     resources = resolve_resources(opts, space, cluster, most)
     concurrent = resolve_capacity(opts, resources).limit(cluster, most)
@@ -290,6 +315,7 @@ def plan_search(opts: SearchOptions) -> list[str]:
         f"cluster:    {have}; {concurrent} trial(s) at once",
         f"experiment: {exp.location}" + ("  (resumed)" if opts.resume else ""),
         "optuna:     {}  (study {})".format(*optuna_study(opts, exp)),
+        *_data_lines(opts, measured),
     ]
     if opts.refit_top > 0:
         seeds = f" x {opts.refit_seeds} seeds" if opts.refit_seeds > 1 else ""
@@ -302,13 +328,21 @@ def plan_search(opts: SearchOptions) -> list[str]:
     return lines
 
 
+def _data_lines(opts: SearchOptions, measured: DataStats | None) -> list[str]:
+    """The plan's measured statistics and the values derived from them, each with its reason."""
+    if measured is None:
+        return ["derived:    measured once the embedded set is written (the first run writes it)"]
+    lines = [f"measured:   {line}" for line in measured.lines()]
+    return lines + [f"derived:    {line}" for line in derived_keys(load_run_space(opts), measured)[1]]
+
+
 def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) -> SearchResult:
     """Search one fold, report, and optionally refit the top configs on every fold. `train_fn`:
     another per-worker function (see `trainer.build_trainer`)."""
     start = time.monotonic()
     data_dir = resolve_data(opts)
     ensure_cache(data_dir, opts.cache, map_fn=ray_env.task_map)  # the driver converts; trials only read
-    space = resolve_space(opts, data_dir)
+    space = resolve_space(opts, data_dir, measure_data(opts, data_dir))
     cluster, most = ray_env.cluster_resources()
     resources = resolve_resources(opts, space, cluster, most)
     exp = resolve_experiment(opts, space)

@@ -1,0 +1,90 @@
+"""Defaults derived from the data (`data.stats.DataStats`), each with the reason a person reads
+in the plan (`run_search.py --dry-run`).
+
+A crop that cannot hold a roof and its footprint at once cannot teach the lean between them:
+a 64 px crop is right for roofs that lean 13 px and useless for ones that lean 80. So the crop
+follows the measured displacement, and the batch and the crops per epoch follow the crop so
+that a step and an epoch cost the same pixels whatever the data (the search's time budget is
+set in epochs). Validation tiles follow the tile size, so that a 2048 px set is validated in
+windows a step can hold. A space or `--set` that names a key wins over its derived value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from geopose_ray.data.stats import DataStats
+
+CROP_PER_DISPLACEMENT = 4  # crop side / 95th-pct displacement: a pair (roof, footprint) d px apart
+# lies inside a random c px crop with chance ((c - d) / c)^2, 0.56 at c = 4d, 0.25 at c = 2d
+MIN_CROP = 64  # px: the encoders' stride 32 leaves a 2 x 2 deepest feature map
+MAX_CROP = 256  # px: at EPOCH_PX, a larger crop leaves an epoch fewer than 10 steps of MIN_BATCH
+CROP_STEP = 32  # px: crops are multiples of the encoders' output stride
+STEP_PX = 16 * 64 * 64  # training pixels per optimizer step (per worker): 16 crops of 64 px
+EPOCH_PX = 320 * 64 * 64  # training pixels per epoch: 320 crops of 64 px
+MIN_BATCH = 2  # BatchNorm needs two samples
+FULL_TILE_VAL = 512  # px: larger tiles are validated on a centre window
+VAL_STEP_PX = 16 * 128 * 128  # validation pixels per batch
+
+
+@dataclass(frozen=True)
+class Derived:
+    key: str  # a flat Config key
+    value: Any
+    reason: str
+
+
+def _round_up(x: float, step: int) -> int:
+    return int(math.ceil(x / step) * step)
+
+
+def derive(stats: DataStats, given: dict[str, Any] | None = None) -> list[Derived]:
+    """The derived data keys of a data set: crop, batch_size, epoch_samples, val_crop and
+    val_batch_size. Each later key follows the value that holds for the earlier ones: one that
+    `given` (the space's fixed keys) sets wins over the derived one."""
+    given = given or {}
+    tile = stats.tile_px
+    want = _round_up(CROP_PER_DISPLACEMENT * stats.disp_p95, CROP_STEP)
+    crop = min(max(MIN_CROP, want), tile, MAX_CROP)
+    why = (
+        f"{CROP_PER_DISPLACEMENT} x the 95th-percentile displacement ({stats.disp_p95:.0f} px), in steps of "
+        f"{CROP_STEP}, within [{MIN_CROP}, {min(tile, MAX_CROP)}] px"
+    )
+    crop_used = int(given.get("crop", crop))
+    batch = max(MIN_BATCH, round(STEP_PX / crop_used**2))
+    batch_used = int(given.get("batch_size", batch))
+    samples = max(batch_used, round(EPOCH_PX / crop_used**2 / batch_used) * batch_used)
+    samples_why = f"{EPOCH_PX // 4096} crops of 64 px per epoch, in {crop_used} px crops"
+    if "crop" in given:  # a space that sets its crop sets its budget: an epoch is a pass over the tiles
+        samples, samples_why = 0, "one pass over the tiles (x repeat): the space sets the crop"
+    val = 0 if tile <= FULL_TILE_VAL else min(tile, max(FULL_TILE_VAL, _round_up(2 * crop_used, CROP_STEP)))
+    val_side = int(given.get("val_crop", val)) or tile
+    val_batch = max(1, min(16, VAL_STEP_PX // val_side**2))
+    return [
+        Derived("crop", crop, why),
+        Derived("batch_size", batch, f"{STEP_PX // 4096} crops of 64 px per step, in {crop_used} px crops"),
+        Derived("epoch_samples", samples, samples_why),
+        Derived(
+            "val_crop",
+            val,
+            "whole tiles" if val == 0 else f"a centre window of {val} px of the {tile} px tiles (2 x the crop)",
+        ),
+        Derived("val_batch_size", val_batch, f"{VAL_STEP_PX // 16384} tiles of 128 px per batch"),
+    ]
+
+
+def apply(fixed: dict[str, Any], searched: list[str], derived: list[Derived]) -> tuple[dict[str, Any], list[str]]:
+    """`fixed` with every derived key that the space neither fixes nor searches; and the plan's
+    lines, one per key, saying which value holds and why."""
+    out, lines = dict(fixed), []
+    for d in derived:
+        if d.key in searched:
+            lines.append(f"{d.key:<15} searched by the space (derived would be {d.value}: {d.reason})")
+        elif d.key in fixed:
+            lines.append(f"{d.key:<15} {fixed[d.key]!s:<6} set by the space or --set (derived: {d.value})")
+        else:
+            out[d.key] = d.value
+            lines.append(f"{d.key:<15} {d.value!s:<6} {d.reason}")
+    return out, lines

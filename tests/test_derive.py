@@ -1,0 +1,80 @@
+"""Defaults derived from the data: the crop holds the measured roof displacement, a step and an
+epoch cost the same pixels whatever the crop, large tiles are validated in windows, and a key the
+space sets wins. The default space leaves them unset, so the default path derives them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from geopose_ray.data import derive, stats
+from geopose_ray.data.stats import DataStats
+
+ROOT = Path(__file__).resolve().parents[1]
+DERIVED = ("crop", "batch_size", "epoch_samples", "val_crop", "val_batch_size")
+
+
+def _stats(tile: int, disp: float) -> DataStats:
+    return DataStats(train_tiles=48, measured=48, tile_px=tile, disp_p95=disp, disp_max=disp, built=0.1)
+
+
+def _values(s: DataStats, given: dict | None = None) -> dict:
+    return {d.key: d.value for d in derive.derive(s, given)}
+
+
+@pytest.mark.parametrize(
+    ("tile", "disp"), [(128, 13.0), (256, 5.0), (256, 40.0), (256, 85.0), (512, 60.0), (2048, 400.0)]
+)
+def test_the_crop_holds_the_displacement_and_a_step_costs_the_same_pixels(tile, disp):
+    v = _values(_stats(tile, disp))
+    assert v["crop"] % derive.CROP_STEP == 0 and derive.MIN_CROP <= v["crop"] <= min(tile, derive.MAX_CROP)
+    assert v["crop"] >= min(derive.CROP_PER_DISPLACEMENT * disp, tile, derive.MAX_CROP)
+    step_px = v["batch_size"] * v["crop"] ** 2
+    assert step_px == pytest.approx(derive.STEP_PX, rel=0.5) or v["batch_size"] == derive.MIN_BATCH
+    assert v["epoch_samples"] % v["batch_size"] == 0 and v["epoch_samples"] * v["crop"] ** 2 >= 0.5 * derive.EPOCH_PX
+    assert (v["val_crop"] == 0) == (tile <= derive.FULL_TILE_VAL)
+    assert v["val_crop"] <= tile and v["val_batch_size"] >= 1
+
+
+def test_taller_buildings_get_larger_crops():
+    crops = [_values(_stats(256, d))["crop"] for d in (5, 20, 40, 60, 90)]
+    assert crops == sorted(crops) and crops[0] == 64 and crops[-1] == 256
+
+
+def test_a_key_the_space_sets_wins_and_the_keys_after_it_follow_it():
+    s = _stats(256, 85.0)
+    fixed, lines = derive.apply({"crop": 64}, ["batch_size"], derive.derive(s, {"crop": 64}))
+    assert fixed["crop"] == 64 and "batch_size" not in fixed  # searched: the space's choice
+    assert fixed["epoch_samples"] == 0  # the space set its crop, so its budget: a pass over the tiles
+    assert any(line.startswith("crop") and "set by the space" in line for line in lines)
+    assert any(line.startswith("batch_size") and "searched" in line for line in lines)
+    assert len(lines) == len(DERIVED)
+
+
+def test_the_default_space_leaves_every_derived_key_to_the_data():
+    doc = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+    assert not set(DERIVED) & (set(doc.get("fixed", {})) | set(doc.get("parameters", {})))
+
+
+def test_stats_from_files_and_from_the_cache_agree(synthetic_dir, synthetic_cache):
+    from geopose_ray.data import cache
+
+    cached = stats.from_cache(cache.load_cache(synthetic_cache, "train"))
+    sampled = stats.from_files(synthetic_dir, max_tiles=1000)
+    assert cached.train_tiles == sampled.train_tiles == sampled.measured == 12
+    assert cached.tile_px == sampled.tile_px == 64
+    assert cached.disp_p95 == pytest.approx(sampled.disp_p95, rel=1e-3)
+    assert cached.disp_p95 > 0 and 0 < cached.built < 1
+
+
+def test_agl_stats_measure_the_lean_of_built_pixels_only():
+    agl = np.zeros((100, 100), np.float32)
+    agl[:10, :10] = 30.0  # 1 % of the tile is a 30 m building
+    agl[50, 50] = np.nan
+    row = stats.agl_stats(agl, scale=2.0)
+    assert row["disp_p95"] == pytest.approx(60.0) and row["built"] == pytest.approx(100 / 9999)
+    assert row["agl_n"] == 9999 and (row["height"], row["width"]) == (100, 100)
+    assert stats.agl_stats(np.zeros((8, 8), np.float32), 1.0)["disp_p95"] == 0.0
