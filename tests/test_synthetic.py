@@ -1,5 +1,5 @@
 """The synthetic city: exact DrivenData layout, determinism, skip/regenerate, CLI, and the physics
-of the oblique renderer (GEOPOSE_SPEC section 2: a point of height h appears at g - h*scale*d)."""
+of the oblique renderer (docs/GEOPOSE.md, 'Vector flow': a point of height h appears at g - h*scale*d)."""
 
 from __future__ import annotations
 

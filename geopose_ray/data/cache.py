@@ -1,8 +1,8 @@
 """The conversion cache: every tile once as tiled GeoTIFF, plus one `samples.csv` index.
 
-JPEG 2000 decoding takes about a second per 2048 px tile, and a 512 px window of it barely less
-(docs/BENCHMARKS.md, "Reading tiles"); a tiled, uncompressed GeoTIFF reads the same window in
-under a millisecond. So conversion decodes each tile once into
+JPEG 2000 decodes a whole tile to read any window of it, while a tiled, uncompressed GeoTIFF
+reads only the blocks a crop touches (the loader row of docs/BENCHMARKS.md measures both). So
+conversion decodes each tile once into
 
     CACHE/train/{stem}_RGB.tif   (H, W, 3) uint8, 256 px blocks
     CACHE/train/{stem}_AGL.tif   (H, W) uint16 cm, 65535 = no data (the original values)

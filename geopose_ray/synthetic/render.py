@@ -1,6 +1,6 @@
 """Oblique z-buffer renderer: a ground-plane height field seen by an off-nadir camera.
 
-Physics (GEOPOSE_SPEC section 2): a point of height h on the ground at g appears in the image at
+Physics (docs/GEOPOSE.md, 'Vector flow'): a point of height h on the ground at g appears in the image at
 g - vflow(h), vflow = h * scale * (sin a, cos a), x = column, y = row (down). The camera therefore
 sits on the +d side, d = (sin a, cos a): roofs lean towards -d, facades facing +d show and the
 ground on the -d side of a building is hidden. Along one line of sight the highest surface is
@@ -14,12 +14,15 @@ of the whole scene, which the augmentation tests rely on.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 from scipy import ndimage
 
 LEVEL_STEP_PX = 0.5  # image displacement between facade levels; < 1 px keeps facades gap-free
 TOP_TIE = 1e-4  # m: a top splat beats a facade splat of the same height
 VIEW_TILT = 0.5  # horizontal part of the (unnormalised) view vector used for roof shading
+MAX_SPLATS = 8_000_000  # splats per chunk: ~0.5 GB of temporaries however tall the scene
 
 
 def render_oblique(
@@ -33,19 +36,26 @@ def render_oblique(
     height, albedo = _check(height, albedo, scale, angle)
     hh, ww = height.shape
     direction = np.array([np.sin(angle), np.cos(angle)])  # (x, y) = (column, row-down)
-    point, z, top = _splats(height, scale)  # (N,) flat ground index, (N,) m, (N,) bool
-    shift = z[:, None] * scale * direction[None]  # (N, 2) px (x, y)
-    col = point % ww - np.rint(shift[:, 0]).astype(np.int64)
-    row = point // ww - np.rint(shift[:, 1]).astype(np.int64)
-    inside = (col >= 0) & (col < ww) & (row >= 0) & (row < hh)
-    point, z, top = point[inside], z[inside], top[inside]
-    target = row[inside] * ww + col[inside]
-    win, pixel = _highest(target, z + TOP_TIE * top)  # (P,) splat index, (P,) flat pixel
+    best = np.full(hh * ww, -np.inf)  # z-buffer, m (+ TOP_TIE on top splats)
+    g_best = np.zeros(hh * ww, np.int64)  # winning splat's ground point, its z (m) and kind
+    z_best, top_best = np.zeros(hh * ww), np.zeros(hh * ww, bool)
+    for point, z, top in _splat_chunks(height, scale, MAX_SPLATS):  # bounded memory at 2048 px
+        shift = z[:, None] * scale * direction[None]  # (N, 2) px (x, y)
+        col = point % ww - np.rint(shift[:, 0]).astype(np.int64)
+        row = point // ww - np.rint(shift[:, 1]).astype(np.int64)
+        inside = (col >= 0) & (col < ww) & (row >= 0) & (row < hh)
+        point, z, top = point[inside], z[inside], top[inside]
+        key = z + TOP_TIE * top
+        win, pixel = _highest(row[inside] * ww + col[inside], key)  # (P,) splat index, (P,) flat pixel
+        take = key[win] >= best[pixel]  # ties: the later splat, as within a chunk
+        win, pixel = win[take], pixel[take]
+        best[pixel], g_best[pixel], z_best[pixel], top_best[pixel] = key[win], point[win], z[win], top[win]
+    pixel = np.flatnonzero(best > -np.inf)  # all: every ground point has its own z=0 splat
+    g, zw, tw = g_best[pixel], z_best[pixel], top_best[pixel]
 
     agl = np.zeros(hh * ww, np.float32)  # every pixel gets its own z=0 splat; zeros are a guard
     colour = albedo.reshape(-1, 3).copy()
     shade = _shading(height, scale, direction)
-    g, zw, tw = point[win], z[win], top[win]
     agl[pixel] = zw
     factor = np.where(
         tw, shade.roof.ravel()[g], _facade_factor(shade.facade.ravel()[g], zw, height.ravel()[g])
@@ -71,22 +81,27 @@ def _check(
     return height, albedo
 
 
-def _splats(height: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All splats: one top per ground point, then facade levels k*dz < h for raised points."""
+def _splat_chunks(
+    height: np.ndarray, scale: float, max_splats: int = MAX_SPLATS
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """All splats in a fixed order, in chunks of about `max_splats`: one top per ground point,
+    then facade levels k*dz < h of the raised points, point by point (flat index, m, is_top)."""
     flat = height.ravel()
     n = flat.size
+    yield np.arange(n), flat.astype(np.float64), np.ones(n, bool)
     dz = LEVEL_STEP_PX / scale  # m per level
     raised = np.flatnonzero(flat > 0)
     levels = np.ceil(flat[raised] / dz).astype(np.int64)  # levels 0..n-1 lie strictly below h
-    owner = np.repeat(raised, levels)
-    start = np.cumsum(levels) - levels
-    k = np.arange(owner.size) - np.repeat(start, levels)
-    point = np.concatenate([np.arange(n), owner])
-    z = np.concatenate([flat, (k * dz).astype(np.float32)])
-    z = np.minimum(z, np.concatenate([flat, flat[owner]]))  # float rounding never lifts a level over h
-    top = np.zeros(point.size, bool)
-    top[:n] = True
-    return point, z.astype(np.float64), top
+    ends = np.cumsum(levels)
+    first = 0
+    while first < raised.size:  # whole points per chunk (one point alone may exceed max_splats)
+        last = max(int(np.searchsorted(ends, ends[first] - levels[first] + max_splats, "right")), first + 1)
+        owner = np.repeat(raised[first:last], levels[first:last])
+        start = np.cumsum(levels[first:last]) - levels[first:last]
+        k = np.arange(owner.size) - np.repeat(start, levels[first:last])
+        z = np.minimum((k * dz).astype(np.float32), flat[owner])  # rounding never lifts a level over h
+        yield owner, z.astype(np.float64), np.zeros(owner.size, bool)
+        first = last
 
 
 def _highest(target: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

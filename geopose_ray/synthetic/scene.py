@@ -1,7 +1,7 @@
 """Per-city synthetic scenes on the ground plane: roads, box buildings and dome trees.
 
-Each city has its own height distribution, footprint sizes, density and palette (GEOPOSE_SPEC
-section 1: ARG low, ATL tallest and coarsest GSD), so city, height and scale are learnable.
+Each city has its own height distribution, footprint sizes, density and palette (docs/GEOPOSE.md,
+'Data layout': ARG low, ATL tallest and coarsest GSD), so city, height and scale are learnable.
 Lengths are in pixels of the output tile and heights in metres, both multiplied by `zoom`
 (grows with the tile size) so a building's displacement stays a few to ~20 px at 64-256 px.
 """

@@ -1,0 +1,172 @@
+"""Why single views are noisy and seeds diverge: train the default config on a family set with
+several seeds, then score the test truth view by view.
+
+    python bench/parallax.py --set tune-tall-256 --seeds 0,1,2 [--epochs 20] [--set-key KEY=VALUE]
+
+For each seed: the single-view (identity) score, the 4 rotations alone, the 4 reflections alone,
+and D4; the agl and vflow R2 of each; and, per view, the mean direction vector the model
+predicts (un-rotated back into the tile's frame) and its mean angle error. A bias that lives in
+the image frame (a constant direction, an axis or sign slip) shows as a long mean vector on a
+single view and cancels in the rotation average, so identity << rot4 ~ d4 points at it, while
+identity ~ rot4 ~ refl4 < d4 says the views are merely noisy. One JSON line per seed; the data
+set's own statistics and the derived defaults first. Not part of CI: minutes per seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import SMOKE_SPACE, sig, work_dir
+
+GROUPS = {
+    "none": ("identity",),
+    "rot4": ("identity", "rot90_cw", "rot180", "rot90_ccw"),
+    "refl4": ("transpose", "hflip", "rot180_t", "vflip"),
+    "d4": ("identity", "rot90_cw", "rot180", "rot90_ccw", "transpose", "hflip", "rot180_t", "vflip"),
+}
+
+
+def train_config(data_dir: Path, seed: int, epochs: int | None, keys: dict[str, Any]) -> Any:
+    """The default search's default trial on `data_dir` (derived values included), one seed."""
+    from geopose_ray.config import Config
+    from geopose_ray.convert import ensure_cache, process_map
+    from geopose_ray.data import cache, derive, stats
+    from geopose_ray.tune.space import load_space
+
+    cache_dir = ensure_cache(data_dir, map_fn=process_map(), progress=False)
+    space = load_space(SMOKE_SPACE).with_fixed(keys)
+    measured = stats.from_cache(cache.load_cache(cache_dir, "train"))
+    fixed, lines = derive.apply(space.fixed, space.searched(), derive.derive(measured, space.fixed))
+    flat = {**space.defaults(), **fixed, "data_dir": str(data_dir), "seed": seed, "threads": 2}
+    if epochs:
+        flat["epochs"] = epochs
+    return Config.from_dict(flat), measured, lines
+
+
+def per_view(model: torch.nn.Module, data_dir: Path, cache_dir: Path) -> dict[str, Any]:
+    """Every test tile through each D4 view: the un-rotated AGL, scale and raw direction vector."""
+    from geopose_ray.data import cache, io
+    from geopose_ray.predict import _forward_padded
+    from geopose_ray.tta import D4_VIEWS, apply_view, invert_direction, invert_view
+
+    tiles = []
+    for s in cache.load_cache(cache_dir, "test"):
+        truth = data_dir / "truth" / f"{s.city}_{s.id}"
+        vflow = io.read_vflow(truth.with_name(truth.name + "_VFLOW.json"))
+        agl = io.read_agl(truth.with_name(truth.name + "_AGL.tif"))
+        x = torch.from_numpy(io.read_rgb(s.rgb)).permute(2, 0, 1).float() / 255.0
+        views = {}
+        with torch.no_grad():
+            for v in D4_VIEWS:
+                out = _forward_padded(model, apply_view(x, v)[None], s.gsd, _city(s.city), "fp32")
+                views[v.name] = (
+                    invert_view(out["agl"][0], v).numpy(),
+                    float(out["scale"][0]),
+                    invert_direction(out["direction"][0], v).numpy(),
+                )
+        tiles.append({"city": s.city, "agl": agl, "scale": vflow.scale, "angle": vflow.angle, "views": views})
+    return tiles
+
+
+def _city(city: str) -> int:
+    from geopose_ray.constants import city_index
+
+    return city_index(city)
+
+
+def score_group(tiles: list[dict], names: tuple[str, ...]) -> dict[str, float]:
+    """The official score of the views `names` averaged as predict_tile averages them."""
+    from geopose_ray.metrics import GeoposeScore
+    from geopose_ray.predict import unit
+
+    score = GeoposeScore()
+    for t in tiles:
+        agl = np.mean([t["views"][n][0] for n in names], axis=0)
+        scale = float(np.mean([t["views"][n][1] for n in names]))
+        d = unit(np.sum([t["views"][n][2] for n in names], axis=0))
+        score.update(t["city"], t["agl"], agl, t["scale"], t["angle"], scale, math.atan2(d[0], d[1]))
+    out = score.compute()
+    return {"final": out["final"], "agl_r2": _mean(out["agl_r2"]), "vflow_r2": _mean(out["vflow_r2"])}
+
+
+def direction_bias(tiles: list[dict], name: str) -> dict[str, float]:
+    """One view's mean predicted direction (un-rotated), its length against the mean length of
+    single predictions (1 = every tile the same direction: a frame bias), and the mean error."""
+    vecs = np.array([t["views"][name][2] for t in tiles])  # (N, 2) raw (sin, cos)
+    units = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    err = [
+        abs(math.remainder(math.atan2(u[0], u[1]) - t["angle"], 2 * math.pi)) for u, t in zip(units, tiles)
+    ]
+    return {
+        "coherence": float(np.linalg.norm(units.mean(axis=0))),
+        "mean_angle": float(math.degrees(math.atan2(*units.mean(axis=0)))),
+        "angle_err_deg": float(math.degrees(np.mean(err))),
+        "scale_rel_err": float(np.mean([abs(t["views"][name][1] / t["scale"] - 1) for t in tiles])),
+    }
+
+
+def _mean(d: dict[str, float]) -> float:
+    vals = [v for v in d.values() if math.isfinite(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def run_seed(data_dir: Path, seed: int, epochs: int | None, keys: dict[str, Any]) -> dict[str, Any]:
+    from geopose_ray.checkpoint import inference_weights, load_weights
+    from geopose_ray.models import build_model
+    from geopose_ray.train_loop import fit
+
+    cfg, _, _ = train_config(data_dir, seed, epochs, keys)
+    curve: list[dict[str, float]] = []
+    last: dict[str, Any] = {}
+    t0 = time.perf_counter()
+
+    def reporter(metrics: dict[str, float], state_fn: Any) -> None:
+        curve.append({k: metrics[k] for k in ("epoch", "score", "train_loss") if k in metrics})
+        if state_fn is not None:
+            last["state"] = state_fn()
+
+    fit(cfg, reporter=reporter)
+    wall = time.perf_counter() - t0
+    model = build_model(cfg.model)
+    load_weights(model, inference_weights(last["state"]))
+    tiles = per_view(model.eval(), data_dir, Path(cfg.data.cache_dir or data_dir / ".geopose_cache"))
+    return {
+        "seed": seed,
+        "train_s": wall,
+        "val_curve": curve,
+        "test": {g: score_group(tiles, names) for g, names in GROUPS.items()},
+        "views": {name: direction_bias(tiles, name) for name in GROUPS["d4"]},
+    }
+
+
+def main() -> None:
+    import argparse
+
+    from geopose_ray.synthetic.family import generate_named
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--set", required=True, help="a family set (geopose_ray/synthetic/family.py)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=None, help="default: the space's max_epochs")
+    p.add_argument("--set-key", action="append", default=[], metavar="KEY=VALUE", help="fix a Config key")
+    p.add_argument("--work", type=Path, default=None)
+    a = p.parse_args()
+    keys = {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in (kv.split("=", 1) for kv in a.set_key)}
+    data = generate_named(a.set, work_dir(a.work) / "family" / a.set)
+    _, measured, lines = train_config(data, 0, a.epochs, keys)
+    print(json.dumps({"set": a.set, "stats": measured.__dict__, "derived": lines, "keys": keys}), flush=True)
+    for seed in (int(s) for s in a.seeds.split(",")):
+        print(json.dumps(sig(run_seed(data, seed, a.epochs, keys))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
