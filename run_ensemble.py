@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from geopose_ray import paths, storage
-from geopose_ray.errors import HelpFormatter, InputError, run_cli
-from geopose_ray.experiment import ENSEMBLE, Experiment
+from geopose_ray.errors import HelpFormatter, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,59 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def output_paths(out: Path) -> tuple[Path, Path | None]:
-    """(work folder, archive path or None for the default inside it). `--out NAME.tar.gz` names
-    the archive itself: it goes exactly there, and its work folder `NAME_work` beside it."""
-    if out.name.endswith(".tar.gz"):
-        return out.with_name(out.name[: -len(".tar.gz")] + "_work"), out
-    return out, None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from geopose_ray.data.cache import validate_unless_cached
-    from geopose_ray.ensemble import members as ms
+    from geopose_ray.ensemble.launch import ensemble_from_args
 
-    root = storage.normalize(args.storage) if args.storage else paths.default_storage()
-    if args.checkpoints:
-        members, name = ms.members_from_checkpoints(args.checkpoints), args.name or "checkpoints"
-    else:
-        name = args.name or ms.latest_experiment(root)
-        members = ms.read_members(root, name, args.top_k)
-    data = (args.data or ms.trained_data_dir(members) or paths.default_data_dir()).resolve()
-    if not data.is_dir():
-        raise InputError(data, "data folder not found (run run_search.py first, or pass --data)")
-    # a bad data set fails here, in seconds, before Ray starts (the same check convert makes)
-    validate_unless_cached(data, ms.cache_dir_for(data, ms.lead_config(members)))
-    exp = Experiment(root, name, args.local_cache.resolve() if args.local_cache else None)
-    out, archive = output_paths(args.out or exp.ensemble)
-    from geopose_ray import ray_env
-    from geopose_ray.ensemble.job import REPORT_JSON, blend_table, run_ensemble
-
-    ray_env.init(args.address, verbose=args.verbose)
-
-    report = run_ensemble(
-        members,
-        data,
-        out,
-        tta=args.tta,
-        max_tile=args.max_tile,
-        num_actors=args.actors,
-        archive=archive,
-        checkpoint_cache=exp.cache_root,
-    )
-    print(*blend_table(report), sep="\n")
-    print(f"report: {out / REPORT_JSON}")
-    if exp.remote and args.out is None:  # the tiles are in the archive: predictions/ stays local
-        exp.push(*(f"{ENSEMBLE}/{p.name}" for p in sorted(out.iterdir()) if p.name != "predictions"))
-        print(f"uploaded to {exp.file(ENSEMBLE)}")
-    if not report["valid"]:
-        print("submission INVALID:", *report["problems"], sep="\n  ")
-        return 1
-    print(f"submission: {report['archive']}")
-    if report["test_score"] is not None:
-        print(f"official score on the synthetic test truth: {report['test_score']['final']:.4f}")
-    return 0
+    report = ensemble_from_args(args)  # bad input: InputError, exit 2 (run_cli)
+    return 0 if report["valid"] else 1
 
 
 if __name__ == "__main__":

@@ -6,15 +6,13 @@
 
 With no arguments: generates the synthetic set when missing, searches `search_spaces/smoke.yaml`
 on CPU, then trains its best config again with a second seed (the best trial is reused as the
-first), about 11 minutes on a 2-core laptop. Then `python run_ensemble.py` blends them into a submission.
+first), in minutes on a 2-core laptop (README.md has the measured time). Then `python run_ensemble.py` blends them into a submission.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Any
 
 from geopose_ray.errors import HelpFormatter, run_cli
 
@@ -72,82 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from geopose_ray import ray_env, storage
-    from geopose_ray.tune.refit import parse_folds
-    from geopose_ray.tune.search import (
-        SearchOptions,
-        check_capacity_options,
-        check_mlflow,
-        load_run_space,
-        plan_search,
-        prepare_weights,
-        run_search,
-    )
-    from geopose_ray.tune.space import parse_overrides
+    from geopose_ray.tune.launch import search_from_args
 
     embedded = Path(args.space).resolve() == Path(parse_args([]).space).resolve()
-    opts = SearchOptions(
-        space=args.space,
-        data=args.data,
-        cache=args.cache,
-        storage=str(storage.normalize(args.storage)) if args.storage else None,  # a bad URI: exit 2 here
-        local_cache=args.local_cache,
-        name=args.name,
-        num_samples=args.num_samples,
-        workers_per_trial=args.workers_per_trial,
-        gpus_per_worker=args.gpus_per_worker,
-        cpus_per_worker=args.cpus_per_worker,
-        fold=args.fold,
-        folds=parse_folds(args.folds) if args.folds else None,
-        refit_top=args.refit_top if args.refit_top is not None else (1 if embedded else 0),
-        refit_seeds=args.refit_seeds if args.refit_seeds is not None else (2 if embedded else 1),
-        refit_epochs=args.refit_epochs,
-        resume=args.resume,
-        seed=args.seed,
-        max_epochs=args.max_epochs,
-        max_failures=args.max_failures,
-        overrides=parse_overrides(args.set),
-        max_concurrent=args.max_concurrent,
-        pending_trials=args.pending_trials,
-        optuna_storage=args.optuna_storage,
-        weights_cache=args.weights_cache,
-        mlflow=args.mlflow,
-    )
-    space = load_run_space(opts)  # a bad space, --set or flag fails at once, before Ray starts
-    check_capacity_options(opts)
-    check_mlflow(opts)
-    prepare_weights(opts, space)  # hub weights: downloaded once here, or exit 2 naming the missing file
-    if args.data:  # so does a bad data set (the embedded synthetic one is generated valid)
-        from geopose_ray.data.cache import validate_unless_cached
-
-        validate_unless_cached(args.data, args.cache)
-    opts.fixed_cluster = ray_env.resolve_address(args.address) == ray_env.LOCAL
-    ray_env.init(args.address, verbose=args.verbose)
-    try:
-        if args.dry_run:
-            print(*plan_search(opts), sep="\n")
-            return 0
-        res = run_search(opts)
-    finally:
-        ray_env.shutdown()
-    print_result(res)
-    return 1 if res.interrupted else 0
-
-
-def print_result(res: Any) -> None:
-    """The leaderboard, where the experiment is, the epochs ASHA saved, the members, the time."""
-    from geopose_ray.tune.report import format_table
-
-    print(format_table(res.leaderboard))
-    print(f"\nexperiment: {res.location}")
-    if res.location != str(res.experiment_dir):
-        print(f"report (local copy): {res.experiment_dir}")
-    print(f"trials: {res.trials}  epochs run: {res.epochs_run} of a full budget of {res.epochs_budget}")
-    if res.members_path is not None:
-        print(f"refit members: {len(res.members)} -> {res.members_path}")
-    print(f"wall time: {res.wall_s:.0f} s")
-    if res.interrupted:
-        print("interrupted: run the same command with --resume to finish", file=sys.stderr)
+    result = search_from_args(args, embedded)  # bad input: InputError, exit 2 (run_cli)
+    return 1 if result is not None and result.interrupted else 0
 
 
 if __name__ == "__main__":

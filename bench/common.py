@@ -2,7 +2,7 @@
 a local Ray instance, derived search spaces and the bench's own synthetic data sets.
 
 Benchmarks measure ratios side by side (A and B on the same machine, minutes apart), because
-absolute times on a shared 2-core box move by 2-5x from run to run (LIBS_NOTES section 4).
+absolute times on a shared 2-core box move by 2-5x from run to run (docs/LIBRARIES.md, 'CPU training speed and autocast').
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from geopose_ray import paths
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SPACE = REPO / "search_spaces" / "smoke.yaml"
 RAY_ENV = {
-    "RAY_AUTH_MODE": "disabled",  # token auth breaks local clusters (RAY_NOTES section 0)
+    "RAY_AUTH_MODE": "disabled",  # token auth breaks local clusters (docs/LIBRARIES.md, 'Ray: environment')
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "1",
     "HF_HUB_OFFLINE": "1",
@@ -154,7 +154,7 @@ def derived_space(out: Path, base: Path = SMOKE_SPACE, **changes: Any) -> Path:
 
 @contextlib.contextmanager
 def local_ray(num_cpus: int | None = None) -> Iterator[float]:
-    """A fresh local Ray instance (dashboard on: ASHA stops need the State API, RAY_NOTES 0);
+    """A fresh local Ray instance (dashboard on: ASHA stops need the State API, docs/LIBRARIES.md, 'Ray: environment');
     yields the seconds `ray.init` took. The caller holds /tmp/geopose_ray.lock (run under flock).
 
     Its address is pinned before it starts, as run_search does (`ray_env.pin_local_address`:

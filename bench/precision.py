@@ -60,10 +60,11 @@ def trainer(
     """A model from seeded weights with its optimizer and scaler; returns (model, criterion,
     epoch) where `epoch(batches) -> metrics` is one `train_one_epoch` over the given batches.
     Also bench/gpu.py's trainer (it imports no Ray)."""
+    from geopose_ray.device import autocast_dtype
     from geopose_ray.losses import build_criterion
     from geopose_ray.models import build_model
     from geopose_ray.optim import build_optimizer
-    from geopose_ray.train_loop import autocast_dtype, train_one_epoch
+    from geopose_ray.train_loop import train_one_epoch
 
     dev = torch.device(device)
     cfg = Config.from_dict(

@@ -26,6 +26,7 @@ import yaml
 from geopose_ray.atomic import atomic_path, atomic_write_text
 from geopose_ray.config import Config
 from geopose_ray.errors import InputError
+from geopose_ray.yamlio import read_yaml_mapping
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -185,10 +186,11 @@ def staging_dir(root: str | Path | None = None) -> Iterator[Path]:
     """A fresh folder to write a checkpoint into before Ray uploads it, removed afterwards.
 
     A worker killed while it holds one (ASHA stops its trial during a report, a node is lost)
-    never removes it, and each is a whole checkpoint (100-220 MB for the smoke models; 12 had
-    piled up in this machine's /tmp). So the name carries the writer's host and PID, and each new
-    folder first removes those of this host's writers that are gone. Folders of live processes
-    and of other hosts (a shared /tmp) are never touched."""
+    never removes it, and each is a whole checkpoint; they piled up in /tmp
+    (docs/BENCHMARKS.md, 'Figures moved from code comments'). So the name carries
+    the writer's host and PID, and each new folder first removes those of this host's writers
+    that are gone. Folders of live processes and of other hosts (a shared /tmp) are never
+    touched."""
     root = Path(root if root is not None else tempfile.gettempdir())
     host = socket.gethostname()
     for path in root.glob(f"{STAGING_PREFIX}*@{host}@*"):
@@ -232,7 +234,21 @@ def init_from_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
         raise InputError(directory, f"init_checkpoint does not fit this model ({first[:200]})") from None
 
 
-MODEL_SHAPE_KEYS = ("arch", "encoder", "decoder_channels", "scale_head", "use_gsd", "use_city")
+# The ModelConfig fields that change the state dict's keys or shapes (models/build.py, heads.py):
+# the smp model and its input channels (use_city), the decoder width, the AGL head's GSD plane,
+# the learned scale MLP, and the direction head (global MLP vs dense flow head). Fields that only
+# change values or behaviour (encoder_weights, weights_cache, init_checkpoint, head_dropout) stay
+# out, or a fine-tune would be refused for nothing. tests/test_checkpoint_shape_keys.py builds the
+# model with each ModelConfig field varied and fails when this list and the shapes disagree.
+MODEL_SHAPE_KEYS = (
+    "arch",
+    "encoder",
+    "decoder_channels",
+    "scale_head",
+    "use_gsd",
+    "use_city",
+    "direction_head",
+)
 
 
 def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:
@@ -241,26 +257,24 @@ def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:
     if not (folder / STATE_FILE).is_file():
         raise InputError(folder, f"not a checkpoint folder ({STATE_FILE} not found)")
     path = folder / CONFIG_FILE
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "file not found (every checkpoint folder has one)") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(path, f"cannot read YAML ({e.__class__.__name__})") from None
-    if not isinstance(doc, dict):
-        raise InputError(path, "expected a mapping of config keys")
-    return doc
+    if not path.is_file():
+        raise InputError(path, "file not found (every checkpoint folder has one)")
+    return read_yaml_mapping(path, "YAML", "expected a mapping of config keys")
 
 
 def check_init_checkpoint(directory: str | Path, flat_config: dict[str, Any]) -> None:
     """Before a search starts: the folder holds a checkpoint whose model the config rebuilds (the
     keys that shape the weights agree), so no trial fails on its worker with a shape mismatch.
     Reads the folder's config.yaml only: the weights may be hundreds of MB."""
-    saved = read_checkpoint_config(directory)
+    # Both sides through Config, as load_model_from_checkpoint rebuilds a model: a key the saved
+    # config lacks (written before the field existed) takes Config's default, values coerce alike.
+    saved_flat = read_checkpoint_config(directory)
+    try:
+        saved = Config.from_dict(saved_flat, strict=False).to_dict()
+    except (TypeError, ValueError) as e:
+        raise InputError(Path(directory) / CONFIG_FILE, f"not a valid config ({e})") from None
     ours = Config.from_dict(flat_config, strict=False).to_dict()
-    differ = [
-        f"{k}={saved.get(k)!r} (config: {ours[k]!r})" for k in MODEL_SHAPE_KEYS if saved.get(k) != ours[k]
-    ]
+    differ = [f"{k}={saved[k]!r} (config: {ours[k]!r})" for k in MODEL_SHAPE_KEYS if saved[k] != ours[k]]
     if differ:
         raise InputError(
             directory, f"init_checkpoint was trained with {', '.join(differ)}: --set them to match"

@@ -13,16 +13,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from geopose_ray.yamlio import read_yaml_mapping
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     data_dir: str = ""  # DrivenData layout root (train/, test/, csvs); "" = the embedded synthetic set
     cache_dir: str = ""  # conversion cache; "" = <data_dir>/.geopose_cache
     fold: int = 0  # validation fold
     n_folds: int = 5
-    fold_mode: str = "city"  # "city" (StratifiedKFold by city) or "group" (leak-aware GroupKFold)
+    fold_mode: str = "place"  # "place": every place in one fold (leak-free); "city": leaderboard-style
     fold_seed: int = 0  # fold assignment seed: search, refits and the ensemble must agree on it
     crop: int = 256  # random training crop, px
     batch_size: int = 4  # per worker
@@ -42,7 +42,7 @@ class DataConfig:
     max_val_samples: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str = "Unet"  # any smp architecture name (Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...)
     encoder: str = "resnet34"  # any smp encoder name, timm through "tu-<name>"
@@ -57,7 +57,7 @@ class ModelConfig:
     direction_head: str = "global"  # "global" (pooled MLP) | "dense" (per-pixel flow, MAG-weighted mean)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     agl_loss: str = "mse"  # mse | huber | focal_mse | r2_city
     mag_loss: str = "mse"
@@ -71,7 +71,7 @@ class LossConfig:
     dir_mse_lambda: float = 1.0  # direction loss = (1 - cos) + lambda * MSE
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-4
@@ -84,7 +84,7 @@ class OptimConfig:
     grad_accum: int = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
@@ -111,8 +111,11 @@ SECTIONS: dict[str, type] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    """Frozen, as are its sections: a run's config is built once and passed down, so no layer can
+    change what another one reads. A changed copy: `replace(**flat)`, or `dataclasses.replace`."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -184,13 +187,6 @@ def _coerce(section: type, key: str, value: Any) -> Any:
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
     """Flat config values from a YAML file of plain `key: value` pairs. (A search-space file is
     read by `tune.space.load_space` alone; its `defaults()` are its config.)"""
-    from geopose_ray.errors import InputError
-
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(path, f"cannot read YAML config ({e.__class__.__name__})") from None
-    if not isinstance(doc, dict):
-        raise InputError(path, "a config file must hold a mapping of key: value")
-    return doc
+    return read_yaml_mapping(
+        path, "YAML config", "a config file must hold a mapping of key: value", empty_ok=True
+    )

@@ -1,4 +1,4 @@
-"""Constants of the Overhead Geopose Challenge data contract (see GEOPOSE_SPEC sections 1-4)."""
+"""Constants of the Overhead Geopose Challenge data contract (docs/GEOPOSE.md, 'Data layout' to 'Submission')."""
 
 CITIES: tuple[str, ...] = ("ARG", "ATL", "JAX", "OMA")  # city index = position in this tuple
 AGL_NODATA: int = 65535  # uint16 cm placeholder for "no lidar return"

@@ -1,4 +1,4 @@
-"""The official challenge score (GEOPOSE_SPEC section 3) as mergeable per-city sums.
+"""The official challenge score (docs/GEOPOSE.md, 'The metric') as mergeable per-city sums.
 
 The baseline's `evaluate.py` needs two passes over the test set (the R² denominators use the city
 mean). Keeping the sum of squares as well gives the same denominators in one pass:
@@ -50,7 +50,7 @@ def _finite_scalar(x: Any) -> bool:
 
 
 def _vflow(mag: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) components of the flow field, px: mag * (sin a, cos a) (GEOPOSE_SPEC section 2)."""
+    """(x, y) components of the flow field, px: mag * (sin a, cos a) (docs/GEOPOSE.md, 'Vector flow')."""
     return mag * math.sin(angle), mag * math.cos(angle)
 
 

@@ -1,13 +1,12 @@
 """Predict one tile with one or more trained models: TTA views batched into one forward pass,
 exact de-augmentation, optional overlapping windows for tiles too large for one pass, AMP on GPU.
 
-Ray-free on purpose (DESIGN.md): this runs on a GPU box that has torch but no Ray, and the
+Ray-free on purpose (docs/ARCHITECTURE.md, 'Why the cores are Ray-free'): this runs on a GPU box that has torch but no Ray, and the
 ensemble's Ray actors call it unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from geopose_ray.config import Config
 from geopose_ray.constants import city_index
+from geopose_ray.device import autocast
 from geopose_ray.tta import View, apply_view, invert_direction, invert_view, shape_groups, views_for
 
 
@@ -64,18 +64,6 @@ def load_member(
     from geopose_ray.checkpoint import load_model_from_checkpoint
 
     return load_model_from_checkpoint(checkpoint_dir, map_location=device)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU for "auto"; CPU autocast gives no reliable speed-up (LIBS_NOTES 4)."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in dtypes:
-        raise ValueError(f"unknown precision {precision!r}; expected auto, bf16, fp16 or fp32")
-    return torch.autocast(device.type, dtype=dtypes[precision])
 
 
 def _forward_padded(model: torch.nn.Module, x: torch.Tensor, gsd: float, city: int, precision: str) -> dict:

@@ -2,7 +2,7 @@
 
 Every command that needs Ray calls `init`: it joins `address` (or RAY_ADDRESS), and otherwise
 starts a fresh local instance with its address pinned first (never a stale `ray start` one,
-RAY_NOTES section 0), with the quiet console of `geopose_ray.console`. Ray's private APIs used by
+docs/LIBRARIES.md, 'Ray: environment'), with the quiet console of `geopose_ray.console`. Ray's private APIs used by
 this project sit here, one comment each, so a Ray upgrade has one file to check.
 
 The package imports `ray` in four files only: this one, `tune/trainer.py` (Ray Train),
@@ -57,7 +57,7 @@ def init(
 ) -> str:
     """Join or start Ray (see the module doc) unless this process already is connected; returns
     the address asked for ("local" for a new instance). The dashboard is on by default: ASHA's
-    stops need the State API (RAY_NOTES section 0)."""
+    stops need the State API (docs/LIBRARIES.md, 'Ray: environment')."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # token auth breaks local `ray start` clusters
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = resolve_address(address)

@@ -22,11 +22,12 @@ from geopose_ray.checkpoint import save_state
 from geopose_ray.config import Config, load_yaml_config
 from geopose_ray.convert import ensure_cache
 from geopose_ray.data.transforms import build_train_transform_from_config
+from geopose_ray.device import autocast_dtype
 from geopose_ray.errors import HelpFormatter, InputError, run_cli
 from geopose_ray.models import pretrained
 from geopose_ray.optim import build_optimizer, build_scheduler
 from geopose_ray.synthetic import ensure_default
-from geopose_ray.train_loop import NonFiniteLossError, autocast_dtype, fit
+from geopose_ray.train_loop import NonFiniteLossError, fit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 
 A view is `x -> rot90(T^t(x), k)` (torch's k > 0 turns counter-clockwise on screen, as np.rot90).
 AGL maps go back through the inverse spatial transform; a predicted direction row vector
-d' = (x', y') goes back as d = d' @ M with the view's matrix from GEOPOSE_SPEC 7c (x = column,
+d' = (x', y') goes back as d = d' @ M with the view's matrix from docs/GEOPOSE.md, 'D4 test-time augmentation' (x = column,
 y = row down); scale does not change under D4. No `ray` import here.
 """
 
@@ -21,7 +21,7 @@ class View:
     matrix: tuple[tuple[float, float], tuple[float, float]]  # d = d' @ M (row vectors)
 
 
-# GEOPOSE_SPEC 7c, in the order of pytorch-toolbelt's d4_image_augment.
+# docs/GEOPOSE.md, 'D4 test-time augmentation', in the order of pytorch-toolbelt's d4_image_augment.
 D4_VIEWS: tuple[View, ...] = (
     View("identity", False, 0, ((1, 0), (0, 1))),
     View("rot90_cw", False, -1, ((0, -1), (1, 0))),

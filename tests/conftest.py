@@ -40,7 +40,7 @@ os.environ.pop("AWS_SESSION_TOKEN", None)
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray instance shared by all tests (dashboard on: ASHA-stopped trials need the
-    State API to free their placement groups, see RAY_NOTES section 0)."""
+    State API to free their placement groups, see docs/LIBRARIES.md, 'Ray: environment')."""
     import ray
 
     from geopose_ray.ray_env import pin_local_address

@@ -25,7 +25,7 @@ SEARCH_ARGS = ["--max-epochs", "1", "--workers-per-trial", "2", "--refit-top", "
 
 
 def ray_env(temp_dir: Path) -> dict[str, str]:
-    """Environment of every Ray process a test starts: no token auth (RAY_NOTES 0), a private
+    """Environment of every Ray process a test starts: no token auth (docs/LIBRARIES.md, 'Ray: environment'), a private
     temp dir (sessions and the `ray_current_cluster` address file stay out of /tmp/ray)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTEST_CURRENT_TEST")}
     env.update(

@@ -1,6 +1,6 @@
 """Test oracles: independent or convenience forms of product code that only the tests use.
 
-- the closed-form vflow rules (GEOPOSE_SPEC 7b/7c, LIBS_NOTES 2), a check on the general rule
+- the closed-form vflow rules (docs/GEOPOSE.md, 'Geo-consistent augmentation'), a check on the general rule
   `functional.update_vflow` that the product uses;
 - the single geo-consistent flips, transpose and rot90 (no augmentation preset uses them; `GeoD4`
   covers all eight symmetries), which check the vflow maths on one symmetry at a time;

@@ -1,4 +1,4 @@
-"""Multi-node Ray for real, on this one machine (RAY_NOTES section 6): the cluster files pass
+"""Multi-node Ray for real, on this one machine (docs/LIBRARIES.md, 'Ray: multi-node on one machine'): the cluster files pass
 Ray's own config checks; two `ray start` nodes run the smoke search with trials spanning both;
 a node that joins a running search raises its concurrency (what an autoscaler does).
 The launcher (`ray up`) is tested in test_cluster_launcher.py.

@@ -25,7 +25,8 @@ def _cli():
 
 
 def test_out_naming_an_archive_puts_the_archive_exactly_there(tmp_path):
-    paths = _cli().output_paths
+    from geopose_ray.ensemble.launch import output_paths as paths
+
     assert paths(tmp_path / "ens") == (tmp_path / "ens", None)
     assert paths(tmp_path / "sub.tar.gz") == (tmp_path / "sub_work", tmp_path / "sub.tar.gz")
 
@@ -226,7 +227,8 @@ def test_member_and_blend_test_scores_equal_the_official_scorer_on_written_files
     import numpy as np
 
     from geopose_ray.ensemble.blend import BlendParams
-    from geopose_ray.ensemble.job import blend_table, test_table, truth_sums
+    from geopose_ray.ensemble.job import truth_sums
+    from geopose_ray.ensemble.report import blend_table, test_table
     from geopose_ray.predict import Prediction
     from geopose_ray.score import score_dirs
     from geopose_ray.submission import write_prediction

@@ -182,7 +182,8 @@ def test_killed_write_leaves_no_file_under_its_final_name(tmp_path):
 
 def test_local_reads_and_writes_build_no_cloud_session_with_aws_credentials_set(tmp_path, monkeypatch):
     """With AWS credentials in the environment (a cluster writing to s3://), rasterio builds a
-    boto3 session for every call made outside an Env: 15 ms per read, 2.3x slower epochs."""
+    boto3 session for every call made outside an Env, which slows whole epochs
+    (docs/BENCHMARKS.md, 'Figures moved from code comments')."""
     from rasterio import session
 
     built = []

@@ -1,5 +1,5 @@
 """The streaming score against hand-computed numbers and a plain two-pass reimplementation of the
-official procedure (GEOPOSE_SPEC section 3), merging, failure rules and the predicted-NaN quirk."""
+official procedure (docs/GEOPOSE.md, 'The metric'), merging, failure rules and the predicted-NaN quirk."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from geopose_ray.constants import CITIES
 from geopose_ray.metrics import FIELDS, GeoposeScore
 
 
-# --- the official procedure, written out as GEOPOSE_SPEC section 3 lists it (two passes) --------
+# --- the official procedure, written out as docs/GEOPOSE.md, 'The metric' lists it (two passes) ---
 def _vflow_field(agl: np.ndarray, scale: float, angle: float) -> np.ndarray:
     """(H, W, 2) px: mag * (sin a, cos a), as the baseline's load_vflow builds it."""
     mag = agl * scale

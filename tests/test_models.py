@@ -21,7 +21,8 @@ MIN_SIZE = {"PAN": 128}  # PAN's pyramid pooling needs a 128 px input
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """One intra-op thread: on the shared 2-core box two OpenMP threads spin against the other
-    engineers' jobs and run this file ~5x slower (measured 145 s vs 28 s)."""
+    engineers' jobs and run this file several times slower
+    (docs/BENCHMARKS.md, 'Figures moved from code comments')."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -16,7 +16,7 @@ from test_storage import keys
 
 from geopose_ray import experiment, storage
 from geopose_ray.constants import SUBMISSION_ARCHIVE
-from geopose_ray.ensemble.job import REPORT_JSON
+from geopose_ray.ensemble.report import REPORT_JSON
 from geopose_ray.submission import check_submission
 from geopose_ray.tune import search
 

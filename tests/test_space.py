@@ -49,12 +49,19 @@ def test_shipped_space_loads_and_defaults_build_a_config(path: Path):
     assert space.num_samples >= 1
 
 
-def test_smoke_space_is_small_enough_for_cpu():
+@pytest.mark.parametrize(("tile", "disp"), [(64, 5.0), (128, 13.0), (256, 80.0), (2048, 600.0)])
+def test_smoke_space_is_small_enough_for_cpu(tile, disp):
+    from geopose_ray.data import derive
+    from geopose_ray.data.stats import DataStats
+
     space = load_space(next(p for p in SPACES if p.stem == "smoke"))
-    cfg = Config.from_dict(space.defaults())
-    assert cfg.data.crop <= 128 and cfg.model.encoder_weights is None and cfg.train.threads == 1
-    # a bounded number of training crops per trial, whatever the data set's size
-    assert 0 < cfg.data.epoch_samples * space.scheduler.max_epochs <= 10_000
+    data = DataStats(train_tiles=100, measured=100, tile_px=tile, disp_p95=disp, disp_max=disp, built=0.2)
+    fixed, _ = derive.apply(space.fixed, space.searched(), derive.derive(data, space.fixed))
+    cfg = Config.from_dict({**space.defaults(), **fixed})
+    assert cfg.data.crop <= 256 and cfg.model.encoder_weights is None and cfg.train.threads == 1
+    # a bounded number of training pixels per trial, whatever the data set's size
+    pixels = cfg.data.epoch_samples * cfg.data.crop**2 * space.scheduler.max_epochs
+    assert 0 < pixels <= 1.2 * derive.EPOCH_PX * space.scheduler.max_epochs
 
 
 def test_defaults_skip_inactive_conditionals(tmp_path):

@@ -89,7 +89,7 @@ def test_tta_of_equivariant_model_equals_single_view(tta, width):
     assert aug.scale == pytest.approx(plain.scale, abs=1e-5)
 
 
-# Closed forms of GEOPOSE_SPEC 2 / LIBS_NOTES 2 for what each view does to the angle.
+# Closed forms (docs/GEOPOSE.md, 'Geo-consistent augmentation') of what each view does to the angle.
 SPATIAL = {
     "rot90_ccw": (lambda a: np.rot90(a, 1), lambda t: t + math.pi / 2),
     "rot180": (lambda a: np.rot90(a, 2), lambda t: t + math.pi),

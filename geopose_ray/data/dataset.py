@@ -1,11 +1,12 @@
 """Torch dataset over the conversion cache: random (or centre) crops read as rasterio windows.
 
 Reading a window from the cache's 256 px tiled GeoTIFFs decodes only the blocks it touches, so
-a 512 px crop of a 2048 px tile costs about a millisecond instead of a full decode.
+a crop costs a small part of a full decode (the figures: docs/BENCHMARKS.md, 'Where the time
+goes (from the figures above)').
 
 Randomness: crops use the dataset's own numpy Generator. DataLoader workers are forked copies of
 the dataset, so without reseeding they would all draw the same crops and augmentations (the
-baseline's bug, GEOPOSE_SPEC section 8): pass `worker_init_fn` to the DataLoader.
+baseline's bug, docs/GEOPOSE.md, 'Pitfalls'): pass `worker_init_fn` to the DataLoader.
 """
 
 from __future__ import annotations

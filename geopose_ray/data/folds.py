@@ -47,7 +47,7 @@ def place_key(sample: HasCity) -> str:
 
 def make_folds(samples: Sequence[HasCity], n_folds: int, seed: int = 0, mode: str = "place") -> dict[str, int]:
     """id -> fold in [0, n_folds). ValueError for an unknown mode, too few tiles or places."""
-    from sklearn import model_selection as ms  # 1-2 s import: not at module import
+    from sklearn import model_selection as ms  # a slow import: not at module import
 
     if mode not in FOLD_MODES:
         raise ValueError(f"fold mode must be one of {FOLD_MODES}, got {mode!r}")

@@ -1,6 +1,6 @@
 """Pure maths of geo-consistent augmentation: how angle, scale and GSD follow an image warp.
 
-Conventions (GEOPOSE_SPEC section 2): x = column (right), y = row (down); the flow direction is
+Conventions (docs/GEOPOSE.md, 'Vector flow'): x = column (right), y = row (down); the flow direction is
 `(sin a, cos a)` and `a = atan2(x, y)`. A per-sample `vflow` vector is
 `[angle rad, scale px/m, gsd m/px]`. Every warp of the image plane with 2x2 linear part `M`
 (acting on `(x, y)` column vectors, source -> destination) maps a displacement `d` to `M @ d`, so

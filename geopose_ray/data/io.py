@@ -47,8 +47,9 @@ def open_raster(path: str | Path) -> Iterator[rasterio.DatasetReader]:
 
     The file is local, so the open and every read run in a rasterio Env with no cloud session.
     Without one, rasterio builds an Env per call, and with AWS credentials in the environment
-    (a cluster that writes to `--storage s3://`) each builds a boto3 session: 15 ms per read,
-    which made a training epoch 2.3x slower (4.1 s -> 9.4 s on the quality test's set)."""
+    (a cluster that writes to `--storage s3://`) each builds a boto3 session for every read,
+    which slows every epoch down (the cost:
+    docs/BENCHMARKS.md, 'Figures moved from code comments')."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file not found")
@@ -210,7 +211,8 @@ def write_agl_tiled(path: str | Path, agl_cm: np.ndarray, compress: str | None =
 
 def probe_rgb(path: str | Path) -> tuple[int, int]:
     """Cheap full check of an RGB file: header, 3 uint8 bands, and a decode that fails on a
-    truncated file; returns (H, W). Costs ~10 ms on a 2048 px j2k instead of ~1 s to decode it."""
+    truncated file; returns (H, W). Checks every file up front for a fraction of a full decode
+    (docs/BENCHMARKS.md, 'Figures moved from code comments')."""
     with open_raster(path) as ds:
         check_rgb(ds, path)
         _probe_decode(ds, path)

@@ -1,4 +1,4 @@
-"""The DrivenData layout (GEOPOSE_SPEC section 1) as a list of `Sample` records.
+"""The DrivenData layout (docs/GEOPOSE.md, 'Data layout') as a list of `Sample` records.
 
     DATA_DIR/train/{CITY}_{id}_RGB.j2k, _AGL.tif, _VFLOW.json
     DATA_DIR/test/{CITY}_{id}_RGB.j2k

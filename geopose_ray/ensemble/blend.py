@@ -11,7 +11,7 @@ top clip cannot bind); the rare pixels where one does are kept as they are and w
 `written_agl` at scoring time. With the members' scales and directions, the OFFICIAL score of any
 grid blend (per-city multipliers, a metadata scale model) follows exactly (up to the float32 map of
 `apply` and the cm rounding of written files): sum (a - y)^2 = q - 2c + sum y^2, and the vflow error of a tile is the same with
-the tile's scale and direction (GEOPOSE_SPEC section 3). No `ray` import.
+the tile's scale and direction (docs/GEOPOSE.md, 'The metric'). No `ray` import.
 """
 
 from __future__ import annotations

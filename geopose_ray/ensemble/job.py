@@ -2,7 +2,7 @@
 validated submission, previews, report.
 
 Both inference passes are Ray Data `map_batches` over tile records with an actor class
-(RAY_NOTES section 8): each actor loads every member once (one actor per GPU, `num_gpus=1`, or CPU
+(docs/LIBRARIES.md, 'Ray Data: an actor pool'): each actor loads every member once (one actor per GPU, `num_gpus=1`, or CPU
 actors when there is no GPU) and calls the Ray-free `predict_tile`. OOF actors return per-tile
 statistics (a few hundred numbers, see `written.tile_stats`) and test actors write their tiles'
 prediction files themselves, so no AGL map ever travels through the object store. With a truth/
@@ -13,7 +13,6 @@ the plain mean and the blend, so the best member's test score comes without a se
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -24,22 +23,20 @@ import ray
 import torch
 
 from geopose_ray import paths, ray_env, storage
-from geopose_ray.atomic import atomic_write_json, json_safe
 from geopose_ray.config import Config
 from geopose_ray.constants import SUBMISSION_ARCHIVE
 from geopose_ray.data import io
 from geopose_ray.data.cache import CachedSample, load_cache
 from geopose_ray.data.folds import config_folds
 from geopose_ray.ensemble.blend import BlendParams, OofTable, fit_blend
-from geopose_ray.ensemble.diversity import diversity_line, error_diversity
+from geopose_ray.ensemble.diversity import error_diversity
 from geopose_ray.ensemble.members import Member, cache_dir_for, group_by_config, lead_config
 from geopose_ray.ensemble.preview import write_previews
+from geopose_ray.ensemble.report import add_test_scores, config_rows, write_report
 from geopose_ray.ensemble.written import tile_stats
 from geopose_ray.errors import InputError
-from geopose_ray.metrics import GeoposeScore, image_sums
+from geopose_ray.metrics import image_sums
 from geopose_ray.predict import Prediction, blend_predictions, load_member, predict_tile
-
-REPORT_JSON = "ensemble_report.json"
 
 
 class EnsemblePredictor:
@@ -253,15 +250,10 @@ def run_ensemble(
         **common,
     )
     timings["test_s"] = time.perf_counter() - t0
-    report = {"configs": _config_rows(configs, fit), "tta": tta, "oof": fit, "test_tiles": len(written)}
+    report = {"configs": config_rows(configs, fit), "tta": tta, "oof": fit, "test_tiles": len(written)}
     archive = Path(archive) if archive else out_dir / SUBMISSION_ARCHIVE
     report.update(finish(pred_dir, archive, data_dir, test, n_previews), timings=timings)
-    report["test"] = test_table(written, report["test_score"])
-    for row, score in zip(report["configs"], (report["test"] or {}).get("members", [])):
-        row["test"] = score
-    report = json_safe(report)
-    atomic_write_json(out_dir / REPORT_JSON, report)
-    return report
+    return write_report(out_dir, add_test_scores(report, written))
 
 
 def finish(
@@ -292,89 +284,3 @@ def finish(
         "previews": [str(p) for p in previews],
         "test_score": score_dirs(truth, archive) if truth else None,
     }
-
-
-def test_table(results: dict[str, dict], official: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Test-truth scores from the test actors' `truth_sums`: each member config alone, the plain
-    mean, the blend (`blend`: the official score of the archive; `blend_from_actors`: the same
-    from the actors' sums, which shows both are scored alike) and the blend's gain over the best
-    member. None when no test tile has truth."""
-    scored = [r for r in results.values() if r.get("sums")]
-    if not scored:
-        return None
-
-    def score(pick: Any) -> float:
-        total = GeoposeScore()
-        for r in scored:
-            total.add_image_sums(r["city"], np.asarray(pick(r["sums"])))
-        return float(total.compute()["final"])
-
-    members = [score(lambda s, i=i: s["members"][i]) for i in range(len(scored[0]["sums"]["members"]))]
-    best = max((m for m in members if math.isfinite(m)), default=math.nan)
-    blend = float(official["final"]) if official else math.nan
-    return {
-        "tiles": len(scored),
-        "members": members,
-        "plain_mean": score(lambda s: s["plain_mean"]),
-        "blend": blend,
-        "blend_from_actors": score(lambda s: s["blend"]),
-        "best_member": best,
-        "gain": blend - best,
-    }
-
-
-def blend_table(report: dict[str, Any]) -> list[str]:
-    """The console's blend table: OOF and test score of every member config, of the plain mean
-    and of the fitted blend (its cross-fitted OOF score), then `best member test X  blend test Y
-    (gain +Z)` when there is truth, and the members' error correlation (`diversity_line`)."""
-    fit, test = report["oof"], report.get("test") or {}
-
-    def row(name: str, folds: str, oof: Any, score: Any) -> str:
-        return f"  {name:<24} {folds:<8} {_num(oof):>10} {_num(score):>10}"
-
-    lines = [
-        f"blend table (OOF: {fit.get('tiles', 0)} tiles, {fit.get('validation', '-')}; "
-        f"test: {test.get('tiles', 0)} tiles with truth)",
-        f"  {'member config':<24} {'folds':<8} {'OOF':>10} {'test':>10}",
-    ]
-    for c in report["configs"]:
-        lines.append(row(c["config_id"], ",".join(map(str, c["folds"])), c["oof"], c.get("test")))
-    lines.append(row("plain mean", "", fit.get("plain_mean"), test.get("plain_mean")))
-    kept = ", ".join(fit.get("kept") or []) or "none"
-    # OOF: the cross-fitted score that chose the refinements (tiles scored by parameters fitted
-    # on other tiles), not the final parameters' in-sample score, which flatters them
-    oof = fit.get("judged", fit.get("blend"))
-    lines.append(row("blend", "", oof, test.get("blend")) + f"  kept: {kept} (in-sample OOF {_num(fit.get('blend'))})")
-    if test.get("blend") is not None and test.get("best_member") is not None:
-        lines.append(
-            f"best member test {_num(test['best_member'])}  blend test {_num(test['blend'])}  "
-            f"(gain {test['gain']:+.4f})"
-        )
-    if line := diversity_line(fit.get("diversity") or []):
-        lines.append(line)
-    return lines
-
-
-def _num(x: Any) -> str:
-    """A score in a table cell: 4 decimals, scientific when huge (diverged), '-' when missing."""
-    if x is None or not math.isfinite(x):
-        return "-"
-    return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.3e}"
-
-
-def _config_rows(configs: list[tuple[str, dict[int, Member]]], fit: dict[str, Any]) -> list[dict[str, Any]]:
-    oof = fit.get("members") or [None] * len(configs)
-    rows = []
-    for (cid, ms), score in zip(configs, oof):
-        first = next(iter(ms.values()))
-        rows.append(
-            {
-                "config_id": cid,
-                "rank": first.rank,
-                "folds": sorted(ms),
-                "search_score": first.score,
-                "oof": score,
-            }
-        )
-    return rows
-

@@ -20,7 +20,7 @@ ARROWS = 12  # arrows per side
 
 
 def _flow(agl: np.ndarray, vflow: io.VFlow) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) flow components in px (x = column right, y = row down), GEOPOSE_SPEC section 2."""
+    """(x, y) flow components in px (x = column right, y = row down), docs/GEOPOSE.md, 'Vector flow'."""
     mag = np.nan_to_num(agl) * vflow.scale  # (H, W) px
     return mag * np.sin(vflow.angle), mag * np.cos(vflow.angle)
 

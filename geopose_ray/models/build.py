@@ -229,7 +229,8 @@ def probe_decoder(net: nn.Module, in_channels: int, divisor: int) -> DecoderShap
 def build_model(cfg: ModelConfig) -> GeoposeModel:
     """Compose `cfg.arch` + `cfg.encoder` (smp, `tu-` for timm) with geopose heads.
 
-    smp always gets encoder_weights=None (a hub name would retry the network for ~25 s);
+    smp always gets encoder_weights=None (offline, a hub name retries the network before
+    failing: docs/LIBRARIES.md, 'segmentation-models-pytorch 0.6');
     `cfg.encoder_weights` may name a local file, or `imagenet` / a timm tag, taken from the local
     weights cache only (`models.pretrained`: the search's driver downloads them beforehand). Either
     file is loaded by `weights.load_encoder_weights`.

@@ -1,4 +1,4 @@
-"""Write, pack and check a challenge submission (GEOPOSE_SPEC section 4).
+"""Write, pack and check a challenge submission (docs/GEOPOSE.md, 'Submission').
 
 A submission is one `{CITY}_{id}_AGL.tif` (uint16 cm, deflate, one band, the RGB's size) and one
 `{CITY}_{id}_VFLOW.json` ({"scale": px/cm, "angle": rad}) per test tile, all at the root of

@@ -18,6 +18,7 @@ import yaml
 from geopose_ray.config import Config, key_owners
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import RUN_KEYS
+from geopose_ray.yamlio import read_yaml_mapping
 
 TYPES = ("choice", "uniform", "loguniform", "int")
 TOP_KEYS = {"description", "parameters", "fixed", "scheduler", "num_samples", "resources"}
@@ -174,21 +175,18 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def is_space_file(path: str | Path) -> bool:
     """True for a search-space YAML (it has `parameters:` or `fixed:`), not a flat config file."""
     try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        doc = read_yaml_mapping(path, "search space", "not a mapping")
+    except InputError:
         return False  # whoever reads it next reports the problem
-    return isinstance(doc, dict) and ("parameters" in doc or "fixed" in doc)
+    return "parameters" in doc or "fixed" in doc
 
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML; any problem raises InputError naming the file."""
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(path, f"cannot read search space ({e.__class__.__name__}: {e})") from None
-    if not isinstance(doc, dict):
-        raise InputError(path, "a search space must be a mapping with a 'parameters:' section")
+    doc = read_yaml_mapping(
+        path, "search space", "a search space must be a mapping with a 'parameters:' section"
+    )
     _check_keys(path, "top level", doc, TOP_KEYS)
     fixed = _fixed(path, doc.get("fixed") or {})
     params = _parameters(path, doc.get("parameters") or {}, fixed)

@@ -1,6 +1,6 @@
 """Ray Train: the one TorchTrainer factory, the per-worker function, and a Tune trial's driver.
 
-Ray's three-layer shape (RAY_NOTES sections 1, 3 and 5): the Tuner (`tuner.py`) runs one driver
+Ray's three-layer shape (docs/LIBRARIES.md, 'Ray: Train inside Tune'): the Tuner (`tuner.py`) runs one driver
 function per trial (`train_driver_fn`), which fits a `TorchTrainer` built by `build_trainer`,
 whose workers run `train_fn_per_worker`. All the training lives in the Ray-free core
 (`train_loop.fit`); this file only connects it to Ray: DDP wrapping via `prepare_model` /
@@ -28,7 +28,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from geopose_ray import ray_env, storage
 from geopose_ray.checkpoint import load_state, save_state, staging_dir
-from geopose_ray.config import Config, key_owners
+from geopose_ray.config import Config
 from geopose_ray.experiment import METRIC, MODE, train_run_name, trial_train_config
 from geopose_ray.tune.capacity import DRIVER_CPUS, TrialResources
 
@@ -42,12 +42,10 @@ WorkerFn = Callable[[dict[str, Any]], None]
 # --- layer 3: every Train worker --------------------------------------------------------------
 def config_from_trial(config: dict[str, Any]) -> Config:
     """The run Config from a trial's flat dict. Keys that are not config keys (driver-level
-    settings such as workers per trial travel in the same dict) are ignored with a log line;
-    the search space itself is validated strictly when it is loaded."""
-    extra = sorted(set(config) - set(key_owners()))
-    if extra:
-        log.info("ignoring non-config keys in the trial config: %s", extra)
-    return Config.from_dict(config, strict=False)
+    settings such as workers per trial travel in the same dict) are dropped by
+    `experiment.trial_train_config`, the one filter; the search space itself is validated
+    strictly when it is loaded."""
+    return Config.from_dict(trial_train_config(config))
 
 
 def _report(rank: int, metrics: dict[str, float], state_fn: Callable[[], dict[str, Any]] | None) -> None:
@@ -66,10 +64,9 @@ def train_fn_per_worker(config: dict[str, Any], loss_hook: LossHook | None = Non
     """Run `fit` on this Train worker; resumes from the run's latest registered checkpoint.
     `loss_hook`: see `train_loop.train_one_epoch` (the fault tests pass one with `partial`)."""
     # imported here, not at the top: a trial's driver and Train's controller actor unpickle
-    # functions of this module too, and never train; the training stack (timm, albumentations,
-    # the data layer) doubled their import (3.0 s -> 6.0 s of CPU each on 2 cores). Measured
-    # with bench/ray_overhead.py, Tune's start to the first loss did not move (27.7 s, against
-    # 26.2-29.4 s): the worker now pays that import inside this function instead.
+    # functions of this module too, and never train: importing the training stack (timm,
+    # albumentations, the data layer) at the top would double their start-up, while the worker
+    # pays the same import here instead (docs/BENCHMARKS.md, 'Figures moved from code comments').
     from geopose_ray.train_loop import fit
 
     cfg = config_from_trial(config)
@@ -108,7 +105,7 @@ def build_trainer(
     train_fn: WorkerFn | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer of one training run. `name` must be stable (no timestamps): a trainer with
-    the same name and storage resumes that run from its latest checkpoint (RAY_NOTES 4).
+    the same name and storage resumes that run from its latest checkpoint (docs/LIBRARIES.md, 'Ray: resume and fault tolerance').
     Checkpoints are ranked by `METRIC`. `controller_failure_limit`: Train retries a worker group
     that cannot be placed forever (-1), right while an autoscaler adds nodes; on a fixed cluster
     that means leaked resources, so the search gives a limit there. `train_fn`: another

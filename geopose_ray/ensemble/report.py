@@ -1,0 +1,134 @@
+"""The ensemble's report: the JSON written beside the submission (`ensemble_report.json`) and
+what the console shows of it (the blend table, then the submission or why it was refused).
+Ray-free: the job (`job.py`) computes the numbers; this module arranges, writes and words them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geopose_ray.atomic import atomic_write_json, json_safe
+from geopose_ray.ensemble.diversity import diversity_line
+from geopose_ray.ensemble.members import Member
+from geopose_ray.metrics import GeoposeScore
+
+REPORT_JSON = "ensemble_report.json"
+
+
+def add_test_scores(report: dict[str, Any], results: dict[str, dict]) -> dict[str, Any]:
+    """`report` with its test-truth table (`test_table`, from the test actors' `results`) and
+    each member config's own test score in its row; returns it."""
+    report["test"] = test_table(results, report["test_score"])
+    for row, score in zip(report["configs"], (report["test"] or {}).get("members", [])):
+        row["test"] = score
+    return report
+
+
+def write_report(out_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """`report` as strict JSON (non-finite numbers as null) in `out_dir/ensemble_report.json`;
+    returns what was written."""
+    report = json_safe(report)
+    atomic_write_json(Path(out_dir) / REPORT_JSON, report)
+    return report
+
+
+def submission_lines(report: dict[str, Any]) -> list[str]:
+    """After the blend table: the archive and its official score, or why it was refused (its
+    path is shown only once `check_submission` accepted it)."""
+    if not report["valid"]:
+        return ["submission INVALID:", *(f"  {p}" for p in report["problems"])]
+    lines = [f"submission: {report['archive']}"]
+    if report["test_score"] is not None:
+        lines.append(f"official score on the synthetic test truth: {report['test_score']['final']:.4f}")
+    return lines
+
+
+def test_table(results: dict[str, dict], official: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Test-truth scores from the test actors' `truth_sums`: each member config alone, the plain
+    mean, the blend (`blend`: the official score of the archive; `blend_from_actors`: the same
+    from the actors' sums, which shows both are scored alike) and the blend's gain over the best
+    member. None when no test tile has truth."""
+    scored = [r for r in results.values() if r.get("sums")]
+    if not scored:
+        return None
+
+    def score(pick: Any) -> float:
+        total = GeoposeScore()
+        for r in scored:
+            total.add_image_sums(r["city"], np.asarray(pick(r["sums"])))
+        return float(total.compute()["final"])
+
+    members = [score(lambda s, i=i: s["members"][i]) for i in range(len(scored[0]["sums"]["members"]))]
+    best = max((m for m in members if math.isfinite(m)), default=math.nan)
+    blend = float(official["final"]) if official else math.nan
+    return {
+        "tiles": len(scored),
+        "members": members,
+        "plain_mean": score(lambda s: s["plain_mean"]),
+        "blend": blend,
+        "blend_from_actors": score(lambda s: s["blend"]),
+        "best_member": best,
+        "gain": blend - best,
+    }
+
+
+def blend_table(report: dict[str, Any]) -> list[str]:
+    """The console's blend table: OOF and test score of every member config, of the plain mean
+    and of the fitted blend (its cross-fitted OOF score), then `best member test X  blend test Y
+    (gain +Z)` when there is truth, and the members' error correlation (`diversity_line`)."""
+    fit, test = report["oof"], report.get("test") or {}
+
+    def row(name: str, folds: str, oof: Any, score: Any) -> str:
+        return f"  {name:<24} {folds:<8} {_num(oof):>10} {_num(score):>10}"
+
+    lines = [
+        f"blend table (OOF: {fit.get('tiles', 0)} tiles, {fit.get('validation', '-')}; "
+        f"test: {test.get('tiles', 0)} tiles with truth)",
+        f"  {'member config':<24} {'folds':<8} {'OOF':>10} {'test':>10}",
+    ]
+    for c in report["configs"]:
+        lines.append(row(c["config_id"], ",".join(map(str, c["folds"])), c["oof"], c.get("test")))
+    lines.append(row("plain mean", "", fit.get("plain_mean"), test.get("plain_mean")))
+    kept = ", ".join(fit.get("kept") or []) or "none"
+    # OOF: the cross-fitted score that chose the refinements (tiles scored by parameters fitted
+    # on other tiles), not the final parameters' in-sample score, which flatters them
+    oof = fit.get("judged", fit.get("blend"))
+    lines.append(
+        row("blend", "", oof, test.get("blend")) + f"  kept: {kept} (in-sample OOF {_num(fit.get('blend'))})"
+    )
+    if test.get("blend") is not None and test.get("best_member") is not None:
+        lines.append(
+            f"best member test {_num(test['best_member'])}  blend test {_num(test['blend'])}  "
+            f"(gain {test['gain']:+.4f})"
+        )
+    if line := diversity_line(fit.get("diversity") or []):
+        lines.append(line)
+    return lines
+
+
+def _num(x: Any) -> str:
+    """A score in a table cell: 4 decimals, scientific when huge (diverged), '-' when missing."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.3e}"
+
+
+def config_rows(configs: list[tuple[str, dict[int, Member]]], fit: dict[str, Any]) -> list[dict[str, Any]]:
+    oof = fit.get("members") or [None] * len(configs)
+    rows = []
+    for (cid, ms), score in zip(configs, oof):
+        first = next(iter(ms.values()))
+        rows.append(
+            {
+                "config_id": cid,
+                "rank": first.rank,
+                "folds": sorted(ms),
+                "search_score": first.score,
+                "oof": score,
+            }
+        )
+    return rows
