@@ -39,14 +39,13 @@ def train_config(data_dir: Path, seed: int, epochs: int | None, keys: dict[str, 
     """The default search's default trial on `data_dir` (derived values included), one seed."""
     from geopose_ray.config import Config
     from geopose_ray.convert import ensure_cache, process_map
-    from geopose_ray.data import cache, derive, stats
+    from geopose_ray.data import cache, stats
     from geopose_ray.tune.space import load_space
 
     cache_dir = ensure_cache(data_dir, map_fn=process_map(), progress=False)
-    space = load_space(SMOKE_SPACE).with_fixed(keys)
     measured = stats.from_cache(cache.load_cache(cache_dir, "train"))
-    fixed, lines = derive.apply(space.fixed, space.searched(), derive.derive(measured, space.fixed))
-    flat = {**space.defaults(), **fixed, "data_dir": str(data_dir), "seed": seed, "threads": 2}
+    space, lines = load_space(SMOKE_SPACE).with_fixed(keys).with_data(measured)
+    flat = {**space.defaults(), "data_dir": str(data_dir), "seed": seed, "threads": 2}
     if epochs:
         flat["epochs"] = epochs
     return Config.from_dict(flat), measured, lines

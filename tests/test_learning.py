@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from geopose_ray.config import Config
+from geopose_ray.convert import ensure_cache, serial_map
+from geopose_ray.data import cache, stats
 from geopose_ray.synthetic import generate
 from geopose_ray.train_loop import fit
 from geopose_ray.tune.space import load_space
@@ -22,13 +24,21 @@ AGL_R2_FLOOR = 0.3  # measured 0.53 after these 160 steps (vflow_r2 0.28, EMA we
 VFLOW_R2_FLOOR = 0.0  # needs the angle: a random angle scores below 0 (the global head: -0.6)
 
 
+def default_trial(data: Path, **flat) -> Config:
+    """The default space's default trial on `data` (converted here), with its derived values."""
+    cache_dir = ensure_cache(data, map_fn=serial_map, progress=False)
+    space, _ = load_space(SPACE).with_data(stats.from_cache(cache.load_cache(cache_dir, "train")))
+    return Config.from_dict({**space.defaults(), "data_dir": str(data), **flat})
+
+
 @pytest.mark.slow
 def test_default_config_learns_height_and_flow(tmp_path: Path):
+    """On the default place folds: the validation tiles show places that training never saw."""
     data = generate(tmp_path / "set", size=128, per_city=30, test_per_city=0, seed=11)
-    flat = load_space(SPACE).defaults()
-    flat.update(data_dir=str(data), epochs=8, threads=2, max_val_samples=16)
+    cfg = default_trial(data, epochs=8, threads=2, max_val_samples=16)
+    assert cfg.data.fold_mode == "place"
     history: list[dict[str, float]] = []
-    fit(Config.from_dict(flat), reporter=lambda metrics, _state: history.append(metrics))
+    fit(cfg, reporter=lambda metrics, _state: history.append(metrics))
     best = max(history, key=lambda m: m["score"])
     print({k: round(best[k], 3) for k in ("epoch", "score", "agl_r2", "vflow_r2", "angle_err_deg")})
     assert best["agl_r2"] > AGL_R2_FLOOR, history

@@ -56,8 +56,7 @@ def test_smoke_space_is_small_enough_for_cpu(tile, disp):
 
     space = load_space(next(p for p in SPACES if p.stem == "smoke"))
     data = DataStats(train_tiles=100, measured=100, tile_px=tile, disp_p95=disp, disp_max=disp, built=0.2)
-    fixed, _ = derive.apply(space.fixed, space.searched(), derive.derive(data, space.fixed))
-    cfg = Config.from_dict({**space.defaults(), **fixed})
+    cfg = Config.from_dict(space.with_data(data)[0].defaults())
     assert cfg.data.crop <= 256 and cfg.model.encoder_weights is None and cfg.train.threads == 1
     # a bounded number of training pixels per trial, whatever the data set's size
     pixels = cfg.data.epoch_samples * cfg.data.crop**2 * space.scheduler.max_epochs

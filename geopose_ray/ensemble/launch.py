@@ -14,7 +14,7 @@ from typing import Any
 
 from geopose_ray import paths, storage
 from geopose_ray.ensemble import members as ms
-from geopose_ray.ensemble.report import REPORT_JSON, blend_table, submission_lines
+from geopose_ray.ensemble.report import REPORT_JSON, blend_table, calibration_lines, submission_lines
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import ENSEMBLE, Experiment
 
@@ -70,7 +70,7 @@ def ensemble_from_args(args: argparse.Namespace) -> dict[str, Any]:
         archive=archive,
         checkpoint_cache=exp.cache_root,
     )
-    print(*blend_table(report), f"report: {out / REPORT_JSON}", sep="\n")
+    print(*blend_table(report), *calibration_lines(report), f"report: {out / REPORT_JSON}", sep="\n")
     if exp.remote and args.out is None:  # the tiles are in the archive: predictions/ stays local
         exp.push(*(f"{ENSEMBLE}/{p.name}" for p in sorted(out.iterdir()) if p.name != "predictions"))
         print(f"uploaded to {exp.file(ENSEMBLE)}")

@@ -30,6 +30,8 @@ class Member:
     rank: int = 0  # the config's place in the search (0 = best)
     score: float = math.nan  # the trial's best validation score (single view, its own fold)
     oof_score: float = math.nan  # the config's score over all its folds' out-of-fold tiles
+    selection_fold: int = -1  # the search's fold, whose tiles chose the config (-1: unknown)
+    search_score: float = math.nan  # the config's best validation score there (single view)
     trial_id: str = ""
     config: dict[str, Any] = field(default_factory=dict, compare=False)  # flat Config keys
 
@@ -77,6 +79,10 @@ def _member(entry: Any, i: int, path: str | Path) -> Member:
         rank, fold = int(entry["rank"]), int(entry["fold"])
         score = math.nan if entry.get("score") is None else float(entry["score"])
         oof = math.nan if entry.get("config_oof_score") is None else float(entry["config_oof_score"])
+        chosen = {
+            "selection_fold": int(entry.get("selection_fold", -1)),
+            "search_score": math.nan if entry.get("search_score") is None else float(entry["search_score"]),
+        }
     except (TypeError, ValueError):
         raise InputError(path, f"entry {i}: rank and fold must be integers, the scores numbers") from None
     if not isinstance(entry["config"], dict):
@@ -88,6 +94,7 @@ def _member(entry: Any, i: int, path: str | Path) -> Member:
         rank=rank,
         score=score,
         oof_score=oof,
+        **chosen,
         trial_id=str(entry.get("trial_id", "")),
         config=dict(entry["config"]),
     )

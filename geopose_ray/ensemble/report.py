@@ -20,11 +20,12 @@ REPORT_JSON = "ensemble_report.json"
 
 
 def add_test_scores(report: dict[str, Any], results: dict[str, dict]) -> dict[str, Any]:
-    """`report` with its test-truth table (`test_table`, from the test actors' `results`) and
-    each member config's own test score in its row; returns it."""
+    """`report` with its test-truth table (`test_table`, from the test actors' `results`), each
+    member config's own test score in its row, and the calibration; returns it."""
     report["test"] = test_table(results, report["test_score"])
     for row, score in zip(report["configs"], (report["test"] or {}).get("members", [])):
         row["test"] = score
+    report["calibration"] = calibration(report)
     return report
 
 
@@ -110,6 +111,60 @@ def blend_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def calibration(report: dict[str, Any]) -> dict[str, Any] | None:
+    """What each earlier figure said, beside the test truth of unseen places (None without
+    truth): the search's best validation score (single view, on the fold that chose the
+    configs), the best member config's out-of-fold score (the refit folds, with the ensemble's
+    TTA) and the blend's cross-fitted OOF score, each with its gap to the delivered test score."""
+    test = (report.get("test") or {}).get("blend")
+    if test is None or not math.isfinite(test):
+        return None
+    rows = [c for c in report["configs"] if c.get("oof") is not None]
+    best = max(rows, key=lambda c: c["oof"], default=None)
+    searched = [c["search_score"] for c in report["configs"] if _finite(c.get("search_score"))]
+    selection = {c.get("selection_fold", -1) for c in report["configs"]} - {-1}
+    folds = sorted({f for c in report["configs"] for f in c["folds"]})
+    optimistic = bool(selection & set(folds))
+    figures = {
+        "search": max(searched, default=None),
+        "member_oof": best["oof"] if best else None,
+        "blend_oof": report["oof"].get("judged", report["oof"].get("blend")),
+    }
+    return {
+        "test": test,
+        "selection_folds": sorted(selection),
+        "oof_folds": folds,
+        "oof_optimistic": optimistic,
+        "tta": report.get("tta"),
+        **figures,
+        "gaps": {k: (v - test if _finite(v) else None) for k, v in figures.items()},
+    }
+
+
+def calibration_lines(report: dict[str, Any]) -> list[str]:
+    """The calibration table, each figure labelled for what it is."""
+    cal = calibration(report)
+    if cal is None:
+        return []
+    sel = ",".join(map(str, cal["selection_folds"])) or "?"
+    oof = f"fold(s) {','.join(map(str, cal['oof_folds']))}, TTA {cal['tta']}"
+    oof += ": includes the selection fold, optimistic" if cal["oof_optimistic"] else ": not the selection fold"
+    labels = {
+        "search": f"search's best validation (fold {sel}, single view: chose the configs, optimistic)",
+        "member_oof": f"best member config's OOF ({oof})",
+        "blend_oof": "blend's OOF (cross-fitted over tile groups)",
+    }
+    lines = [f"calibration against the test truth of unseen places ({_num(cal['test'])} delivered):"]
+    for key, label in labels.items():
+        gap = cal["gaps"][key]
+        lines.append(f"  {_num(cal[key]):>8}  gap {'-' if gap is None else f'{gap:+.4f}'}  {label}")
+    return lines
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and math.isfinite(x)
+
+
 def _num(x: Any) -> str:
     """A score in a table cell: 4 decimals, scientific when huge (diverged), '-' when missing."""
     if x is None or not math.isfinite(x):
@@ -127,7 +182,9 @@ def config_rows(configs: list[tuple[str, dict[int, Member]]], fit: dict[str, Any
                 "config_id": cid,
                 "rank": first.rank,
                 "folds": sorted(ms),
-                "search_score": first.score,
+                "search_score": first.search_score,  # on the selection fold, single view
+                "selection_fold": first.selection_fold,
+                "val_score": first.score,  # the member's own fold, single view
                 "oof": score,
             }
         )

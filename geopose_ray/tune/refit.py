@@ -114,6 +114,16 @@ def member_row(rank: int, rec: report.TrialRecord, exp: Experiment, source: str)
     }
 
 
+def add_selection(members: list[dict], tops: list[report.TrialRecord], fold: int) -> None:
+    """Each member gets what chose its config: the search's fold (`selection_fold`) and the
+    config's best score there (`search_score`, single view). Read beside the member's own
+    out-of-fold score, it shows how optimistic the search's figure was (the ensemble's
+    calibration lines). Seed replicas follow their config (`seed_replicas`' rank order)."""
+    for m in members:
+        m["selection_fold"] = fold
+        m["search_score"] = float(tops[m["rank"] % len(tops)].best()[0])
+
+
 def add_oof_scores(members: list[dict]) -> None:
     """Each member gets `config_oof_score`: the official score of its config over all its folds'
     validation tiles at once, from the summed accumulators (the metric is a sum of per-city
@@ -202,6 +212,7 @@ def run_refit(
             rank = int(rec.config["member"]["config_rank"])
             members.append(member_row(rank, rec, refit, "refit"))
     members = sorted((m for m in members if m is not None), key=lambda m: (m["rank"], m["fold"]))
+    add_selection(members, tops, int(space.fixed.get("fold", 0)))
     add_oof_scores(members)
     atomic_write_json(exp.members, members)
     exp.push(MEMBERS)

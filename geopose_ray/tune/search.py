@@ -20,7 +20,6 @@ import pandas as pd
 from geopose_ray import paths, ray_env, storage
 from geopose_ray.atomic import atomic_write_text
 from geopose_ray.convert import ensure_cache
-from geopose_ray.data import derive
 from geopose_ray.data.stats import DataStats
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import MEMBERS, OPTIONS, OPTUNA_DB, REPORT_FILES, Experiment
@@ -127,17 +126,12 @@ def measure_data(opts: SearchOptions, data_dir: str | Path) -> DataStats:
         raise InputError(data_dir, str(e)) from None
 
 
-def derived_keys(space: SearchSpace, data: DataStats) -> tuple[dict[str, Any], list[str]]:
-    """(the space's fixed keys with the data's derived defaults added, the plan's lines)."""
-    return derive.apply(space.fixed, space.searched(), derive.derive(data, space.fixed))
-
-
 def resolve_space(opts: SearchOptions, data_dir: str, data: DataStats | None = None) -> SearchSpace:
     """The space with this run's settings folded in: --set overrides, data, fold, the epoch
     budget, and (with `data`, the data set's statistics) the defaults derived from the data."""
     space = load_run_space(opts)
     if data is not None:
-        space = dataclasses.replace(space, fixed=derived_keys(space, data)[0])
+        space = space.with_data(data)[0]
     sched = space.scheduler
     if opts.max_epochs is not None:
         if opts.max_epochs < 1:
@@ -333,7 +327,7 @@ def _data_lines(opts: SearchOptions, measured: DataStats | None) -> list[str]:
     if measured is None:
         return ["derived:    measured once the embedded set is written (the first run writes it)"]
     lines = [f"measured:   {line}" for line in measured.lines()]
-    return lines + [f"derived:    {line}" for line in derived_keys(load_run_space(opts), measured)[1]]
+    return lines + [f"derived:    {line}" for line in load_run_space(opts).with_data(measured)[1]]
 
 
 def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) -> SearchResult:

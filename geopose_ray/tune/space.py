@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from geopose_ray.config import Config, key_owners
+from geopose_ray.data import derive
+from geopose_ray.data.stats import DataStats
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import RUN_KEYS
 from geopose_ray.yamlio import read_yaml_mapping
@@ -146,6 +148,13 @@ class SearchSpace:
         except (TypeError, ValueError) as e:
             raise InputError(source, f"the defaults no longer build a valid Config: {e}") from None
         return space
+
+
+    def with_data(self, data: DataStats) -> tuple[SearchSpace, list[str]]:
+        """The space with the defaults derived from the data (`data.derive`) fixed where the space
+        neither fixes nor searches them, and the plan's line for each derived key."""
+        fixed, lines = derive.apply(self.fixed, self.searched(), derive.derive(data, self.fixed))
+        return dataclasses.replace(self, fixed=fixed), lines
 
 
 class SpaceSampler:

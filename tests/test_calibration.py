@@ -1,0 +1,38 @@
+"""The ensemble's calibration lines: every figure that steered the run, labelled for what it is,
+beside the test score of unseen places, with its gap."""
+
+from __future__ import annotations
+
+import pytest
+
+from geopose_ray.ensemble.report import calibration, calibration_lines
+
+
+def _report(folds: list[int], selection: int = 0, test: float | None = 0.55) -> dict:
+    config = {"config_id": "A", "folds": folds, "selection_fold": selection, "search_score": 0.71, "oof": 0.6}
+    return {
+        "configs": [config, {**config, "config_id": "B", "search_score": 0.65, "oof": 0.52}],
+        "tta": "flip",
+        "oof": {"judged": 0.58, "blend": 0.6},
+        "test": None if test is None else {"blend": test},
+    }
+
+
+def test_each_figure_is_set_beside_the_delivered_score_with_its_gap():
+    cal = calibration(_report([1]))
+    assert cal["search"] == 0.71 and cal["member_oof"] == 0.6 and cal["blend_oof"] == 0.58
+    assert cal["gaps"] == pytest.approx({"search": 0.16, "member_oof": 0.05, "blend_oof": 0.03})
+    assert not cal["oof_optimistic"]
+    lines = calibration_lines(_report([1]))
+    assert "0.5500 delivered" in lines[0]
+    assert any("single view: chose the configs, optimistic" in line and "+0.1600" in line for line in lines)
+    assert any("fold(s) 1, TTA flip: not the selection fold" in line for line in lines)
+
+
+def test_out_of_fold_scores_on_the_selection_fold_are_labelled_optimistic():
+    assert calibration(_report([0, 1]))["oof_optimistic"]
+    assert any("includes the selection fold, optimistic" in line for line in calibration_lines(_report([0])))
+
+
+def test_without_test_truth_there_is_nothing_to_calibrate_against():
+    assert calibration(_report([1], test=None)) is None and calibration_lines(_report([1], test=None)) == []
