@@ -45,7 +45,7 @@ def train_config(data_dir: Path, seed: int, epochs: int | None, keys: dict[str, 
     cache_dir = ensure_cache(data_dir, map_fn=process_map(), progress=False)
     measured = stats.from_cache(cache.load_cache(cache_dir, "train"))
     space, lines = load_space(SMOKE_SPACE).with_fixed(keys).with_data(measured)
-    flat = {**space.defaults(), "data_dir": str(data_dir), "seed": seed, "threads": 2}
+    flat = {"threads": 2, **space.defaults(), "data_dir": str(data_dir), "seed": seed}
     if epochs:
         flat["epochs"] = epochs
     return Config.from_dict(flat), measured, lines

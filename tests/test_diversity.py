@@ -68,3 +68,16 @@ def test_identical_members_gain_nothing():
     table, _ = _table(1.0)
     (pair,) = error_diversity(table)
     assert pair["agl_corr"] == pytest.approx(1.0, abs=1e-6) and pair["agl_cut"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sses_no_linear_blend_can_give_report_no_correlation_and_the_measured_cut():
+    """The vflow blend mixes scale and unit direction apart, so its three SSEs can imply
+    |e_a - e_b|^2 <= 0; that was reported as a correlation of 1.000 between members whose
+    scores differed by 0.45."""
+    from geopose_ray.ensemble.diversity import _pair_stats, diversity_line
+
+    stats = _pair_stats(s_a=1.0, s_b=4.0, s_w=2.4, w=0.5)  # implies <e_a, e_b> 2.3 > sqrt(1 x 4)
+    assert np.isnan(stats["corr"]) and stats["cut"] == 0.0
+    assert _pair_stats(s_a=1.0, s_b=4.0, s_w=0.6, w=0.5)["corr"] == pytest.approx(-0.65)  # a linear one
+    line = diversity_line([{"agl_corr": 0.5, "agl_cut": 0.1, "vflow_corr": stats["corr"], "vflow_cut": 0.0}])
+    assert "vflow n/a (not a linear blend)" in line and "1.000" not in line

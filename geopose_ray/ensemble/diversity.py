@@ -34,9 +34,17 @@ def _pair_stats(s_a: float, s_b: float, s_w: float, w: float) -> dict[str, float
     """Correlation of the two errors and the share of the better member's SSE that the best
     weight in [0, 1] removes, from the SSEs of a alone, b alone and the mix with weight w on a."""
     x = (s_w - w * w * s_a - (1 - w) ** 2 * s_b) / (2 * w * (1 - w))  # <e_a, e_b>
-    denom = s_a + s_b - 2 * x  # = |e_a - e_b|², >= 0
+    denom = s_a + s_b - 2 * x  # = |e_a - e_b|², >= 0 for a linear blend
     best = min(s_a, s_b)
-    if denom <= 0 or best <= 0:
+    if best <= 0:
+        return {"corr": 1.0, "cut": 0.0}
+    tol = 1e-9 * (s_a + s_b)  # identical members give denom 0 and x = sqrt(s_a s_b) up to rounding
+    if denom < -tol or abs(x) > np.sqrt(s_a * s_b) + tol:
+        # no pair of errors has these SSEs under a linear blend: the vflow blend is not linear
+        # (scale and the unit direction are mixed apart), so no correlation is implied; what
+        # the measured mix removed is still a fact. It was reported as 1.000 before.
+        return {"corr": float("nan"), "cut": float(max(0.0, 1.0 - s_w / best))}
+    if denom <= tol:
         return {"corr": 1.0, "cut": 0.0}
     w_star = float(np.clip((s_b - x) / denom, 0.0, 1.0))
     sse = w_star**2 * s_a + (1 - w_star) ** 2 * s_b + 2 * w_star * (1 - w_star) * x
@@ -74,7 +82,9 @@ def diversity_line(pairs: list[dict[str, Any]]) -> str | None:
         return None
 
     def span(key: str, pct: bool = False) -> str:
-        vals = [p[key] * (100 if pct else 1) for p in pairs]
+        vals = [p[key] * (100 if pct else 1) for p in pairs if np.isfinite(p[key])]
+        if not vals:
+            return "n/a (not a linear blend)"
         fmt = "{:.1f} %" if pct else "{:.3f}"
         lo, hi = fmt.format(min(vals)), fmt.format(max(vals))
         return lo if lo == hi else f"{lo}-{hi}"
