@@ -6,10 +6,12 @@ Each set is generated once in the bench folder (or taken from --data, a DrivenDa
 a `group` column), its train tiles are read from the original files, and `find_places` runs with
 the group column hidden. One JSON line per set: pair precision and recall (goal: both >= 0.95;
 `ratio` = the smaller), tiles, seconds to describe and to match, and what justifies the
-threshold: per city the null (best impostor) score, the threshold used, the lowest score of a
-true pair and the highest of a false pair among the scored candidates, and the share of true
-pairs that the coarse ranking put among the candidates. `--scale N` times matching on N tiles
-of one city (random maps: the work does not depend on content) and describing one 2048 px tile.
+thresholds: per city the median tile null (best impostor score) and pair threshold, the lowest
+score of a true pair and the highest of a false pair among the scored candidates, the same
+relative to each pair's threshold (a false pair at >= 0 is a false join, a true pair < 0 a
+missed one), and the share of true pairs that the coarse ranking put among the candidates.
+`--scale N` times matching N tiles of one city (random maps: the work does not depend on
+content) and describing one 2048 px tile. `--no-rgb` matches on heights alone.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ SETS: dict[str, dict[str, Any]] = {
     "s256_v6_gsd": {"size": 256, "per_city": 60, "views": 6, "gsd_jitter": 0.05},
     "s256_tall_v3": {"size": 256, "per_city": 60, "views": 3, "gsd_jitter": 0.05, "style": "tall"},
     "s128_x300_v3": {"size": 128, "per_city": 300, "views": 3, "gsd_jitter": 0.05},
+    "s128_v20_gsd": {"size": 128, "per_city": 100, "views": 20, "gsd_jitter": 0.05},  # > TOP_K views
 }
 QUICK_SETS = ("s128", "s128_v4_gsd")
 
@@ -105,11 +108,14 @@ def city_details(match: places.CityMatch, truth: dict[str, str]) -> dict[str, An
     label = np.array([truth[i] for i in match.ids])
     same = label[match.pairs[:, 0]] == label[match.pairs[:, 1]]
     n_true = sum(c * (c - 1) // 2 for c in np.unique(label, return_counts=True)[1])
+    over = match.scores - match.threshold  # > 0: joined
     return {
-        "threshold": match.threshold,
-        "null": match.null,
+        "null_median": float(np.median(match.null)),
+        "threshold_median": float(np.median(match.threshold)) if len(over) else None,
         "true_min": float(match.scores[same].min()) if same.any() else None,
         "false_max": float(match.scores[~same].max()) if (~same).any() else None,
+        "true_over_min": float(over[same].min()) if same.any() else None,  # < 0: a missed pair
+        "false_over_max": float(over[~same].max()) if (~same).any() else None,  # >= 0: a false join
         "candidate_recall": float(same.sum() / n_true) if n_true else 1.0,
     }
 
@@ -135,7 +141,12 @@ def scale_timing(n: int, seed: int = 0) -> dict[str, Any]:
     rgb = rng.integers(0, 256, (2048, 2048, 3), dtype=np.uint8)
     t0 = time.perf_counter()
     places.describe(places.PlaceTile("x", "ARG", 2.0, 1.0, agl, rgb, 0.3))
-    return {"set": f"scale_{n}", "tiles": n, "match_s": match_s, "describe_2048px_s": time.perf_counter() - t0}
+    return {
+        "set": f"scale_{n}",
+        "tiles": n,
+        "match_s": match_s,
+        "describe_2048px_s": time.perf_counter() - t0,
+    }
 
 
 def run(args: Any) -> None:
@@ -157,7 +168,9 @@ def run(args: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--data", nargs="*", type=Path, help="data sets with a group column (instead of generated)")
+    p.add_argument(
+        "--data", nargs="*", type=Path, help="data sets with a group column (instead of generated)"
+    )
     p.add_argument("--sets", nargs="*", choices=sorted(SETS), help="generated sets (default: all)")
     p.add_argument("--no-rgb", action="store_true", help="match on heights alone (no ground grey)")
     p.add_argument("--scale", type=int, default=0, help="also time matching this many tiles of one city")

@@ -204,3 +204,26 @@ def test_synthetic_set_converts_and_place_folds_keep_scenes_together(synthetic_d
     for group in {s.group for s in train}:
         assert len({stored[s.id] for s in train if s.group == group}) == 1, group
     assert set(stored.values()) == {0, 1}
+
+
+def test_without_a_group_column_places_are_found_and_no_place_sits_in_two_folds(tmp_path):
+    """The real data has no `group` column: conversion finds the places (tiles that show the same
+    ground), and the default folds keep each in one fold."""
+    from geopose_ray.data.places import pair_precision_recall
+    from geopose_ray.synthetic import generate
+
+    data = generate(tmp_path / "set", size=96, per_city=12, test_per_city=1, seed=3, views=3)
+    meta = pd.read_csv(data / "metadata.csv", dtype=str)
+    truth = {r.id: f"{r.city}/{r.group}" for r in meta.itertuples() if r.id in set(layout_ids(data))}
+    meta.drop(columns=["group"]).to_csv(data / "metadata.csv", index=False)
+    train = cache.load_cache(convert(data, tmp_path / "cache", map_fn=serial_map, progress=False), "train")
+    assert not any(s.group for s in train)
+    precision, recall = pair_precision_recall({s.id: s.place for s in train}, truth)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+    assignment = folds.config_folds(train, DataConfig(n_folds=3))
+    for place in {truth[s.id] for s in train}:
+        assert len({assignment[s.id] for s in train if truth[s.id] == place}) == 1, place
+
+
+def layout_ids(data: Path) -> list[str]:
+    return [s.id for s in layout.load_split(data, "train")]

@@ -35,7 +35,7 @@ import pandas as pd
 
 from geopose_ray import paths
 from geopose_ray.atomic import atomic_path
-from geopose_ray.data import io, layout, stats
+from geopose_ray.data import io, layout, places, stats
 from geopose_ray.data.layout import Sample
 from geopose_ray.errors import InputError
 
@@ -153,7 +153,13 @@ def _places(train: list[Sample], cache_dir: Path, map_fn: Callable[..., Iterable
     set's own answer), else the places found by matching the tiles' ground-projected AGL."""
     if all(s.group for s in train):
         return {s.id: f"{s.city}/{s.group}" for s in train}
-    return {s.id: f"{s.city}/{s.id}" for s in train}  # TODO places
+    tiles = []
+    for s in train:
+        rgb_out, agl_out = cache_paths(s, cache_dir)
+        vflow = io.read_vflow(s.vflow)
+        loaders = {"agl": functools.partial(io.read_agl, agl_out), "rgb": functools.partial(io.read_rgb, rgb_out)}
+        tiles.append(places.PlaceTile(s.id, s.city, vflow.scale, vflow.angle, gsd=s.gsd, **loaders))
+    return places.find_places(tiles, map_fn=map_fn)
 
 
 def load_cache(cache_dir: str | Path, split: str | None = "train") -> list[CachedSample]:

@@ -20,14 +20,18 @@ Matching (`group_descriptors`, per city):
   2. fine: candidate pairs get the NCC of the GRID maps over the whole overlap of every shift,
      height and grey combined at the same shift, each weighted by how much structure it has
      there (a flat height map counts for nothing, the grey map decides alone).
-  3. the threshold: max(FLOOR, null + MARGIN), where null is the best score any tile reaches
-     against the 180 degree rotated maps of the city (impostors with the city's very statistics
-     and street-grid orientation that can never be the same place), measured on the data itself.
-  4. pairs above the threshold are joined; connected components are the places.
+  3. the threshold, per pair: max(FLOOR, MARGIN + the higher null of its two tiles), a tile's
+     null being its best score against the city's maps turned by 90, 180 and 270 degrees, found
+     the same way (impostors with the city's very statistics and street-grid orientation that
+     can never be the same place): measured on the data itself, per tile, because information
+     varies (a tile with one building matches any other one-building tile well, a dense one
+     does not). FLOOR only guards cities with few tiles, where the null is a max of few scores.
+  4. pairs above their threshold are joined; connected components are the places.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,9 +51,9 @@ BLUR_CELLS = 0.7  # Gaussian sigma of the fine maps, cells: tolerance to sub-cel
 EPS_HEIGHT = 0.5  # m: height structure below this (per cell std) counts as flat
 EPS_GREY = 2.0  # grey levels: ditto for the ground grey
 TOP_K = 12  # candidate partners per tile from the coarse ranking
-FLOOR = 0.5  # lowest join threshold (fine score)
+FLOOR = 0.55  # lowest join threshold (fine score): a guard where a city has few tiles
 MARGIN = 0.1  # join threshold above the best impostor (null) score
-NULL_QUERIES = 512  # tiles per city scored against the rotated maps
+NULL_TURNS = (1, 2, 3)  # quarter turns of the maps that serve as impostors
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,8 @@ class CityMatch:
     ids: list[str]
     pairs: np.ndarray  # (E, 2) int indices into ids, i < j
     scores: np.ndarray  # (E,) fine score of each pair
-    null: float  # best impostor score (rotated maps), -inf when not measured
-    threshold: float
+    null: np.ndarray  # (N,) each tile's best impostor score (turned maps)
+    threshold: np.ndarray  # (E,) the score each pair needed
     places: dict[str, str] = field(default_factory=dict)  # id -> place
 
 
@@ -104,7 +108,9 @@ def describe(tile: PlaceTile, grid: int = GRID) -> Descriptor:
     if rgb is None:
         grey = np.zeros((grid, grid), np.float32)
     else:
-        small = cv2.resize(np.asarray(rgb, np.float32).mean(-1), agl.shape[::-1], interpolation=cv2.INTER_AREA)
+        small = cv2.resize(
+            np.asarray(rgb, np.float32).mean(-1), agl.shape[::-1], interpolation=cv2.INTER_AREA
+        )
         grey = _ground_grey(agl, small, grid)
     return Descriptor(tile.id, tile.city, float(tile.gsd), height, grey)
 
@@ -131,7 +137,9 @@ def _ground_grey(agl: np.ndarray, grey: np.ndarray, grid: int) -> np.ndarray:
     that facade bases (AGL ~0 but view-dependent colour) stay out; cells without ground get the
     tile's ground mean, which the NCC's mean removal turns into "no information"."""
     h, w = agl.shape
-    ground = cv2.erode((np.nan_to_num(agl, nan=np.inf) < GROUND_M).astype(np.uint8), np.ones((3, 3), np.uint8))
+    ground = cv2.erode(
+        (np.nan_to_num(agl, nan=np.inf) < GROUND_M).astype(np.uint8), np.ones((3, 3), np.uint8)
+    )
     rows, cols = np.nonzero(ground)
     cell = (rows * grid // h) * grid + cols * grid // w
     n = np.bincount(cell, minlength=grid * grid)
@@ -141,29 +149,34 @@ def _ground_grey(agl: np.ndarray, grey: np.ndarray, grid: int) -> np.ndarray:
 
 
 def find_places(
-    tiles: Iterable[PlaceTile], map_fn: Callable[..., Iterable[Descriptor]] = map, workers: int = 1
+    tiles: Iterable[PlaceTile], map_fn: Callable[..., Iterable] = map, workers: int = 1
 ) -> dict[str, str]:
-    """id -> place name ("ARG/p0007") for every tile. `map_fn` computes the descriptors (e.g. a
-    parallel map; each call reads one tile); matching runs here with `workers` FFT threads."""
-    return group_descriptors(list(map_fn(describe, tiles)), workers=workers)
+    """id -> place name ("ARG/p0007") for every tile. `map_fn` (e.g. a parallel map) runs the
+    per-tile descriptors, each reading one tile, then the per-city matching; `workers` FFT threads."""
+    return group_descriptors(list(map_fn(describe, tiles)), map_fn, workers)
 
 
-def group_descriptors(descriptors: Sequence[Descriptor], workers: int = 1) -> dict[str, str]:
+def group_descriptors(
+    descriptors: Sequence[Descriptor], map_fn: Callable[..., Iterable] = map, workers: int = 1
+) -> dict[str, str]:
     """id -> place of every descriptor; the result does not depend on their order."""
     out: dict[str, str] = {}
-    for match in match_cities(descriptors, workers=workers):
+    for match in match_cities(descriptors, map_fn, workers):
         out.update(match.places)
     return out
 
 
-def match_cities(descriptors: Sequence[Descriptor], workers: int = 1) -> list[CityMatch]:
-    """Match city by city (places never span cities); the full record, for benches and tests."""
+def match_cities(
+    descriptors: Sequence[Descriptor], map_fn: Callable[..., Iterable] = map, workers: int = 1
+) -> list[CityMatch]:
+    """Match city by city through `map_fn` (places never span cities); the full record."""
     by_city: dict[str, list[Descriptor]] = defaultdict(list)
     for d in descriptors:
         by_city[d.city].append(d)
-    if sum(len(v) for v in by_city.values()) != len({d.id for d in descriptors}):
+    if len(descriptors) != len({d.id for d in descriptors}):
         raise ValueError("tile ids must be unique")
-    return [match_city(sorted(by_city[c], key=lambda d: d.id), workers) for c in sorted(by_city)]
+    cities = [sorted(by_city[c], key=lambda d: d.id) for c in sorted(by_city)]
+    return list(map_fn(functools.partial(match_city, workers=workers), cities))
 
 
 def match_city(descs: Sequence[Descriptor], workers: int = 1) -> CityMatch:
@@ -175,8 +188,8 @@ def match_city(descs: Sequence[Descriptor], workers: int = 1) -> CityMatch:
     coarse = _coarse_maps(height, grey)
     pairs = _candidates(_coarse_scores(coarse, coarse, workers, upper=True), TOP_K)
     scores = fine.score(pairs[:, 0], pairs[:, 1])
-    null = _null_score(height, grey, fine, coarse, workers)
-    threshold = max(FLOOR, null + MARGIN)
+    null = _null_scores(height, grey, fine, coarse, workers)
+    threshold = np.maximum(FLOOR, np.maximum(null[pairs[:, 0]], null[pairs[:, 1]]) + MARGIN)
     joined = pairs[scores >= threshold]
     n = len(ids)
     graph = coo_matrix((np.ones(len(joined)), (joined[:, 0], joined[:, 1])), shape=(n, n))
@@ -238,15 +251,16 @@ def _coarse_scores(query: np.ndarray, ref: np.ndarray, workers: int, upper: bool
     g = query.shape[-1]
     m = round(MAX_SHIFT * g)
     p = sfft.next_fast_len(g + m, real=True)  # zero padding: no wrap-around for |lag| <= m
-    fq = sfft.rfft2(query, (p, p), workers=workers)  # (Nq, 2, p, p // 2 + 1)
-    fr = fq if upper else sfft.rfft2(ref, (p, p), workers=workers)
+    fq = sfft.rfft2(query, (p, p), workers=workers)  # (Nq, C, p, p // 2 + 1)
+    conj = np.conj(fq if upper else sfft.rfft2(ref, (p, p), workers=workers)).transpose(1, 0, 2, 3).copy()
     lags, cells = _lags(p, m), _overlap_cells(g, m) * query.shape[1]
     out = np.full((len(query), len(ref)), -np.inf, np.float32)
-    for i in range(len(query)):
+    for i in range(len(query) - upper):
         start = i + 1 if upper else 0
-        if start >= len(ref):
-            continue
-        cc = sfft.irfft2((fq[i][None] * np.conj(fr[start:])).sum(1), (p, p), workers=workers)
+        spec, part = conj[0, start:] * fq[i, 0], np.empty_like(conj[0, start:])  # (Nr', p, p // 2 + 1)
+        for c in range(1, len(conj)):  # summed over channels in place: the loop's hot spot
+            spec += np.multiply(conj[c, start:], fq[i, c], out=part)
+        cc = sfft.irfft2(spec, (p, p), workers=workers)
         out[i, start:] = (cc[:, lags][:, :, lags] / cells).reshape(len(cc), -1).max(-1)
     if upper:
         out = np.maximum(out, out.T)
@@ -281,11 +295,13 @@ class _FineMaps:
         self.eps2 = (EPS_HEIGHT**2, EPS_GREY**2)
         self.channels = []
         for x in (height, grey):
-            x = np.stack([cv2.GaussianBlur(t, (0, 0), BLUR_CELLS) for t in x])
+            x = np.stack([cv2.GaussianBlur(np.ascontiguousarray(t), (0, 0), BLUR_CELLS) for t in x])
             spec = sfft.rfft2(x.astype(np.float32), (self.p, self.p), workers=workers)
             self.channels.append((spec, *_shift_sums(x, self.m)))
 
-    def score(self, a: np.ndarray, b: np.ndarray, other: _FineMaps | None = None, chunk: int = 256) -> np.ndarray:
+    def score(
+        self, a: np.ndarray, b: np.ndarray, other: _FineMaps | None = None, chunk: int = 256
+    ) -> np.ndarray:
         """(E,) best combined NCC of maps a[e] (self) and b[e] (`other`, default self) over shifts."""
         other = other or self
         out = np.empty(len(a), np.float32)
@@ -328,18 +344,21 @@ def _shift_sums(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
-def _null_score(
+def _null_scores(
     height: np.ndarray, grey: np.ndarray, fine: _FineMaps, coarse: np.ndarray, workers: int
-) -> float:
-    """The best fine score of the first NULL_QUERIES tiles against the city's maps rotated by 180
-    degrees, found as real partners are (coarse ranking, then fine): what an impostor reaches."""
-    rotated = _FineMaps(height[:, ::-1, ::-1], grey[:, ::-1, ::-1], workers)
-    queries = np.arange(min(len(height), NULL_QUERIES))
-    ranked = _coarse_scores(coarse[queries], coarse[:, :, ::-1, ::-1], workers)
-    pairs = _candidates(ranked, TOP_K, symmetric=False)
-    if not len(pairs):
-        return -np.inf
-    return float(fine.score(pairs[:, 0], pairs[:, 1], other=rotated).max())
+) -> np.ndarray:
+    """(N,) per tile the best fine score against the city's maps turned by NULL_TURNS quarter
+    turns, found as real partners are (coarse ranking, then fine): what an impostor reaches
+    against this tile. A turn keeps a map's statistics and street-grid orientation (grids are
+    square) but never shows the same place; several turns sample more impostors than a city
+    has tiles, so the best real impostor rarely beats them by much."""
+    out = np.full(len(height), -np.inf, np.float32)
+    for k in NULL_TURNS:
+        turned = _FineMaps(np.rot90(height, k, (1, 2)), np.rot90(grey, k, (1, 2)), workers)
+        ranked = _coarse_scores(coarse, np.rot90(coarse, k, (2, 3)), workers)
+        pairs = _candidates(ranked, TOP_K, symmetric=False)
+        np.maximum.at(out, pairs[:, 0], fine.score(pairs[:, 0], pairs[:, 1], other=turned))
+    return out
 
 
 def pair_precision_recall(found: dict[str, str], truth: dict[str, str]) -> tuple[float, float]:
