@@ -56,6 +56,13 @@ def setup(verbose: bool = False) -> dict[str, Any]:
     return {"log_to_driver": False, "logging_level": logging.WARNING}
 
 
+def duration(seconds: float) -> str:
+    """A wall time as a person reads it in a plan: `45 s`, `12 min`, `3.5 h`."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 120 * 60 else f"{seconds / 3600:.1f} h"
+
+
 def quiet() -> bool:
     """True when `setup` quieted this process (Tuners then get the terse status table)."""
     return os.environ.get(LEGACY_OUTPUT_ENV) == "0"

@@ -29,6 +29,12 @@ def storage_cache() -> Path:
     return home() / "cache"
 
 
+def default_weights_cache() -> Path:
+    """Pretrained encoder weights (the hub's cache layout, `models/pretrained.py`), named here so
+    that a dry run can look into it without importing the models (torch, timm)."""
+    return home() / "weights"
+
+
 def default_cache_dir(data_dir: str | Path) -> Path:
     """Conversion cache beside the data unless --cache says otherwise."""
     return Path(data_dir).resolve() / ".geopose_cache"

@@ -22,8 +22,7 @@ from typing import Any
 import ray
 
 from geopose_ray import console
-
-LOCAL = "local"
+from geopose_ray.tune.capacity import LOCAL, resolve_address  # Ray-free, so a dry run needs no Ray
 
 
 def pin_local_address() -> str:
@@ -41,11 +40,6 @@ def pin_local_address() -> str:
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = address
     return address
-
-
-def resolve_address(address: str | None) -> str:
-    """The cluster to join: `address`, else RAY_ADDRESS, else a new local instance."""
-    return address or os.environ.get("RAY_ADDRESS") or LOCAL
 
 
 def init(

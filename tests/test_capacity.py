@@ -16,7 +16,7 @@ from ray.tune.search import Searcher
 
 from geopose_ray import ray_env
 from geopose_ray.errors import InputError
-from geopose_ray.tune import search, tuner
+from geopose_ray.tune import options, search, tuner
 from geopose_ray.tune.capacity import Capacity, TrialResources
 from geopose_ray.tune.tuner import ElasticLimiter
 
@@ -73,7 +73,7 @@ def test_capacity_options_defaults_and_bad_values(tmp_path):
         ({"refit_epochs": 0}, "--refit-epochs"),
     ):
         with pytest.raises(InputError, match=flag):
-            search.check_capacity_options(search.SearchOptions(space="s.yaml", **bad))
+            options.check_capacity_options(search.SearchOptions(space="s.yaml", **bad))
 
 
 class CountingSearcher(Searcher):

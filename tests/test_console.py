@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from test_search import PLAIN_SPACE, write_space
 
 from geopose_ray.tune.space import load_space
@@ -54,16 +53,17 @@ def test_console_trial_lines_and_terse_status_table(tmp_path, monkeypatch, capsy
     assert console.setup(verbose=True) == {"log_to_driver": True}  # Ray's full console, untouched
 
 
-@pytest.mark.ray
-def test_dry_run_prints_the_plan_and_writes_nothing(ray_session, synthetic_dir, tmp_path):
-    from geopose_ray.tune import search
+def test_dry_run_prints_the_plan_and_writes_nothing(synthetic_dir, tmp_path):
+    """The plan on a given cluster size (a 4-CPU one here); no Ray: see tests/test_dry_run.py."""
+    from geopose_ray.tune import options, plan
 
     storage = tmp_path / "storage"
-    opts = search.SearchOptions(space=str(SMOKE), data=str(synthetic_dir), storage=str(storage), refit_top=2)
-    text = "\n".join(search.plan_search(opts))
+    opts = options.SearchOptions(space=str(SMOKE), data=str(synthetic_dir), storage=str(storage), refit_top=2)
+    text = "\n".join(plan.plan_search(opts, ({"CPU": 4.0}, None)))
     tiles = len(list((synthetic_dir / "train").glob("*_RGB.j2k")))
     assert f"({tiles} train /" in text and "smoke.yaml" in text and "encoder, agl_loss" in text
     assert "1 Train worker(s) x {'CPU': 0.95}" in text
-    assert "4 trial(s) at once" in text  # the 4-CPU test instance: 4 x (0.95 + 0.01)
-    assert f"refits:     the top 2 configs on fold(s) [0] -> {storage / 'smoke' / 'members.json'}" in text
+    assert "4 trial(s) at once" in text  # a 4-CPU cluster: 4 x (0.95 + 0.01)
+    assert "refits:     the top 2 configs on fold(s) [1] (not the search's fold 0" in text
+    assert f"-> {storage / 'smoke' / 'members.json'}" in text and "estimate:   ~" in text
     assert not storage.exists()

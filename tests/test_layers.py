@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "geopose_ray": BOTTOM,  # the package's __init__ only (matched exactly, never as a prefix)
     "geopose_ray.constants": BOTTOM,
     "geopose_ray.errors": BOTTOM,
+    "geopose_ray.redact": BOTTOM,
     "geopose_ray.atomic": BOTTOM,
     "geopose_ray.config": BOTTOM,
     "geopose_ray.yamlio": BOTTOM,
@@ -84,6 +85,12 @@ RAY_FREE = [
     "geopose_ray.tune.space",
     "geopose_ray.tune.capacity",
     "geopose_ray.tune.progress",
+    "geopose_ray.tune.options",
+    "geopose_ray.tune.identity",
+    "geopose_ray.tune.plan",
+    "geopose_ray.tune.launch",  # a dry run and --help import no Ray
+    "geopose_ray.ensemble.plan",
+    "geopose_ray.redact",
 ]
 
 # --- 3. documents that are not in the repository ---------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import Experiment
-from geopose_ray.tune import search
+from geopose_ray.tune import identity, options, plan
 from geopose_ray.tune.space import load_space
 
 SPACE = """
@@ -34,24 +34,24 @@ def test_the_folds_an_experiment_started_with_are_the_ones_it_resumes_with(tmp_p
     path = tmp_path / "space.yaml"
     path.write_text(SPACE)
     space = load_space(path)
-    record = search.folds_record(space)
-    assert record == {"version": search.FOLDS_VERSION, "mode": "place", "n_folds": 3, "fold_seed": 0}
-    search.check_resumable(_experiment(tmp_path / "same", {"folds": record}), space)
-    for name, options, words in [
+    record = identity.folds_record(space)
+    assert record == {"version": identity.FOLDS_VERSION, "mode": "place", "n_folds": 3, "fold_seed": 0}
+    identity.check_resumable(_experiment(tmp_path / "same", {"folds": record}), space)
+    for name, stored, words in [
         ("old", {"fixed": {}}, "made before leak-free place folds"),  # written by an older version
         ("none", None, "made before leak-free place folds"),  # interrupted before it wrote options
         ("other", {"folds": {**record, "n_folds": 5}}, "made with folds"),
         ("city", {"folds": {**record, "mode": "city"}}, "made with folds"),
     ]:
         with pytest.raises(InputError, match=words) as e:
-            search.check_resumable(_experiment(tmp_path / name, options), space)
+            identity.check_resumable(_experiment(tmp_path / name, stored), space)
         assert "new --name" in e.value.problem
 
 
 def test_the_refits_default_to_a_fold_that_did_not_choose_the_configs():
-    opts = search.SearchOptions(space="x", fold=0)
-    assert search.refit_folds(opts, 5) == (1,) and "free of the selection" in search.selection_note(opts, 5)
-    last = search.SearchOptions(space="x", fold=4)
-    assert search.refit_folds(last, 5) == (0,)
-    chosen = search.SearchOptions(space="x", fold=0, folds=(0, 1))
-    assert search.refit_folds(chosen, 5) == (0, 1) and "optimistic" in search.selection_note(chosen, 5)
+    opts = options.SearchOptions(space="x", fold=0)
+    assert options.refit_folds(opts, 5) == (1,) and "free of the selection" in plan.selection_note(opts, 5)
+    last = options.SearchOptions(space="x", fold=4)
+    assert options.refit_folds(last, 5) == (0,)
+    chosen = options.SearchOptions(space="x", fold=0, folds=(0, 1))
+    assert options.refit_folds(chosen, 5) == (0, 1) and "optimistic" in plan.selection_note(chosen, 5)

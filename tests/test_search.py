@@ -22,7 +22,7 @@ from geopose_ray.config import Config
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import trial_train_config
 from geopose_ray.metrics import GeoposeScore
-from geopose_ray.tune import refit, report, search, tuner
+from geopose_ray.tune import options, refit, report, search, tuner
 from geopose_ray.tune.capacity import Capacity, TrialResources
 from geopose_ray.tune.space import load_space
 
@@ -82,12 +82,12 @@ def test_trial_train_config_search_and_refit():
 
 
 def test_parse_folds():
-    assert refit.parse_folds("0,1") == (0, 1)
-    assert refit.parse_folds("3") == (0, 1, 2)
-    assert refit.parse_folds("2,4") == (2, 4)
+    assert options.parse_folds("0,1") == (0, 1)
+    assert options.parse_folds("3") == (0, 1, 2)
+    assert options.parse_folds("2,4") == (2, 4)
     for bad in ("x", "0,0", "-1,2", "0"):
         with pytest.raises(InputError):
-            refit.parse_folds(bad)
+            options.parse_folds(bad)
 
 
 def test_top_configs_are_distinct_finished_and_finite():
@@ -249,6 +249,29 @@ def test_cli_mlflow_without_the_package_exits_2(tmp_path):
 
 
 # --- Optuna + ASHA with a plain Tune function (seconds) -----------------------------------------
+SECRET = "s3cret"
+
+
+def test_tunes_pickles_hold_urls_masked_and_a_resumed_driver_restores_them(tmp_path):
+    """The Optuna storage and the MLflow callback go into tuner.pkl and the searcher's state:
+    pickled with the URL masked, unpickled with the real one the driver was given again."""
+    from ray import cloudpickle
+
+    from geopose_ray import redact
+
+    url = f"sqlite:///file:{tmp_path / 'o.db'}?mode=rwc&uri=true&token={SECRET}"
+    study = optuna.create_study(storage=tuner.MaskedRDBStorage(url), study_name="s")
+    uri = f"https://alice:{SECRET}@mlflow.example/"
+    callback = tuner.mlflow_callbacks(uri, "s")[0]
+    for obj, field in ((study._storage._backend, "url"), (callback, "tracking_uri")):
+        blob = cloudpickle.dumps(obj)
+        assert SECRET.encode() not in blob
+        assert getattr(cloudpickle.loads(blob), field) in (url, uri)  # this driver remembers it
+        redact._REAL.clear()  # another process that was not given the URL again
+        assert "***" in getattr(cloudpickle.loads(blob), field)
+        redact.remember(url, uri)
+
+
 def plain_trainable(config: dict) -> None:
     """Score peaks at lr = 1e-3 (the default) and rises slowly with epochs."""
     from ray import tune
@@ -267,7 +290,9 @@ def test_optuna_asha_search_and_report(ray_session, tmp_path):
     trainable = tune.with_resources(plain_trainable, {"CPU": 0.01})
     exp = tmp_path / "exp"
 
-    study = (f"sqlite:///{tmp_path / 'optuna.db'}", "exp")
+    # a token in the study's URL (SQLite passes the URI's other keys on unread): used to connect,
+    # never written, though Tune pickles the searcher and its storage into the experiment folder
+    study = (f"sqlite:///file:{tmp_path / 'optuna.db'}?mode=rwc&uri=true&token={SECRET}", "exp")
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a local MLflow store (its file store is deprecated)
 
     def make_tuner():
@@ -303,6 +328,8 @@ def test_optuna_asha_search_and_report(ray_session, tmp_path):
         assert (exp / png).read_bytes()[:4] == b"\x89PNG"
     assert len(pd.read_csv(exp / experiment.LEADERBOARD)) == space.num_samples
     _check_mlflow_runs(mlflow_uri, recs)
+    written = [p for p in exp.rglob("*") if p.is_file()]
+    assert any(p.name == "tuner.pkl" for p in written) and not [p for p in written if SECRET.encode() in p.read_bytes()]
     with pytest.raises(InputError, match="--resume"):
         tuner.fit_or_resume(make_tuner, exp, trainable, resume=False)
     with pytest.raises(InputError, match="no experiment"):

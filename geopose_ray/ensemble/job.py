@@ -31,6 +31,7 @@ from geopose_ray.data.folds import config_folds
 from geopose_ray.ensemble.blend import BlendParams, OofTable, fit_blend
 from geopose_ray.ensemble.diversity import error_diversity
 from geopose_ray.ensemble.members import Member, cache_dir_for, group_by_config, lead_config
+from geopose_ray.ensemble.plan import actor_pool
 from geopose_ray.ensemble.preview import write_previews
 from geopose_ray.ensemble.report import add_test_scores, config_rows, write_report
 from geopose_ray.ensemble.written import tile_stats
@@ -134,14 +135,9 @@ def truth_sums(
 
 
 def _pool(num_actors: int | None, n_items: int) -> tuple[int, dict[str, float], int]:
-    """(actors, per-actor resources, torch threads): one actor per GPU, else CPU actors of 2 CPUs."""
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
-    if gpus:
-        return max(1, min(num_actors or gpus, n_items)), {"num_gpus": 1, "num_cpus": 1}, 0
-    per = min(2, cpus)
-    size = max(1, min(num_actors or max(1, cpus // per), n_items))
-    return size, {"num_cpus": per}, per
+    """(actors, per-actor resources, torch threads) on the live cluster (`plan.actor_pool`: the
+    rule the dry run's plan shows)."""
+    return actor_pool(ray.cluster_resources(), num_actors, n_items)
 
 
 def run_actors(items: list[dict[str, Any]], num_actors: int | None, **actor_kwargs: Any) -> dict[str, dict]:

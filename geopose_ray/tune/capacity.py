@@ -20,9 +20,26 @@ the limit follows the nodes alive, plus `pending` waiting trials; on a fixed loc
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 DRIVER_CPUS = 0.01  # a driver only waits on its Train run; {"CPU": 0} is refused by Tune
+LOCAL = "local"  # the address of a new local Ray instance (`ray.init(address="local")`)
+
+
+def resolve_address(address: str | None) -> str:
+    """The cluster a command joins: `address`, else RAY_ADDRESS, else a new local instance
+    (`LOCAL`). Here, without Ray, so that a dry run can tell without importing it."""
+    return address or os.environ.get("RAY_ADDRESS") or LOCAL
+
+
+def local_cluster() -> tuple[dict[str, float], None]:
+    """What a new local Ray instance would have, read without starting one (a dry run's plan):
+    every core, as `ray.init` counts them, and the GPUs torch sees; no autoscaler (None)."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return {"CPU": float(os.cpu_count() or 1), **({"GPU": float(gpus)} if gpus else {})}, None
 
 
 @dataclass(frozen=True)

@@ -32,20 +32,6 @@ from geopose_ray.tune.space import SearchSpace
 log = logging.getLogger(__name__)
 
 
-def parse_folds(spec: str) -> tuple[int, ...]:
-    """`--folds`: a comma list ("0,1,3") or a count ("2" = folds 0 and 1)."""
-    try:
-        if "," in spec:
-            folds = tuple(int(f) for f in spec.split(",") if f.strip())
-        else:
-            folds = tuple(range(int(spec)))
-    except ValueError:
-        raise InputError("--folds", f"expected a count or a comma list of folds, not {spec!r}") from None
-    if not folds or min(folds) < 0 or len(set(folds)) != len(folds):
-        raise InputError("--folds", f"need distinct folds >= 0, got {spec!r}")
-    return folds
-
-
 def top_configs(records: list[report.TrialRecord], k: int) -> list[report.TrialRecord]:
     """Best trial of each of the `k` best distinct configs (finished trials, finite score)."""
     best: dict[str, report.TrialRecord] = {}

@@ -25,6 +25,7 @@ from geopose_ray.experiment import (
     config_id,
     trial_train_config,
 )
+from geopose_ray.redact import mask_text
 from geopose_ray.tune.space import SearchSpace
 
 
@@ -126,7 +127,7 @@ def param_importances(study: tuple[str, str]) -> dict[str, Any]:
         done = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
         importances = optuna.importance.get_param_importances(loaded)
     except (KeyError, ValueError, RuntimeError) as e:  # KeyError: no such study
-        return {"importances": {}, "trials": 0, "note": f"not computable: {e}"}
+        return {"importances": {}, "trials": 0, "note": f"not computable: {mask_text(str(e))}"}  # no password
     finally:
         optuna.logging.set_verbosity(verbosity)
     return {"importances": {k: float(v) for k, v in importances.items()}, "trials": len(done)}

@@ -9,17 +9,19 @@ refit Tuner: a grid over (config rank, fold) with the FIFO scheduler. Both run t
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pandas as pd
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from geopose_ray import console, ray_env, storage
+from geopose_ray import console, ray_env, redact, storage
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import METRIC, MODE, REFIT_CONFIGS, trial_dirname
 from geopose_ray.tune.capacity import Capacity
@@ -121,12 +123,55 @@ def run_config_kwargs(
 def mlflow_callbacks(tracking_uri: str | None, experiment: str) -> list[Any]:
     """[MLflowLoggerCallback] when a tracking URI is given: each trial becomes a run of the MLflow
     experiment `experiment` with its config as params and every report as metrics. `mlflow` is
-    optional: `search.check_mlflow` refuses the flag without it before Ray starts."""
+    optional: `options.check_mlflow` refuses the flag without it before Ray starts. The callback
+    is pickled with the masked URI (`MaskedMLflowLogger`)."""
     if not tracking_uri:
         return []
+    redact.remember(tracking_uri)
+    return [_masked_mlflow_logger()(tracking_uri=tracking_uri, experiment_name=experiment, save_artifact=False)]
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: `MaskedMLflowLogger` is built on first use, since importing Ray's MLflow callback
+    imports mlflow (optional, seconds); unpickling one asks for it here by this name."""
+    if name == "MaskedMLflowLogger":
+        return _masked_mlflow_logger()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _masked_mlflow_logger() -> type:
+    """Ray's MLflowLoggerCallback, whose pickle (Tune saves the run config in the experiment
+    folder's tuner.pkl) holds the tracking URI masked; unpickled by a driver that was given the
+    real URI (`redact.remember`), on --resume, it logs to the real one."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    return [MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment, save_artifact=False)]
+    class MaskedMLflowLogger(MLflowLoggerCallback):
+        def __getstate__(self) -> dict[str, Any]:
+            return {**self.__dict__, "tracking_uri": redact.mask_url(self.tracking_uri), "tracking_token": None}
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            uri = state.get("tracking_uri")
+            self.__dict__.update({**state, "tracking_uri": redact.recall(uri) if uri else uri})
+
+    MaskedMLflowLogger.__module__, MaskedMLflowLogger.__qualname__ = __name__, "MaskedMLflowLogger"
+    return MaskedMLflowLogger
+
+
+class MaskedRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage whose pickle (Tune saves the searcher, with its study's storage, in the
+    experiment folder) holds the database URL masked; unpickled by a driver that was given the
+    real URL (`redact.remember`), on --resume, it connects with the real one."""
+
+    def __init__(self, url: str, **kwargs: Any):
+        redact.remember(url)
+        super().__init__(url, **kwargs)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        return {**super().__getstate__(), "url": redact.mask_url(self.url)}
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__({**state, "url": redact.recall(state["url"])})
 
 
 # --- the Tuners -------------------------------------------------------------------------------
@@ -138,10 +183,9 @@ def build_searcher(space: SearchSpace, seed: int, study: tuple[str, str] | None 
     """OptunaSearch over the define-by-run space (TPE, seeded); its first trial is the defaults.
     `study` = (storage URL, study name): the study then lives in that database (an SQLite file or
     PostgreSQL), where `optuna-dashboard` and the report read it; None keeps it in memory."""
-    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    storage = optuna.storages.RDBStorage(study[0]) if study else None
+    storage = MaskedRDBStorage(study[0]) if study else None
     return OptunaSearch(
         space=SpaceSampler(space),
         metric=METRIC,

@@ -1,0 +1,216 @@
+"""The plan of a search, as `run_search.py --dry-run` prints it: the data, the space, the
+resources per trial and how many trials fit, the experiment, its study and fingerprint, the
+weights (in the cache or to download), the derived defaults, the refits and a rough estimate of
+the wall time. It checks what a run checks and downloads, converts, writes and trains nothing.
+No `ray`: the caller passes the cluster's size (`capacity.local_cluster()` for a local plan,
+read without starting Ray; `ray_env.cluster_resources()` once it joined a cluster).
+
+The estimate is a cost model, not a measurement of this machine: ASHA's expected epochs x the
+crop pixels of an epoch x an assumed rate per worker, plus a fixed start-up per trial, over the
+trials at once (docs/CLUSTER.md, 'Cost model').
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from geopose_ray import paths
+from geopose_ray.config import Config
+from geopose_ray.console import duration
+from geopose_ray.data.stats import DataStats
+from geopose_ray.experiment import MEMBERS
+from geopose_ray.redact import mask_url
+from geopose_ray.tune.capacity import TrialResources
+from geopose_ray.tune.identity import Identity, check_resumable, identify, provenance
+from geopose_ray.tune.options import (
+    SearchOptions,
+    cached_weights,
+    check_capacity_options,
+    check_mlflow,
+    check_optuna_storage,
+    check_storage,
+    load_run_space,
+    measure_data,
+    optuna_study,
+    refit_folds,
+    resolve_capacity,
+    resolve_experiment,
+    resolve_resources,
+    resolve_space,
+)
+from geopose_ray.tune.space import SearchSpace
+
+Cluster = tuple[dict[str, float], dict[str, float] | None]
+# seconds per million crop pixels trained by one worker, validation included: CPU from the
+# dense_dc8 row of docs/LEARNING.md, 'Results' (126 s for 12 epochs of 320 crops of 64 px and
+# 48 tiles of 128 px validated, two trials at once on 2 cores); GPU assumed (not measured here)
+CPU_S_PER_MPX = 7.0
+GPU_S_PER_MPX = 0.2
+VAL_COST = 1 / 3  # a validated pixel (forward only) against a trained one (forward + backward)
+# per trial: Tune + Train start-up (~18 s) and teardown (~4 s), per epoch ~0.2 s of checkpoint and
+# report (docs/BENCHMARKS.md, 'Where the time goes (from the figures above)')
+TRIAL_START_S = 22.0
+EPOCH_OVERHEAD_S = 0.2
+
+
+def check_search(opts: SearchOptions) -> SearchSpace:
+    """Every check of a run that needs neither Ray nor a download, in the order a user fixes them:
+    the space with its --set values, the flags, mlflow's package, the Optuna database's URL and
+    driver, a writable --storage, a given data set (validated unless its cache is current).
+    Returns the run's space."""
+    space = load_run_space(opts)
+    check_capacity_options(opts)
+    check_mlflow(opts)
+    check_optuna_storage(opts)
+    check_storage(opts)
+    if opts.data:
+        from geopose_ray.data.cache import validate_unless_cached
+
+        validate_unless_cached(opts.data, opts.cache)
+    return space
+
+
+def plan_search(opts: SearchOptions, cluster: Cluster, where: str = "") -> list[str]:
+    """What `run_search(opts)` would do, as lines a person reads (`run_search.py --dry-run`), on a
+    cluster of `cluster`'s size (`where` says how it was read). Checks everything a run checks
+    (`check_search`, the weights in the cache, a --resume's fingerprint); trains nothing."""
+    from geopose_ray.data import layout
+
+    base = check_search(opts)
+    data = Path(opts.data).resolve() if opts.data else paths.default_data_dir()
+    tiles = {split: len(layout.load_split(data, split)) for split in ("train", "test")} if opts.data else None
+    measured = measure_data(opts, data) if layout.has_split(data, "train") else None
+    space = resolve_space(opts, str(data), measured)
+    resources = resolve_resources(opts, space, *cluster)
+    concurrent = resolve_capacity(opts, resources).limit(*cluster)
+    exp = resolve_experiment(opts, space)
+    ident = identify(opts, data, measured) if measured is not None else None
+    if opts.resume:  # a fingerprint from a sample of tiles may differ from the run's: folds only then
+        exact = ident is not None and measured is not None and measured.measured == measured.train_tiles
+        check_resumable(exp, space, ident.fingerprint if exact else None)
+    sched = space.scheduler
+    have = {k: cluster[0].get(k, 0.0) for k in ("CPU", "GPU")}
+    url, study = optuna_study(opts, exp, ident.fingerprint if ident else None)
+    lines = [
+        f"data:       {data}  "
+        + (f"({tiles['train']} train / {tiles['test']} test tiles)" if tiles else "(the embedded synthetic set)"),
+        f"space:      {space.path}  searched: {', '.join(space.searched()) or '-'}",
+        f"trials:     {space.num_samples} x up to {sched.max_epochs} epochs on fold {opts.fold}; "
+        f"ASHA grace {sched.grace_period}, reduction factor {sched.reduction_factor}",
+        f"per trial:  {resources.workers_per_trial} Train worker(s) x {resources.per_worker()}",
+        f"cluster:    {have}; {concurrent} trial(s) at once" + (f"  ({where})" if where else ""),
+        f"experiment: {mask_url(exp.location)}" + ("  (resumed)" if opts.resume else ""),
+        f"optuna:     {mask_url(url)}  (study {study})",
+        *([f"mlflow:     {mask_url(opts.mlflow)}"] if opts.mlflow else []),
+        *_weights_lines(opts, base),
+        *_identity_lines(ident, measured),
+        *_data_lines(ident, measured),
+        *_refit_lines(opts, space, exp.file(MEMBERS)),
+        _estimate_line(opts, space, resources, concurrent, measured),
+    ]
+    return lines
+
+
+def _weights_lines(opts: SearchOptions, space: SearchSpace) -> list[str]:
+    """One line per hub weights file: in the cache, or what the run downloads (nothing is)."""
+    found = cached_weights(opts, space)
+    return [
+        f"weights:    {encoder} {tag}: " + (f"cached ({path})" if path else "not cached: the run downloads it first")
+        for (encoder, tag), path in found.items()
+    ]
+
+
+def _identity_lines(ident: Identity | None, measured: DataStats | None) -> list[str]:
+    """The fingerprint and the code and lock file that would run. Before conversion the derived
+    defaults come from a sample of tiles; the run measures every tile and may derive (and so
+    fingerprint) otherwise."""
+    prov = provenance()
+    dirty = " (with uncommitted changes)" if prov["git_dirty"] else ""
+    lock = prov["requirements_lock_sha256"][:12]
+    sampled = measured is not None and measured.measured < measured.train_tiles
+    return [
+        "identity:   fingerprint "
+        + (ident.fingerprint if ident else "once the embedded set is written (the first run writes it)")
+        + ("  (from a sample of tiles: the run measures them all)" if sampled else ""),
+        f"code:       git {prov['git_commit'][:12]}{dirty}, requirements.lock sha256 {lock}",
+    ]
+
+
+def _data_lines(ident: Identity | None, measured: DataStats | None) -> list[str]:
+    """The plan's measured statistics and the values derived from them, each with its reason."""
+    if measured is None or ident is None:
+        return ["derived:    measured once the embedded set is written (the first run writes it)"]
+    lines = [f"measured:   {line}" for line in measured.lines()]
+    return lines + [f"derived:    {line}" for line in ident.derived_lines]
+
+
+def selection_note(opts: SearchOptions, n_folds: int) -> str:
+    """How the refit folds' out-of-fold scores may be read: a person sees it in the plan."""
+    if opts.fold in refit_folds(opts, n_folds):
+        return f"includes the search's fold {opts.fold}: its out-of-fold scores are optimistic"
+    return f"not the search's fold {opts.fold}: out-of-fold scores free of the selection"
+
+
+def _refit_lines(opts: SearchOptions, space: SearchSpace, members: str) -> list[str]:
+    if opts.refit_top <= 0:
+        return []
+    seeds = f" x {opts.refit_seeds} seeds" if opts.refit_seeds > 1 else ""
+    seeds += f", {opts.refit_epochs} epochs" if opts.refit_epochs else ""
+    folds = refit_folds(opts, space.n_folds())
+    return [
+        f"refits:     the top {opts.refit_top} configs{seeds} on fold(s) {list(folds)}"
+        f" ({selection_note(opts, space.n_folds())}) -> {mask_url(members)}"
+    ]
+
+
+def asha_epochs(trials: int, grace: int, factor: int, max_epochs: int) -> float:
+    """Epochs ASHA is expected to run: every trial reaches the first rung, 1/factor of them the
+    next, and so on up to max_epochs (docs/CLUSTER.md, 'Cost model')."""
+    total, rung, reached, factor = 0.0, 0, float(trials), max(2, factor)
+    for nxt in [*(r for r in _rungs(grace, factor) if r < max_epochs), max_epochs]:
+        total += reached * (nxt - rung)
+        rung, reached = nxt, reached / factor
+    return total
+
+
+def _rungs(grace: int, factor: int) -> list[int]:
+    rungs, r = [], max(1, grace)
+    while r < 10**6 and len(rungs) < 32:
+        rungs.append(r)
+        r *= factor
+    return rungs
+
+
+def epoch_seconds(cfg: Config, res: TrialResources, measured: DataStats) -> float:
+    """An epoch of one trial at the space's defaults: its crops trained and its fold's tiles
+    validated, at the assumed rate, shared by its workers."""
+    d = cfg.data
+    train_tiles = measured.train_tiles * (d.n_folds - 1) / d.n_folds
+    crops = d.epoch_samples or train_tiles * max(1, d.repeat)
+    val_side = d.val_crop or measured.tile_px
+    mpx = (crops * d.crop**2 + VAL_COST * (measured.train_tiles / d.n_folds) * val_side**2) / 1e6
+    rate = GPU_S_PER_MPX if res.gpus_per_worker > 0 else CPU_S_PER_MPX
+    return mpx * rate / max(1, res.workers_per_trial) + EPOCH_OVERHEAD_S
+
+
+def _estimate_line(
+    opts: SearchOptions, space: SearchSpace, res: TrialResources, concurrent: int, measured: DataStats | None
+) -> str:
+    """`estimate:` the search's and the refits' wall time, rough, and what it assumed."""
+    if measured is None:
+        return "estimate:   once the embedded set is written (the data decides crops and epoch size)"
+    cfg = Config.from_dict(space.defaults(), strict=False)
+    per_epoch = epoch_seconds(cfg, res, measured)
+    sched = space.scheduler
+    epochs = asha_epochs(space.num_samples, sched.grace_period, sched.reduction_factor, sched.max_epochs)
+    search_s = (epochs * per_epoch + space.num_samples * TRIAL_START_S) / max(1, concurrent)
+    refits = opts.refit_top * opts.refit_seeds * len(refit_folds(opts, space.n_folds()))
+    refit_epochs = opts.refit_epochs or sched.max_epochs
+    refit_s = refits * (refit_epochs * per_epoch + TRIAL_START_S) / max(1, min(concurrent, refits or 1))
+    device = "GPU" if res.gpus_per_worker > 0 else "CPU"
+    return (
+        f"estimate:   ~{duration(search_s + refit_s)} wall time, a rough estimate (search ~{duration(search_s)}: "
+        f"~{epochs:.0f} epochs after ASHA of {space.num_samples * sched.max_epochs}, ~{per_epoch:.0f} s each; "
+        f"refits ~{duration(refit_s)}), assuming {CPU_S_PER_MPX if device == 'CPU' else GPU_S_PER_MPX} s per "
+        f"million {cfg.data.crop} px crop pixels per {device} worker and {TRIAL_START_S:.0f} s of start-up per trial"
+    )
