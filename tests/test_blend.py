@@ -144,7 +144,18 @@ def test_fitted_score_is_the_score_of_what_is_written_when_clipping_order_matter
         assert fitted == pytest.approx(_official(tiles, p), abs=1e-8)
 
 
-def test_fitted_weights_beat_or_equal_plain_mean_out_of_fold():
+def test_weights_fitted_on_other_folds_beat_the_plain_mean_on_the_fold_they_never_saw():
+    """What the ensemble relies on: weights fitted on some folds' out-of-fold tiles score better
+    than the plain mean on tiles of a fold they were not fitted on."""
+    tiles = _tiles(n=48)
+    for fold in (0, 1, 2):
+        fit_on = [t for t in tiles if t["fold"] != fold]
+        scored = [t for t in tiles if t["fold"] == fold]
+        w = fit_weights(_table(fit_on))
+        assert _official(scored, BlendParams(list(w))) > _official(scored, BlendParams([1 / 3] * 3)) + 0.02
+
+
+def test_fitted_weights_beat_or_equal_plain_mean_in_sample():
     tiles = _tiles()
     table = _table(tiles)
     w = fit_weights(table)

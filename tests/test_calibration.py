@@ -25,7 +25,7 @@ def test_each_figure_is_set_beside_the_delivered_score_with_its_gap():
     assert not cal["oof_optimistic"]
     lines = calibration_lines(_report([1]))
     assert "0.5500 delivered" in lines[0]
-    assert any("single view: chose the configs, optimistic" in line and "+0.1600" in line for line in lines)
+    assert any("which chose the configs; single view" in line and "+0.1600" in line for line in lines)
     assert any("fold(s) 1, TTA flip: not the selection fold" in line for line in lines)
 
 

@@ -150,7 +150,7 @@ def calibration_lines(report: dict[str, Any]) -> list[str]:
     oof = f"fold(s) {','.join(map(str, cal['oof_folds']))}, TTA {cal['tta']}"
     oof += ": includes the selection fold, optimistic" if cal["oof_optimistic"] else ": not the selection fold"
     labels = {
-        "search": f"search's best validation (fold {sel}, single view: chose the configs, optimistic)",
+        "search": f"search's best validation (fold {sel}, which chose the configs; single view, no TTA)",
         "member_oof": f"best member config's OOF ({oof})",
         "blend_oof": "blend's OOF (cross-fitted over tile groups)",
     }
