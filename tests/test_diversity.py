@@ -81,3 +81,5 @@ def test_sses_no_linear_blend_can_give_report_no_correlation_and_the_measured_cu
     assert _pair_stats(s_a=1.0, s_b=4.0, s_w=0.6, w=0.5)["corr"] == pytest.approx(-0.65)  # a linear one
     line = diversity_line([{"agl_corr": 0.5, "agl_cut": 0.1, "vflow_corr": stats["corr"], "vflow_cut": 0.0}])
     assert "vflow n/a (not a linear blend)" in line and "1.000" not in line
+    as_json = [{"agl_corr": 0.5, "agl_cut": 0.1, "vflow_corr": None, "vflow_cut": 0.0}]  # after json_safe
+    assert "vflow n/a" in diversity_line(as_json)

@@ -82,7 +82,8 @@ def diversity_line(pairs: list[dict[str, Any]]) -> str | None:
         return None
 
     def span(key: str, pct: bool = False) -> str:
-        vals = [p[key] * (100 if pct else 1) for p in pairs if np.isfinite(p[key])]
+        # a missing correlation is NaN here, None once the report went through strict JSON
+        vals = [p[key] * (100 if pct else 1) for p in pairs if p[key] is not None and np.isfinite(p[key])]
         if not vals:
             return "n/a (not a linear blend)"
         fmt = "{:.1f} %" if pct else "{:.3f}"
