@@ -214,7 +214,8 @@ def test_without_a_group_column_places_are_found_and_no_place_sits_in_two_folds(
 
     data = generate(tmp_path / "set", size=96, per_city=12, test_per_city=1, seed=3, views=3)
     meta = pd.read_csv(data / "metadata.csv", dtype=str)
-    truth = {r.id: f"{r.city}/{r.group}" for r in meta.itertuples() if r.id in set(layout_ids(data))}
+    train_ids = {s.id for s in layout.load_split(data, "train")}
+    truth = {r.id: f"{r.city}/{r.group}" for r in meta.itertuples() if r.id in train_ids}
     meta.drop(columns=["group"]).to_csv(data / "metadata.csv", index=False)
     train = cache.load_cache(convert(data, tmp_path / "cache", map_fn=serial_map, progress=False), "train")
     assert not any(s.group for s in train)
@@ -223,7 +224,3 @@ def test_without_a_group_column_places_are_found_and_no_place_sits_in_two_folds(
     assignment = folds.config_folds(train, DataConfig(n_folds=3))
     for place in {truth[s.id] for s in train}:
         assert len({assignment[s.id] for s in train if truth[s.id] == place}) == 1, place
-
-
-def layout_ids(data: Path) -> list[str]:
-    return [s.id for s in layout.load_split(data, "train")]

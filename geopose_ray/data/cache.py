@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from geopose_ray import paths
@@ -93,25 +92,29 @@ def is_converted(sample: Sample, cache_dir: str | Path) -> bool:
     return rgb_out.is_file() and (agl_out is None or agl_out.is_file())
 
 
-def tile_stats(sample: Sample, cache_dir: Path) -> dict[str, object]:
-    """One train tile's index columns, read from its cached AGL (a task of the conversion's map,
-    so a large set is read in parallel): `data.stats.agl_stats`."""
-    _, agl_out = cache_paths(sample, cache_dir)
-    scale = io.read_vflow(sample.vflow).scale if sample.vflow is not None else math.nan  # px/m
-    return {"id": sample.id, **stats.agl_stats(io.read_agl(agl_out), scale)}
+def index_tile(sample: Sample, cache_dir: Path, find_place: bool) -> tuple[dict[str, Any], Any]:
+    """One train tile's index columns and, when places must be found, its place descriptor: a
+    task of the conversion's map (a large set is read in parallel), reading its cached AGL and
+    its VFLOW json once for both (`data.stats.agl_stats`, `data.places.describe`)."""
+    rgb_out, agl_out = cache_paths(sample, cache_dir)
+    vflow = io.read_vflow(sample.vflow)  # scale px/m, angle rad
+    agl = io.read_agl(agl_out)  # (H, W) m NaN
+    row = {"id": sample.id, "scale": vflow.scale, "angle": vflow.angle, **stats.agl_stats(agl, vflow.scale)}
+    if not find_place:
+        return row, None
+    rgb = functools.partial(io.read_rgb, rgb_out)
+    return row, places.describe(places.PlaceTile(sample.id, sample.city, vflow.scale, vflow.angle, agl, rgb, sample.gsd))
 
 
 def agl_sums(path: Path) -> dict[str, float]:
     """The AGL sums of one cached tile, in float64: for a cache whose index lacks them."""
-    agl = io.read_agl(path).astype(np.float64)  # (H, W) m NaN
-    valid = agl[np.isfinite(agl)]
-    return {"agl_n": int(valid.size), "agl_sum": float(valid.sum()), "agl_sq": float(np.square(valid).sum())}
+    measured = stats.agl_stats(io.read_agl(path), math.nan)
+    return {k: measured[k] for k in ("agl_n", "agl_sum", "agl_sq")}
 
 
-def _record(sample: Sample, cache_dir: Path, measured: dict[str, object], place: str) -> dict[str, object]:
-    """One samples.csv row; the VFLOW json gives scale px/m and angle rad."""
+def _record(sample: Sample, cache_dir: Path, measured: dict[str, Any], place: str) -> dict[str, object]:
+    """One samples.csv row (`measured`: `index_tile`'s row of a train tile, {} for a test tile)."""
     rgb_out, agl_out = cache_paths(sample, cache_dir)
-    vflow = io.read_vflow(sample.vflow) if sample.vflow is not None else io.VFlow(math.nan, math.nan)
     return {
         "id": sample.id,
         "city": sample.city,
@@ -119,8 +122,8 @@ def _record(sample: Sample, cache_dir: Path, measured: dict[str, object], place:
         "split": sample.split,
         "rgb": rgb_out.relative_to(cache_dir).as_posix(),
         "agl": agl_out.relative_to(cache_dir).as_posix() if agl_out is not None else "",
-        "scale": vflow.scale,
-        "angle": vflow.angle,
+        "scale": measured.get("scale", math.nan),
+        "angle": measured.get("angle", math.nan),
         "group": sample.group,
         "place": place,
         **{k: measured.get(k, "") for k in STATS_COLUMNS},
@@ -131,12 +134,19 @@ def write_samples_csv(
     samples: list[Sample], cache_dir: str | Path, map_fn: Callable[..., Iterable[Any]] = map
 ) -> Path:
     """Write the cache index atomically (rows in (split, id) order, so two runs give the same
-    bytes). Every train tile's statistics are read from its cached AGL through `map_fn`, and the
-    places are found over all of them (`data.places`), so a set that gained a tile is regrouped."""
+    bytes). Every train tile is read once through `map_fn` (`index_tile`), and its place is
+    metadata.csv's `group` when every train tile has one (the data set's own answer), else found
+    by matching the tiles' ground-projected AGL over all of them (`data.places`), so a set that
+    gained a tile is regrouped."""
     cache_dir = Path(cache_dir)
     train = [s for s in samples if s.agl is not None]
-    per_tile = {row["id"]: row for row in map_fn(functools.partial(tile_stats, cache_dir=cache_dir), train)}
-    found = _places(train, cache_dir, map_fn)
+    given = all(s.group for s in train)
+    indexed = list(map_fn(functools.partial(index_tile, cache_dir=cache_dir, find_place=not given), train))
+    per_tile = {row["id"]: row for row, _ in indexed}
+    if given:
+        found = {s.id: f"{s.city}/{s.group}" for s in train}
+    else:
+        found = places.group_descriptors([d for _, d in indexed], map_fn)
     rows = [
         _record(s, cache_dir, per_tile.get(s.id, {}), found.get(s.id, ""))
         for s in sorted(samples, key=lambda s: (s.split, s.id))
@@ -146,20 +156,6 @@ def write_samples_csv(
         columns = [*SAMPLES_COLUMNS, *STATS_COLUMNS]
         pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False, float_format="%.17g")
     return path
-
-
-def _places(train: list[Sample], cache_dir: Path, map_fn: Callable[..., Iterable[Any]]) -> dict[str, str]:
-    """id -> place of every train tile: metadata.csv's `group` when every tile has one (the data
-    set's own answer), else the places found by matching the tiles' ground-projected AGL."""
-    if all(s.group for s in train):
-        return {s.id: f"{s.city}/{s.group}" for s in train}
-    tiles = []
-    for s in train:
-        rgb_out, agl_out = cache_paths(s, cache_dir)
-        vflow = io.read_vflow(s.vflow)
-        loaders = {"agl": functools.partial(io.read_agl, agl_out), "rgb": functools.partial(io.read_rgb, rgb_out)}
-        tiles.append(places.PlaceTile(s.id, s.city, vflow.scale, vflow.angle, gsd=s.gsd, **loaders))
-    return places.find_places(tiles, map_fn=map_fn)
 
 
 def load_cache(cache_dir: str | Path, split: str | None = "train") -> list[CachedSample]:
