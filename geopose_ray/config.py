@@ -34,6 +34,7 @@ class DataConfig:
         0  # >0: training crops per epoch (all workers), whatever the tile count; wins over repeat
     )
     geo_aug: str = "d4"  # geometric augmentation preset: none | d4 | affine | full
+    half_turns: bool = False  # each batch: ceil(batch_size / 2) crops and the same crops turned 180 deg
     photo_aug: str = "light"  # photometric preset: none | light | medium | heavy
     aug_prob: float = 0.5
     rotate_limit: float = 22.0  # degrees, affine presets

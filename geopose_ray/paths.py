@@ -30,8 +30,14 @@ def storage_cache() -> Path:
 
 
 def default_weights_cache() -> Path:
-    """Pretrained encoder weights (the hub's cache layout, `models/pretrained.py`), named here so
-    that a dry run can look into it without importing the models (torch, timm)."""
+    """Pretrained encoder weights (the hub's cache layout, `models/pretrained.py`) when no
+    `--weights-cache` / `ModelConfig.weights_cache` is given: the Hugging Face hub's own cache
+    when the environment names one (HF_HUB_CACHE, else HF_HOME/hub, as huggingface_hub reads them),
+    so files a machine already holds are reused; else <home>/weights. Named here so that a dry
+    run can look into it without importing the models (torch, timm)."""
+    for name, sub in (("HF_HUB_CACHE", ""), ("HF_HOME", "hub")):
+        if os.environ.get(name):
+            return (Path(os.path.expandvars(os.environ[name])).expanduser() / sub).resolve()
     return home() / "weights"
 
 

@@ -7,7 +7,9 @@ the ensemble's checkpoints) read small files directly (`read_bytes`), copy what 
 local cache mirroring the bucket (`<cache>/<bucket>/<prefix>/...`, `cache_path`, `local_copy`)
 and upload what they wrote (`upload`). S3 takes its endpoint, region and credentials from the
 usual AWS settings (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, ...), on every node:
-nothing secret is pickled into the experiment.
+nothing secret is pickled into the experiment. GCS (`gs://`) takes Google's application default
+credentials; with STORAGE_EMULATOR_HOST set (Google's variable for a local emulator, e.g.
+`http://127.0.0.1:4443`) every `gs://` location goes to that endpoint without credentials instead.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from geopose_ray.errors import InputError
 
 Location = str | Path
 LOCAL_SCHEMES = ("", "file")
+GCS_SCHEMES = ("gs", "gcs")
+GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"  # what Google's own clients read; pyarrow does not
 CHUNK = 16 * 2**20  # bytes per request: an object store pays per request, a checkpoint is ~100s of MB
 
 
@@ -53,10 +57,15 @@ def normalize(location: Location) -> str | Path:
 
 
 @functools.lru_cache(maxsize=16)
-def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
-    """One filesystem per bucket (from_uri asks S3 for the bucket's region: once is enough)."""
+def _filesystem(scheme: str, netloc: str, query: str, emulator: str | None) -> pafs.FileSystem:
+    """One filesystem per bucket (from_uri asks S3 for the bucket's region: once is enough).
+    `emulator`: STORAGE_EMULATOR_HOST for a `gs://` location (`http://host:port` or `host:port`),
+    reached anonymously; the filesystem pickles with it, so Ray's workers use it too."""
     uri = f"{scheme}://{netloc}" + (f"?{query}" if query else "")
     try:
+        if emulator:
+            url = urlsplit(emulator if "://" in emulator else f"http://{emulator}")
+            return pafs.GcsFileSystem(anonymous=True, scheme=url.scheme, endpoint_override=url.netloc)
         fs, _ = pafs.FileSystem.from_uri(uri)
     except (OSError, ValueError, TypeError, ImportError) as e:  # ArrowInvalid is a ValueError
         raise InputError(uri, f"cannot open this storage ({str(e).splitlines()[0][:160]})") from None
@@ -69,7 +78,8 @@ def resolve(location: Location) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(normalize(location))
     parts = urlsplit(str(location))
     path = (parts.netloc + parts.path).rstrip("/")
-    return _filesystem(parts.scheme, parts.netloc, parts.query), path
+    emulator = os.environ.get(GCS_EMULATOR_ENV) if parts.scheme in GCS_SCHEMES else None
+    return _filesystem(parts.scheme, parts.netloc, parts.query, emulator or None), path
 
 
 def for_ray(location: Location) -> tuple[str, pafs.FileSystem | None]:
@@ -136,6 +146,16 @@ def subdir_files(location: Location, filename: str) -> list[tuple[str, float]]:
     fs, path = resolve(location)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
+    if fs.type_name == "gcs":
+        # pyarrow lists a GCS folder's sub-folders from their empty `name/` marker objects only
+        # (apache/arrow#35993): one written without a marker (a single uploaded file, gsutil) would
+        # be missed. One recursive listing sees every object (all of the prefix's, in pages of 1000).
+        found = []
+        for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+            parts = i.path[len(path) + 1 :].split("/")
+            if i.type == pafs.FileType.File and len(parts) == 2 and parts[1] == filename:
+                found.append((parts[0], i.mtime.timestamp()))
+        return found
     dirs = [i for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory]
     infos = fs.get_file_info([f"{d.path}/{filename}" for d in dirs])
     return [(d.base_name, i.mtime.timestamp()) for d, i in zip(dirs, infos) if i.type == pafs.FileType.File]

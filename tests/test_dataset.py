@@ -200,3 +200,46 @@ def test_target_means_and_units_come_from_the_conversion_sums_without_reading_ti
     assert target_units(old) == pytest.approx(target_units(train))
     for city, means in city_means(train[:2]).items():  # any subset (a fold's split): its own sums
         assert city_means(old[:2])[city] == pytest.approx(means)
+
+
+def test_half_turn_pairs_are_the_crops_turned_180_degrees_with_their_flow(train):
+    """The second half of a half-turn batch is the first half rotated by 180 degrees, with the
+    direction the geo warp rules give for that rotation (`functional.update_vflow`)."""
+    from geopose_ray.data import functional as F
+    from geopose_ray.data.dataset import half_turn_collate
+
+    dataset = GeoposeDataset(train, crop=32, seed=1)
+    items = [dataset[i] for i in range(3)]
+    batch = half_turn_collate(items)
+    assert batch["image"].shape == (6, 3, 32, 32) and batch["id"] == [it["id"] for it in items] * 2
+    for i, item in enumerate(items):
+        turned = {k: batch[k][3 + i] for k in ("image", "agl", "mag", "direction", "scale", "gsd", "city")}
+        want_img = np.rot90(item["image"].numpy(), 2, axes=(1, 2))
+        np.testing.assert_array_equal(turned["image"].numpy(), want_img)
+        np.testing.assert_array_equal(turned["agl"].numpy(), np.rot90(item["agl"].numpy(), 2, axes=(1, 2)))
+        np.testing.assert_array_equal(turned["mag"].numpy(), np.rot90(item["mag"].numpy(), 2, axes=(1, 2)))
+        angle = math.atan2(*item["direction"].tolist())
+        new = F.update_vflow(np.array([angle, 1.0, 1.0]), F.rot90_matrix(2))
+        torch.testing.assert_close(turned["direction"], torch.tensor(F.direction(new[0]), dtype=torch.float32))
+        for key in ("scale", "gsd", "city"):
+            assert turned[key] == item[key]
+    assert torch.allclose(batch["direction"].sum(0), torch.zeros(2), atol=1e-6)  # a batch's directions cancel
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 5])
+def test_half_turn_loaders_keep_the_images_per_step_and_per_epoch(tmp_path, batch_size):
+    """With half turns a step holds 2 * ceil(B / 2) images and an epoch the same number of
+    images as without (half as many distinct crops), so budgets compare at equal pixels."""
+    from geopose_ray.config import Config
+    from geopose_ray.data.loaders import build_loaders
+
+    train = _tiles(tmp_path, n=8)
+    seen = {}
+    for turns in (False, True):
+        cfg = Config.from_dict({"crop": 32, "batch_size": batch_size, "epoch_samples": 20, "half_turns": turns})
+        loader, _ = build_loaders(cfg, train, train[:1])
+        sizes = [b["image"].shape[0] for b in loader]
+        seen[turns] = sum(sizes)
+        if turns:
+            assert set(sizes[:-1]) == {2 * -(-batch_size // 2)}
+    assert abs(seen[True] - seen[False]) <= 2 * batch_size

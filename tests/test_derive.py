@@ -40,7 +40,7 @@ def test_the_crop_holds_the_displacement_and_a_step_costs_the_same_pixels(tile, 
 
 
 def test_taller_buildings_get_larger_crops():
-    crops = [_values(_stats(256, d))["crop"] for d in (5, 20, 40, 60, 90)]
+    crops = [_values(_stats(256, d))["crop"] for d in (5, 20, 40, 60, 90, 130)]
     assert crops == sorted(crops) and crops[0] == 64 and crops[-1] == 256
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from rasterio.windows import Window
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from geopose_ray.constants import city_index
 from geopose_ray.data import io, transforms
@@ -115,6 +115,32 @@ class GeoposeDataset(Dataset):
             "city": torch.tensor(city_index(sample.city), dtype=torch.int64),
             "id": sample.id,
         }
+
+
+HALF_TURN_NEGATES = ("direction",)  # (sin a, cos a) -> (-sin a, -cos a) under a 180 deg turn
+HALF_TURN_MAPS = ("image", "agl", "mag")  # (B, C, H, W) planes: flip rows and columns
+
+
+def half_turn_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate the crops, then append each crop turned by 180 degrees: a batch of 2 x len(items).
+
+    Why: in every batch the true flow directions then sum to zero, so a flow head cannot lower
+    its loss by following the direction of the last few batches with a constant output (its
+    bias); the pair's only common answer is the one read from the pixels. On tall, sparse
+    cities that constant is what a single view predicted, and what D4 TTA averaged away
+    (docs/LEARNING.md, 'Half turns'). Scale, GSD and city do not change.
+    """
+    batch = default_collate(items)
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if key in HALF_TURN_MAPS:
+            turned = value.flip(-2, -1)
+        elif key in HALF_TURN_NEGATES:
+            turned = -value
+        else:
+            turned = value
+        out[key] = torch.cat([value, turned]) if torch.is_tensor(value) else [*value, *turned]
+    return out
 
 
 def worker_init_fn(worker_id: int) -> None:

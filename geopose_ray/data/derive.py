@@ -17,14 +17,16 @@ from typing import Any
 
 from geopose_ray.data.stats import DataStats
 
-CROP_PER_DISPLACEMENT = 4  # crop side / 95th-pct displacement: a pair (roof, footprint) d px apart
-# lies inside a random c px crop with chance ((c - d) / c)^2, 0.56 at c = 4d, 0.25 at c = 2d
+CROP_PER_DISPLACEMENT = 2  # crop side / 95th-pct displacement: a pair (roof, footprint) d px apart
+# lies inside a random c px crop with chance ((c - d) / c)^2, 0.25 at c = 2d (0.56 at 4d), and
+# every facade below it too; at equal pixels per step 2d gave 4x the crops per step and learned
+# the angle as well as 4d (docs/LEARNING.md, 'Half turns')
 MIN_CROP = 64  # px: the encoders' stride 32 leaves a 2 x 2 deepest feature map
 MAX_CROP = 256  # px: at EPOCH_PX, a larger crop leaves an epoch fewer than 10 steps of MIN_BATCH
 CROP_STEP = 32  # px: crops are multiples of the encoders' output stride
 STEP_PX = 16 * 64 * 64  # training pixels per optimizer step (per worker): 16 crops of 64 px
 EPOCH_PX = 320 * 64 * 64  # training pixels per epoch: 320 crops of 64 px
-MIN_BATCH = 2  # BatchNorm needs two samples
+MIN_BATCH = 4  # two distinct crops and their half turns (`half_turns`): BatchNorm needs two crops
 FULL_TILE_VAL = 512  # px: larger tiles are validated on a centre window
 VAL_STEP_PX = 16 * 128 * 128  # validation pixels per batch
 

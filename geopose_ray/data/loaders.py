@@ -16,7 +16,7 @@ import torch
 from geopose_ray import paths
 from geopose_ray.config import Config
 from geopose_ray.data import cache, folds
-from geopose_ray.data.dataset import GeoposeDataset, worker_init_fn
+from geopose_ray.data.dataset import GeoposeDataset, half_turn_collate, worker_init_fn
 from geopose_ray.data.transforms import build_train_transform_from_config
 from geopose_ray.errors import InputError
 
@@ -59,13 +59,16 @@ def build_loaders(
     DistributedSampler) and this rank's validation loader over its own shard `val[rank::world]`,
     unpadded, so that summing over ranks counts every tile exactly once."""
     d, seed = cfg.data, cfg.train.seed
+    # half turns: half the crops, each seen twice, so a step and an epoch hold the same pixels
+    halve = (lambda n: -(-n // 2)) if d.half_turns else (lambda n: n)
+    batch_size = halve(d.batch_size)
     train_ds = GeoposeDataset(
         train,
         crop=d.crop,
         transform=build_train_transform_from_config(d),
         repeat=d.repeat,
         seed=seed + rank,
-        length=d.epoch_samples,
+        length=halve(d.epoch_samples),
     )
     val_ds = GeoposeDataset(val[rank::world_size], crop=d.val_crop or None, random_crop=False, seed=seed)
     common = {
@@ -75,9 +78,10 @@ def build_loaders(
     }
     train_dl = torch.utils.data.DataLoader(
         train_ds,
-        batch_size=d.batch_size,
+        batch_size=batch_size,
         shuffle=True,
-        drop_last=len(train_ds) >= d.batch_size * world_size,  # no 1-image batch for BatchNorm
+        drop_last=len(train_ds) >= batch_size * world_size,  # no 1-image batch for BatchNorm
+        collate_fn=half_turn_collate if d.half_turns else None,
         persistent_workers=d.loader_workers > 0,
         **common,
     )

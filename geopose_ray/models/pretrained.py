@@ -6,17 +6,26 @@ name (`tu-convnext_tiny.fb_in22k`), so a search over encoders maps each one to i
 other timm tag (`encoder_weights: fb_in22k`) names those weights for every encoder; a value
 with a `/` or a weights suffix is a local file instead (`weights.load_encoder_weights`). The
 files are timm's own (`model.safetensors` of the hub repo), loaded into the smp encoder by
-`weights.load_encoder_weights`.
+`weights.load_encoder_weights` the way timm loads them.
+
+Where: `ModelConfig.weights_cache` / `--weights-cache`, else the Hugging Face variables
+`HF_HUB_CACHE`, then `HF_HOME`/hub (so a machine's existing hub cache is reused), else
+`<home>/weights` (`paths.default_weights_cache`). The layout is the hub's own:
+`models--timm--<name>/refs/main` holds a revision, `snapshots/<revision>/model.safetensors` the
+file; `hf download timm/<name> model.safetensors --cache-dir <cache>` fills it.
 
 Who downloads: only the search's driver, once per encoder the space can sample, before Ray starts
 (`ensure`). Train workers and the ensemble resolve with `local_files_only` (no worker touches the
 network, so DDP ranks never race into one cache). Offline (`HF_HUB_OFFLINE=1`) or with a file
-missing, the driver stops with exit 2 and one line naming the encoder and the file to place.
+missing, the driver stops with exit 2 and one line naming the encoder, the file and the
+command that fetches it; a file that does not load into its encoder stops it the same way
+(`weights.check_weights`, called by the search's pre-flight).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,7 +42,8 @@ SMP_TIMM_TWINS = {n: n for n in (*(f"resnet{d}" for d in (18, 34, 50, 101, 152))
 
 
 def default_cache() -> Path:
-    return paths.home() / "weights"
+    """HF_HUB_CACHE, else HF_HOME/hub, else <home>/weights (`paths.default_weights_cache`)."""
+    return paths.default_weights_cache()
 
 
 def timm_name(encoder: str) -> str:
@@ -80,12 +90,12 @@ def resolve(
     encoder: str, tag: str = PRETRAINED, cache_dir: str | Path | None = None, download: bool = False
 ) -> Path:
     """The local weights file of `encoder` (`tag`: see the module doc) in `cache_dir` (default
-    `runs/weights`); downloaded first when `download` and not offline. InputError naming the
-    file when it is missing."""
+    `default_cache()`); downloaded first when `download` and not offline. InputError naming the
+    encoder, the file and the command that fetches it when it is missing."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    cache = Path(cache_dir) if cache_dir else default_cache()
+    cache = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache()
     repo = hub_repo(encoder, tag)
     try:
         path = hf_hub_download(
@@ -94,9 +104,14 @@ def resolve(
     except (LocalEntryNotFoundError, OSError) as e:
         where = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / "<revision>" / WEIGHTS_FILE
         why = "offline (HF_HUB_OFFLINE)" if offline() else str(e).splitlines()[0][:120]
-        raise InputError(where, f"no pretrained weights for encoder {encoder!r} ({why}): place {repo}'s "
-                         f"{WEIGHTS_FILE} there, or run once with the network") from None  # fmt: skip
+        raise InputError(where, f"no pretrained weights for encoder {encoder!r} ({why}): fetch them with "
+                         f"`{fetch_command(repo, cache)}`, or run once with the network") from None  # fmt: skip
     return Path(path)
+
+
+def fetch_command(repo: str, cache: Path) -> str:
+    """The shell command that puts `repo`'s weights into `cache` in the hub's layout."""
+    return f"hf download {repo} {WEIGHTS_FILE} --cache-dir {shlex.quote(str(cache))}"
 
 
 def ensure(pairs: Iterable[tuple[str, str]], cache_dir: str | Path | None = None) -> dict[tuple[str, str], Path]:

@@ -114,8 +114,9 @@ def _storage_args(g: argparse._ArgumentGroup) -> None:
                    "experiment (default: sqlite:///<storage>/<name>/optuna.db, in the local cache when "
                    "--storage is a URI; on a cluster a PostgreSQL URL, where the study is named "
                    "<name>-<fingerprint>); --resume continues the same study")  # fmt: skip
-    g.add_argument("--weights-cache", help="pretrained encoder weights, downloaded once before the trials "
-                   "(default: runs/weights; on a cluster a shared folder)")  # fmt: skip
+    g.add_argument("--weights-cache", help="pretrained encoder weights (the hub's cache layout), downloaded "
+                   "once before the trials; on a cluster a shared folder (default: $HF_HUB_CACHE, else "
+                   "$HF_HOME/hub, else runs/weights)")  # fmt: skip
 
 
 def _tracking_args(g: argparse._ArgumentGroup) -> None:

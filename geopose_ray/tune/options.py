@@ -61,7 +61,7 @@ class SearchOptions:
     max_concurrent: int | None = None  # cap on trials at once; None: as many as the cluster fits
     pending_trials: int | None = None  # admitted beyond what fits (autoscaler demand); None: 0 fixed, else 1
     optuna_storage: str | None = None  # the study's database URL; None: SQLite in the experiment folder
-    weights_cache: str | None = None  # pretrained encoder weights; None: <home>/weights
+    weights_cache: str | None = None  # pretrained encoder weights; None: HF_HUB_CACHE, HF_HOME/hub, <home>/weights
     mlflow: str | None = None  # MLflow tracking URI: every trial logged as a run (MLflowLoggerCallback)
 
 
@@ -82,15 +82,22 @@ def weight_candidates(space: SearchSpace) -> list[tuple[str, str]]:
 
 def prepare_weights(opts: SearchOptions, space: SearchSpace) -> dict[tuple[str, str], Path]:
     """Download the pretrained weights of every (encoder, weights) the space can sample into the
-    weights cache, once, before Ray starts: trials then only read local files. Exit 2 (InputError)
-    naming the encoder and the file when offline and missing. {} for a space without hub weights.
+    weights cache, once, before Ray starts: trials then only read local files. Then load each file,
+    hub or local, into its encoder as the workers will (`weights.check_weights`), so that a file
+    that would fail every trial on its worker stops the run here. Exit 2 (InputError) naming the
+    encoder and the file when one is missing offline (with the command that fetches it) or does
+    not load. {hub (encoder, tag): file}; {} for a space without encoder weights.
     `space`: `load_run_space(opts)`."""
     pairs = weight_candidates(space)
     if not pairs:
         return {}
-    from geopose_ray.models import pretrained
+    from geopose_ray.models import pretrained, weights
 
-    return pretrained.ensure([(e, t) for e, t in pairs if pretrained.is_hub(t)], weights_cache(opts))
+    hub = pretrained.ensure([(e, t) for e, t in pairs if pretrained.is_hub(t)], weights_cache(opts))
+    local = {(e, w): Path(w) for e, w in pairs if not pretrained.is_hub(w)}
+    for (encoder, _), path in {**hub, **local}.items():
+        weights.check_weights(encoder, path)
+    return hub
 
 
 def cached_weights(opts: SearchOptions, space: SearchSpace) -> dict[tuple[str, str], Path | None]:
