@@ -54,7 +54,7 @@ lock: | $(VPY)
 setup: $(STAMP)
 
 test: setup
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=30 tests
 
 search: setup
 	$(VPY) run_search.py

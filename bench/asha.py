@@ -6,8 +6,9 @@ Run it under `flock /tmp/geopose_ray.lock` (it starts Ray).
 
 "No early stopping" is the same space with `grace_period = max_epochs`: ASHA then has a single
 rung, at the full budget, so it never stops a trial (no option is needed in SearchOptions).
-Optuna's TPE samples its first 10 trials at random from the seeded sampler, so both runs train
-the same configs (checked: `same_configs`). `ratio` = epochs with ASHA / epochs without.
+Both runs use Optuna's seeded RandomSampler (`--sampler random`; before the sampler setting, the
+first 10 trials of a seeded TPE, also random), so they train the same configs (checked:
+`same_configs`). `ratio` = epochs with ASHA / epochs without.
 Goal: <= 0.35 with the same best trial, or a best score within 0.01.
 """
 
@@ -31,7 +32,7 @@ from geopose_ray.errors import run_cli
 
 GOAL_RATIO, GOAL_SCORE = 0.35, 0.01
 FULL_SAMPLES = 10  # trials without --quick (the space's own count with it): all sampled at random
-# (TPE's first 10), so both runs train the same configs; 8 trials put the floor at 0.344 (asha_floor)
+# (the seeded RandomSampler), so both runs train the same configs; 8 trials put the floor at 0.344 (asha_floor)
 
 
 def asha_floor(trials: int, max_epochs: int, grace: int) -> float:
@@ -78,6 +79,7 @@ def search(
         num_samples=samples,
         max_epochs=max_epochs,
         seed=0,
+        sampler="random",  # seeded random search: both runs propose the same configs
     )
     t0 = time.perf_counter()
     result = run_search(opts)

@@ -20,6 +20,8 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `bench` lives at
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import asha, asha_replay, common, concurrency, inference, loader, precision, ray_overhead, run_all
+from bench import search_value as sv
+from bench import search_value_table as svt
 from geopose_ray.config import Config
 from geopose_ray.errors import EXIT_BAD_INPUT, InputError, run_cli
 from geopose_ray.tune.space import load_space
@@ -241,3 +243,88 @@ def test_asha_replay_bad_curves_file_exits_2_naming_it(tmp_path, capsys):
     assert exit_info.value.code == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0]
+
+
+# --- the search-value bench (bench/search_value.py: hours; its pieces here) -----------------------
+def test_search_value_arms_parse_and_run_search_before_config():
+    assert sv.parse_arm("search") == sv.Arm("search", "search", None, None)
+    assert sv.parse_arm("config") == sv.Arm("config", "config")
+    assert sv.parse_arm("tpe@24") == sv.Arm("tpe@24", "search", "tpe", 24)
+    assert sv.parse_arm("gp") == sv.Arm("gp", "search", "gp", None)
+    for bad in ("bayes", "config@3", "tpe@x", "tpe@0", "auto"):
+        with pytest.raises(InputError, match="--arms"):
+            sv.parse_arm(bad)
+    arms = sv.ordered([sv.parse_arm(a) for a in ("tpe", "config", "search", "random@24")])
+    assert [a.label for a in arms] == ["search", "config", "tpe", "random@24"]
+    ctx = sv.Context(Path("/w"), Path("/w/r.jsonl"), quick=True, cores=2)
+    cmd = sv.search_cmd(ctx, Path("/d"), sv.parse_arm("tpe@5"), 1, Path("/s"))
+    assert cmd[1:] == ["run_search.py", "--data", "/d", "--storage", "/s", "--name", "search", "--seed", "1",
+                       "--sampler", "tpe", "--num-samples", "3", "--max-epochs", "3", "--num-samples", "5"]  # fmt: skip
+
+
+def test_search_value_gives_the_config_arm_the_search_time_as_epochs(tmp_path):
+    assert sv.config_epochs(600.0, 10.0, seeds=2, cores=2) == int((600 - 15) / 10)
+    assert sv.config_epochs(600.0, 10.0, seeds=3, cores=2) == int((600 - 2 * 15) / 20)  # two waves
+    assert sv.config_epochs(10.0, 10.0, seeds=2, cores=2) == 1
+    default = load_space(common.SMOKE_SPACE).default_point()
+    for name, cfg, times in (("trial_a", {**default, "lr": 0.01}, [50, 1, 1]), ("trial_b", default, [40, 10, 12, 11])):
+        (tmp_path / name).mkdir()
+        rows = [{"config": {**cfg, "epochs": 20}, "time_this_iter_s": t, "epoch": i + 1} for i, t in enumerate(times)]
+        (tmp_path / name / "result.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert sv.default_epoch_s(tmp_path) == 11.0  # the defaults' trial, its first epoch (start-up) left out
+    assert math.isnan(sv.default_epoch_s(tmp_path / "none"))
+
+
+def test_search_value_config_files_train_the_default_trial(synthetic_dir, tmp_path):
+    from geopose_ray.train import load_config, parse_args
+
+    files = sv.train_config_files(synthetic_dir, [3, 4], 7, tmp_path)
+    cfg = load_config(parse_args(["--config", str(files[1])]))
+    assert (cfg.train.epochs, cfg.train.seed, cfg.data.fold, cfg.data.data_dir) == (7, 4, 0, str(synthetic_dir))
+    assert cfg.model.encoder == load_space(common.SMOKE_SPACE).default_point()["encoder"]
+    from geopose_ray.data import cache, stats
+
+    measured = stats.from_cache(cache.load_cache(synthetic_dir / ".geopose_cache", "train"))
+    derived = load_space(common.SMOKE_SPACE).with_data(measured)[0].fixed  # as the search's trials
+    assert (cfg.data.crop, cfg.data.epoch_samples) == (derived["crop"], derived["epoch_samples"])
+
+
+def _row(arm: str, seed: int, score: float, **more) -> dict:
+    return {"bench": "search_value", "set": "heldout-128-many", "arm": arm, "seed": seed, "quick": False,
+            "score": score, "wall_s": 100.0, "cpu_s": 200.0, **more}  # fmt: skip
+
+
+def test_search_value_table_pairs_seeds_and_applies_the_spread_rule():
+    rows = [_row("search", s, 0.50 + 0.01 * s, sampler="random", trials=6, best_val=0.6) for s in (0, 1, 2)]
+    rows += [_row("config", s, 0.40 + 0.01 * s, epochs=80) for s in (0, 1, 2)]
+    rows += [_row("tpe", s, 0.52 + 0.01 * s, sampler="tpe", trials=6, best_val=0.62) for s in (0, 1)]
+    rows += [_row("gp", 0, 0.9, quick=True, sampler="gp", trials=3, best_val=0.1), {"bench": "search_value", "error": "x"}]
+    lines = svt.render(rows)
+    text = "\n".join(lines)
+    assert "| heldout-128-many | config | 80 epochs | 3 | 0.410 | 0.020 | 100 | 200 | 1.00 |" in text
+    assert "| heldout-128-many | search | random @ 6 | 3 | 0.510 | 0.020 |" in text
+    assert "search over the default config: +0.100 (paired, 3 seeds); larger seed spread 0.020; " \
+           "beats it by more than the spread: yes" in text
+    tpe = next(line for line in lines if line.startswith("| heldout-128-many | 6 | tpe |"))
+    assert "| 0.020 |" in tpe and tpe.endswith("| too few seeds (2 of 3) |")  # gain +0.02 over 2 paired seeds
+    assert "gp" not in text  # the quick row stays out of the bench's tables
+    assert svt.render(rows, quick=True)[0] == svt.QUICK_NOTE
+    assert svt.verdict(0.02, 0.03, 3) == "no" and svt.verdict(0.04, 0.03, 3) == "yes"
+
+
+def test_search_value_dry_run_and_table_write_nothing(tmp_path, capsys):
+    work = tmp_path / "w"
+    assert sv.main(["--dry-run", "--quick", "--work", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "set heldout-128-many:" in out and "--num-samples 3 --max-epochs 3" in out
+    assert "config seed 0: 2 x python -m geopose_ray.train" in out and not work.exists()
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps(_row("search", 0, 0.5, sampler="random", trials=6, best_val=0.6)) + "\n")
+    assert sv.main(["--dry-run", "--results", str(results), "--sets", "heldout-512-low", "--seeds", "0",
+                    "--work", str(work)]) == 0  # fmt: skip
+    assert "search seed 0: run_search.py" in capsys.readouterr().out
+    assert sv.main(["--table", "--results", str(results)]) == 0
+    assert "| heldout-128-many | search | random @ 6 | 1 | 0.500 |" in capsys.readouterr().out
+    with pytest.raises(InputError, match="only the held-out sets"):
+        sv.main(["--dry-run", "--sets", "tune-tall-128", "--work", str(work)])
+    assert not work.exists()

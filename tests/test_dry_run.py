@@ -96,6 +96,14 @@ def test_the_options_file_masks_every_url_and_records_what_made_the_experiment(s
     assert doc["fingerprint"] == ident.fingerprint and doc["fold_mode"] == "place"
     assert doc["folds"]["mode"] == "place" and doc["derived_keys"]["crop"] == 64
     assert any(line.startswith("crop") for line in doc["derived"])
+    assert doc["sampler"] == {
+        "name": "random",
+        "requested": "auto",
+        "source": "default",
+        "reason": "auto: no model-based sampler has beaten random search on the bench at 6 trials yet "
+        "(docs/SEARCH_VALUE.md)",
+        "settings": {},
+    }
     prov = doc["provenance"]
     assert prov["requirements_lock_sha256"] == hashlib.sha256((ROOT / "requirements.lock").read_bytes()).hexdigest()
     assert prov["git_commit"] == "unknown" or re.fullmatch(r"[0-9a-f]{40}", prov["git_commit"])
@@ -139,6 +147,42 @@ def test_resuming_another_fingerprint_is_refused_with_one_line(synthetic_dir, tm
         identity.check_resumable(exp, space, ident.fingerprint)
 
 
+def test_resuming_with_another_sampler_is_refused_with_one_line(synthetic_dir, tmp_path):
+    """Tune restores a resumed search's pickled sampler whatever --sampler says: another name stops."""
+    doc, ident = _options_doc(tmp_path, synthetic_dir)
+    space = options.load_run_space(options.SearchOptions(space=str(SMOKE)))
+    exp = options.resolve_experiment(options.SearchOptions(space=str(SMOKE), storage=str(tmp_path / "st")), space)
+    identity.check_resumable(exp, space, ident.fingerprint, "random")
+    identity.check_resumable(exp, space, ident.fingerprint)  # no sampler asked: not compared
+    with pytest.raises(InputError, match=r"made with the random sampler, not tpe: .* resume with --sampler random"):
+        identity.check_resumable(exp, space, ident.fingerprint, "tpe")
+    doc.pop("sampler")  # made before the options file recorded a sampler: Optuna's TPE ran
+    exp.options.write_text(json.dumps(doc))
+    identity.check_resumable(exp, space, ident.fingerprint, "tpe")
+    with pytest.raises(InputError, match=r"made before samplers were recorded \(with TPE\), not random"):
+        identity.check_resumable(exp, space, ident.fingerprint, "random")
+
+
+def test_the_plan_names_the_sampler_and_why(synthetic_dir, tmp_path):
+    from geopose_ray.tune.plan import plan_search
+
+    def line(**changes) -> str:
+        opts = options.SearchOptions(space=str(SMOKE), data=str(synthetic_dir), storage=str(tmp_path / "st"), **changes)
+        return next(x for x in plan_search(opts, ({"CPU": 2.0}, None)) if x.startswith("sampler:"))
+
+    assert line() == (
+        "sampler:    random  auto: no model-based sampler has beaten random search on the bench at 6 trials yet "
+        "(docs/SEARCH_VALUE.md); every trial drawn at random (the defaults' first)"
+    )
+    assert line(sampler="tpe", num_samples=24) == (
+        "sampler:    tpe  set by --sampler; multivariate, grouped, constant liar, 6 random startup trials"
+    )
+    assert line(sampler="gp", max_concurrent=1) == (
+        "sampler:    gp  set by --sampler; 2 random startup trials; huber_delta drawn at random (conditional)"
+    )
+    assert not (tmp_path / "st").exists()
+
+
 # --- a dry run that is dry ----------------------------------------------------------------------
 @dataclass
 class Run:
@@ -178,6 +222,7 @@ def test_search_dry_run_starts_no_ray_writes_nothing_and_shows_no_secret(synthet
     assert "(this machine, read without starting Ray)" in run.out
     assert re.search(r"optuna: +postgresql\+psycopg2://user:\*\*\*@db\.example/geopose  \(study smoke-[0-9a-f]{8}\)", run.out)
     assert re.search(r"estimate: +~\d+ (s|min) wall time, a rough estimate", run.out)
+    assert "\nsampler:    random  auto: no model-based sampler has beaten random search on the bench at 6 trials" in run.out
     assert not storage.exists() and not home.exists()  # no experiment folder, no weights cache
     resumed = dry("run_search.py", "--dry-run", "--resume", "--data", synthetic_dir, "--storage", storage, home=home)
     assert resumed.code == EXIT_BAD_INPUT and resumed.err.count("\n") == 1 and "before leak-free" in resumed.err

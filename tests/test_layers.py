@@ -83,6 +83,7 @@ RAY_FREE = [
     "geopose_ray.experiment",
     "geopose_ray.storage",
     "geopose_ray.tune.space",
+    "geopose_ray.tune.sampler",
     "geopose_ray.tune.capacity",
     "geopose_ray.tune.progress",
     "geopose_ray.tune.options",

@@ -8,9 +8,17 @@ It names the Optuna study in a shared `--optuna-storage` database (`options.optu
 an experiment on another data set never adds its trials to another's study; and `--resume`
 against another fingerprint stops with exit 2 (`check_resumable`).
 
-The record: the resolved options (every URL masked, `redact.py`), the resources, the fixed keys,
-the fold record, the derived values with the reason for each, the fingerprint and study, and
-the code and environment that ran: the git commit and the sha256 of `requirements.lock`.
+The sampler (`sampler.py`) is not in the fingerprint: it decides which configs are proposed, not
+whether two trials are comparable. But Tune restores a resumed search's searcher, sampler and
+all, from the experiment's state, so a --resume that asks for another sampler than the options
+file records would be silently ignored: it stops with exit 2 too. An experiment made before the
+options file recorded a sampler ran Optuna's TPE: it resumes with `--sampler tpe` (its pickled
+`TPESampler(seed)`, whatever the flag's settings).
+
+The record: the resolved options (every URL masked, `redact.py`), the sampler and why, the
+resources, the fixed keys, the fold record, the derived values with the reason for each, the
+fingerprint and study, and the code and environment that ran: the git commit and the sha256 of
+`requirements.lock`.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from geopose_ray.errors import InputError
 from geopose_ray.experiment import OPTIONS, Experiment
 from geopose_ray.redact import mask_url
 from geopose_ray.tune.capacity import TrialResources
-from geopose_ray.tune.options import SearchOptions, load_run_space, optuna_study
+from geopose_ray.tune.options import SearchOptions, load_run_space, optuna_study, resolve_sampler
 from geopose_ray.tune.space import SearchSpace
 
 FOLDS_VERSION = 2  # 1: city folds by default, one place's tiles in several folds; 2: place folds
@@ -37,6 +45,7 @@ FINGERPRINT_CHARS = 16  # of the sha256; the study name takes the first 8
 REPO = Path(__file__).resolve().parents[2]
 LOCK_FILE = REPO / "requirements.lock"
 UNKNOWN = "unknown"
+LEGACY_SAMPLER = "tpe"  # every search before options files recorded a sampler: TPESampler(seed)
 
 
 @dataclass(frozen=True)
@@ -77,11 +86,14 @@ def identify(opts: SearchOptions, data_dir: str | Path, measured: DataStats | No
     return Identity(digest[:FINGERPRINT_CHARS], folds, derived, lines)
 
 
-def check_resumable(exp: Experiment, space: SearchSpace, fingerprint: str | None = None) -> None:
+def check_resumable(
+    exp: Experiment, space: SearchSpace, fingerprint: str | None = None, sampler: str | None = None
+) -> None:
     """A resumed experiment must have started with these folds and (given a `fingerprint`) on
     the same data, space and derived defaults: trials split or made another way would be ranked,
     refit and blended as if they were comparable. One that started before place folds (no
-    record), with other fold settings or with another fingerprint stops with one line (exit 2)."""
+    record), with other fold settings or with another fingerprint stops with one line (exit 2);
+    so does one whose recorded sampler is not `sampler` (the name a resume resolves to)."""
     local = exp.fetch(OPTIONS)
     stored = json.loads(local.read_text()) if local is not None else {}
     folds = stored.get("folds")
@@ -94,6 +106,15 @@ def check_resumable(exp: Experiment, space: SearchSpace, fingerprint: str | None
             exp.location,
             f"made with fingerprint {was}, not {fingerprint} (another data folder, space, --set, folds or "
             "derived defaults): resume with the same ones, or start a new --name",
+        )
+    record = stored.get("sampler")
+    was = record.get("name") if isinstance(record, dict) else LEGACY_SAMPLER
+    if sampler is not None and was != sampler:
+        made = "made before samplers were recorded (with TPE)" if record is None else f"made with the {was} sampler"
+        raise InputError(
+            exp.location,
+            f"{made}, not {sampler}: a resumed search keeps the sampler it started with; "
+            f"resume with --sampler {was}, or start a new --name",
         )
 
 
@@ -121,6 +142,7 @@ def options_doc(
     doc.update({key: mask_url(doc[key]) for key in ("storage", "optuna_storage", "mlflow")})
     url, study = optuna_study(opts, exp, ident.fingerprint)
     doc.update(
+        sampler=resolve_sampler(opts, space, conc).record(),  # the flag's value is its `requested`
         space_file=str(Path(space.path).resolve()),
         resources=dataclasses.asdict(res),
         max_concurrent_trials=conc,

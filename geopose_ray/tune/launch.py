@@ -36,6 +36,7 @@ DESCRIPTION = """Hyperparameter search: Ray Tune + Optuna + ASHA over Ray Train 
     python run_search.py --dry-run             # the plan and a rough wall time, in seconds, no Ray
     python run_search.py --data DIR --space search_spaces/architectures.yaml --refit-top 3 --folds 0,1
     python run_search.py --data DIR --storage s3://BUCKET/PREFIX --mlflow http://MLFLOW:5000
+    python run_search.py --sampler tpe --num-samples 24   # a model-based sampler instead of auto
 
 With no arguments: generates the synthetic set when missing, searches `search_spaces/smoke.yaml`
 on CPU, then trains its best config on the next fold with two seeds (a fold that did not choose
@@ -78,6 +79,9 @@ def _search_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--max-epochs", type=int, help="override the space's scheduler.max_epochs")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a Config key the "
                    "space does not search, e.g. --set init_checkpoint=DIR (repeatable; VALUE is YAML)")  # fmt: skip
+    g.add_argument("--sampler", metavar="{auto,random,tpe,gp}", help="Optuna's sampler (default: the space's "
+                   "`sampler:`, else auto: random search at every budget where the bench has not shown a "
+                   "model-based sampler beating it, docs/SEARCH_VALUE.md); wins over the space")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="seeds Optuna's sampler and every trial's training "
                    "(unless the space fixes or searches `seed`)")  # fmt: skip
     g.add_argument("--refit-top", type=int, help="refit the K best configs on every fold (default: 1 with no "
@@ -156,6 +160,7 @@ def options_from_args(args: argparse.Namespace, embedded: bool) -> SearchOptions
         optuna_storage=args.optuna_storage,
         weights_cache=args.weights_cache,
         mlflow=args.mlflow,
+        sampler=args.sampler,
     )
 
 

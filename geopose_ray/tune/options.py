@@ -22,6 +22,7 @@ from geopose_ray import paths, storage
 from geopose_ray.data.stats import DataStats
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import Experiment
+from geopose_ray.tune import sampler
 from geopose_ray.tune.capacity import Capacity, TrialResources, knows_every_need
 from geopose_ray.tune.space import SearchSpace, load_space
 
@@ -63,6 +64,7 @@ class SearchOptions:
     optuna_storage: str | None = None  # the study's database URL; None: SQLite in the experiment folder
     weights_cache: str | None = None  # pretrained encoder weights; None: HF_HUB_CACHE, HF_HOME/hub, <home>/weights
     mlflow: str | None = None  # MLflow tracking URI: every trial logged as a run (MLflowLoggerCallback)
+    sampler: str | None = None  # --sampler: a tune/sampler.py name; None: the space's `sampler:`, else auto
 
 
 def weights_cache(opts: SearchOptions) -> Path:
@@ -224,6 +226,27 @@ def check_capacity_options(opts: SearchOptions) -> None:
         raise InputError("--refit-seeds", f"must be >= 1, got {opts.refit_seeds}")
     if opts.refit_epochs is not None and opts.refit_epochs < 1:
         raise InputError("--refit-epochs", f"must be >= 1, got {opts.refit_epochs}")
+
+
+def resolve_sampler(opts: SearchOptions, space: SearchSpace, limit: int) -> sampler.SamplerChoice:
+    """The search's Optuna sampler (`sampler.resolve`): --sampler, else the space's, else auto for
+    the run's trials. `limit`: trials at once now; on a cluster that may grow (not
+    `fixed_cluster`) more may run later, so the sampler is set up for several unless
+    --max-concurrent is 1. An unknown name is an InputError naming the flag or the file."""
+    at_once = limit if opts.fixed_cluster else (opts.max_concurrent or max(limit, 2))
+    trials = opts.num_samples or space.num_samples
+    return sampler.resolve(opts.sampler, space.sampler, space.path, trials, at_once)
+
+
+def check_sampler(opts: SearchOptions, space: SearchSpace) -> sampler.SamplerChoice:
+    """The sampler's name (flag or space) is known and the packages it needs are installed
+    (GPSampler: torch and scipy), before Ray starts. Returns the choice for one trial at once."""
+    choice = resolve_sampler(dataclasses.replace(opts, fixed_cluster=True), space, 1)
+    missing = sampler.missing_packages(choice)
+    if missing:
+        where = "--sampler" if opts.sampler is not None else space.path
+        raise InputError(where, f"the {choice.name} sampler needs {', '.join(missing)}: pip install {' '.join(missing)}")
+    return choice
 
 
 def check_mlflow(opts: SearchOptions) -> None:

@@ -1,9 +1,9 @@
 """The plan of a search, as `run_search.py --dry-run` prints it: the data, the space, the
-resources per trial and how many trials fit, the experiment, its study and fingerprint, the
-weights (in the cache or to download), the derived defaults, the refits and a rough estimate of
-the wall time. It checks what a run checks and downloads, converts, writes and trains nothing.
-No `ray`: the caller passes the cluster's size (`capacity.local_cluster()` for a local plan,
-read without starting Ray; `ray_env.cluster_resources()` once it joined a cluster).
+sampler and why, the resources per trial and how many trials fit, the experiment, its study and
+fingerprint, the weights (in the cache or to download), the derived defaults, the refits and a
+rough estimate of the wall time. It checks what a run checks and downloads, converts, writes and
+trains nothing. No `ray`: the caller passes the cluster's size (`capacity.local_cluster()` for a
+local plan, read without starting Ray; `ray_env.cluster_resources()` once it joined a cluster).
 
 The estimate is a cost model, not a measurement of this machine: ASHA's expected epochs x the
 crop pixels of an epoch x an assumed rate per worker, plus a fixed start-up per trial, over the
@@ -28,6 +28,7 @@ from geopose_ray.tune.options import (
     check_capacity_options,
     check_mlflow,
     check_optuna_storage,
+    check_sampler,
     check_storage,
     load_run_space,
     measure_data,
@@ -36,8 +37,10 @@ from geopose_ray.tune.options import (
     resolve_capacity,
     resolve_experiment,
     resolve_resources,
+    resolve_sampler,
     resolve_space,
 )
+from geopose_ray.tune.sampler import describe
 from geopose_ray.tune.space import SearchSpace
 
 Cluster = tuple[dict[str, float], dict[str, float] | None]
@@ -55,11 +58,12 @@ EPOCH_OVERHEAD_S = 0.2
 
 def check_search(opts: SearchOptions) -> SearchSpace:
     """Every check of a run that needs neither Ray nor a download, in the order a user fixes them:
-    the space with its --set values, the flags, mlflow's package, the Optuna database's URL and
-    driver, a writable --storage, a given data set (validated unless its cache is current).
-    Returns the run's space."""
+    the space with its --set values, the flags, the sampler's name and packages, mlflow's
+    package, the Optuna database's URL and driver, a writable --storage, a given data set
+    (validated unless its cache is current). Returns the run's space."""
     space = load_run_space(opts)
     check_capacity_options(opts)
+    check_sampler(opts, space)
     check_mlflow(opts)
     check_optuna_storage(opts)
     check_storage(opts)
@@ -84,10 +88,11 @@ def plan_search(opts: SearchOptions, cluster: Cluster, where: str = "") -> list[
     resources = resolve_resources(opts, space, *cluster)
     concurrent = resolve_capacity(opts, resources).limit(*cluster)
     exp = resolve_experiment(opts, space)
+    choice = resolve_sampler(opts, space, concurrent)
     ident = identify(opts, data, measured) if measured is not None else None
     if opts.resume:  # a fingerprint from a sample of tiles may differ from the run's: folds only then
         exact = ident is not None and measured is not None and measured.measured == measured.train_tiles
-        check_resumable(exp, space, ident.fingerprint if exact else None)
+        check_resumable(exp, space, ident.fingerprint if exact else None, choice.name)
     sched = space.scheduler
     have = {k: cluster[0].get(k, 0.0) for k in ("CPU", "GPU")}
     url, study = optuna_study(opts, exp, ident.fingerprint if ident else None)
@@ -97,6 +102,7 @@ def plan_search(opts: SearchOptions, cluster: Cluster, where: str = "") -> list[
         f"space:      {space.path}  searched: {', '.join(space.searched()) or '-'}",
         f"trials:     {space.num_samples} x up to {sched.max_epochs} epochs on fold {opts.fold}; "
         f"ASHA grace {sched.grace_period}, reduction factor {sched.reduction_factor}",
+        f"sampler:    {choice.name}  {choice.reason}; {describe(choice, space.conditional())}",
         f"per trial:  {resources.workers_per_trial} Train worker(s) x {resources.per_worker()}",
         f"cluster:    {have}; {concurrent} trial(s) at once" + (f"  ({where})" if where else ""),
         f"experiment: {mask_url(exp.location)}" + ("  (resumed)" if opts.resume else ""),

@@ -31,6 +31,7 @@ from geopose_ray.tune.options import (
     resolve_data,
     resolve_experiment,
     resolve_resources,
+    resolve_sampler,
     resolve_space,
 )
 
@@ -78,8 +79,9 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
     study = optuna_study(opts, exp, ident.fingerprint)
     redact.remember(study[0], opts.mlflow)  # Tune's pickles hold them masked: restored with these
     exp.dir.mkdir(parents=True, exist_ok=True)  # SQLite creates its file, not the folder
+    choice = resolve_sampler(opts, space, capacity.limit(cluster, most))
     if opts.resume:
-        check_resumable(exp, space, ident.fingerprint)
+        check_resumable(exp, space, ident.fingerprint, choice.name)
     if opts.resume and opts.optuna_storage is None:
         exp.fetch(OPTUNA_DB)  # resumed on another machine: the study's copy from the storage
 
@@ -87,8 +89,9 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
         write_options(exp, opts, space, resources, capacity.limit(cluster, most), ident)
         exp.push(OPTIONS)
         return tuner.build_tuner(
-            space, trainable, exp.name, str(exp.storage), capacity, opts.seed, study=study, mlflow=opts.mlflow
-        )
+            space, trainable, exp.name, str(exp.storage), capacity, opts.seed,
+            study=study, mlflow=opts.mlflow, sampler=choice,
+        )  # fmt: skip
 
     tuner.fit_or_resume(make_tuner, exp.location, trainable, opts.resume)
     write_options(exp, opts, space, resources, capacity.limit(cluster, most), ident)

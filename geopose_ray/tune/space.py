@@ -20,10 +20,11 @@ from geopose_ray.data import derive
 from geopose_ray.data.stats import DataStats
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import RUN_KEYS
+from geopose_ray.tune.sampler import check_name
 from geopose_ray.yamlio import read_yaml_mapping
 
 TYPES = ("choice", "uniform", "loguniform", "int")
-TOP_KEYS = {"description", "parameters", "fixed", "scheduler", "num_samples", "resources"}
+TOP_KEYS = {"description", "parameters", "fixed", "scheduler", "num_samples", "resources", "sampler"}
 PARAM_KEYS = {"type", "values", "low", "high", "step", "log", "default", "when"}
 SCHEDULER_KEYS = {"max_epochs", "grace_period", "reduction_factor"}
 RESOURCE_KEYS = {"workers_per_trial", "cpus_per_worker", "gpus_per_worker"}
@@ -92,6 +93,11 @@ class SearchSpace:
     num_samples: int
     resources: dict[str, float] = field(default_factory=dict)
     description: str = ""
+    sampler: str | None = None  # the file's `sampler:` (tune/sampler.py); None: not set, auto
+
+    def conditional(self) -> list[str]:
+        """The parameters some trials do not have (`when:`)."""
+        return [p.name for p in self.parameters if p.when]
 
     def sample(self, trial: Any) -> dict[str, Any]:
         """Optuna define-by-run body: conditionals in file order; returns the fixed settings."""
@@ -208,6 +214,7 @@ def load_space(path: str | Path) -> SearchSpace:
         num_samples=_positive_int(path, "num_samples", doc.get("num_samples", 1)),
         resources=_resources(path, doc.get("resources") or {}),
         description=str(doc.get("description", "")),
+        sampler=check_name(doc["sampler"], path) if "sampler" in doc else None,
     )
     try:
         Config.from_dict(space.defaults())

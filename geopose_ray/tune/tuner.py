@@ -1,10 +1,10 @@
 """Ray Tune: the search's and the refits' Tuners, their concurrency limiter and console, and
 reading an experiment folder back.
 
-The search Tuner: OptunaSearch (TPE, seeded, the space's defaults first) proposes configs, ASHA
-stops weak ones by epoch, an `ElasticLimiter` admits as many trials as the cluster fits. The
-refit Tuner: a grid over (config rank, fold) with the FIFO scheduler. Both run the trainable of
-`trainer.make_trainable` and are restored the same way (`fit_or_resume`).
+The search Tuner: OptunaSearch (the sampler of `sampler.py`, seeded, the space's defaults first)
+proposes configs, ASHA stops weak ones by epoch, an `ElasticLimiter` admits as many trials as
+the cluster fits. The refit Tuner: a grid over (config rank, fold) with the FIFO scheduler. Both
+run the trainable of `trainer.make_trainable` and are restored the same way (`fit_or_resume`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from geopose_ray import console, ray_env, redact, storage
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import METRIC, MODE, REFIT_CONFIGS, trial_dirname
+from geopose_ray.tune import sampler as samplers
 from geopose_ray.tune.capacity import Capacity
 from geopose_ray.tune.progress import STATUS_EVERY_S, columns, trial_line
 from geopose_ray.tune.space import SearchSpace, SpaceSampler
@@ -179,19 +180,27 @@ def _trial_folder(trial: Any) -> str:
     return trial_dirname(trial.trial_id)
 
 
-def build_searcher(space: SearchSpace, seed: int, study: tuple[str, str] | None = None) -> Any:
-    """OptunaSearch over the define-by-run space (TPE, seeded); its first trial is the defaults.
+def build_searcher(
+    space: SearchSpace,
+    seed: int,
+    study: tuple[str, str] | None = None,
+    sampler: samplers.SamplerChoice | None = None,
+) -> Any:
+    """OptunaSearch over the define-by-run space with `sampler` (seeded; None: the space's
+    `sampler:`, else auto, for up to two trials at once); its first trial is the defaults.
     `study` = (storage URL, study name): the study then lives in that database (an SQLite file or
     PostgreSQL), where `optuna-dashboard` and the report read it; None keeps it in memory."""
     from ray.tune.search.optuna import OptunaSearch
 
+    if sampler is None:
+        sampler = samplers.resolve(None, space.sampler, space.path, space.num_samples, concurrent=2)
     storage = MaskedRDBStorage(study[0]) if study else None
     return OptunaSearch(
         space=SpaceSampler(space),
         metric=METRIC,
         mode=MODE,
         points_to_evaluate=[space.default_point()],
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        sampler=samplers.build(sampler, seed),
         storage=storage,
         study_name=study[1] if study else None,
     )
@@ -207,11 +216,12 @@ def build_tuner(
     resources_fn: ResourcesFn | None = None,
     study: tuple[str, str] | None = None,
     mlflow: str | None = None,
+    sampler: samplers.SamplerChoice | None = None,
 ) -> tune.Tuner:
     """OptunaSearch + ASHA over `trainable` (the driver, or any function reporting `epoch` and
     `score`), behind an ElasticLimiter that re-reads the cluster's size (tests pass a fake
-    `resources_fn`); `study`: see `build_searcher`; `storage`: a path or a URI; `mlflow`: a
-    tracking URI, every trial then is an MLflow run of the experiment `name`. Metric and mode live
+    `resources_fn`); `study` and `sampler`: see `build_searcher`; `storage`: a path or a URI;
+    `mlflow`: a tracking URI, every trial then is an MLflow run of the experiment `name`. Metric and mode live
     on searcher and scheduler, not on TuneConfig: rank results with them explicitly."""
     from ray.tune.schedulers import ASHAScheduler
 
@@ -224,7 +234,7 @@ def build_tuner(
         grace_period=sched.grace_period,
         reduction_factor=sched.reduction_factor,
     )
-    searcher = build_searcher(space, seed, study)
+    searcher = build_searcher(space, seed, study, sampler)
     limiter = ElasticLimiter(searcher, capacity, resources_fn or ray_env.cluster_resources)
     return tune.Tuner(
         trainable,
