@@ -214,9 +214,14 @@ def _estimate_line(
     refit_epochs = opts.refit_epochs or sched.max_epochs
     refit_s = refits * (refit_epochs * per_epoch + TRIAL_START_S) / max(1, min(concurrent, refits or 1))
     device = "GPU" if res.gpus_per_worker > 0 else "CPU"
+    # ASHA cuts only what its rungs can rank: where every validation is noise (few tiles per city
+    # in a fold), it cut 1 of 6 trials (docs/LEARNING.md, 'Half turns end to end (added 2026-12-03)')
+    full = space.num_samples * sched.max_epochs
+    worst_s = search_s + (full - epochs) * per_epoch / max(1, concurrent)
     return (
         f"estimate:   ~{duration(search_s + refit_s)} wall time, a rough estimate (search ~{duration(search_s)}: "
-        f"~{epochs:.0f} epochs after ASHA of {space.num_samples * sched.max_epochs}, ~{per_epoch:.0f} s each; "
-        f"refits ~{duration(refit_s)}), assuming {CPU_S_PER_MPX if device == 'CPU' else GPU_S_PER_MPX} s per "
+        f"~{epochs:.0f} epochs after ASHA of {full}, ~{per_epoch:.0f} s each; "
+        f"refits ~{duration(refit_s)}), up to ~{duration(worst_s + refit_s)} if ASHA cuts nothing; assuming "
+        f"{CPU_S_PER_MPX if device == 'CPU' else GPU_S_PER_MPX} s per "
         f"million {cfg.data.crop} px crop pixels per {device} worker and {TRIAL_START_S:.0f} s of start-up per trial"
     )
