@@ -33,9 +33,11 @@ ERROR level; only `RAY_BACKEND_LOG_LEVEL=fatal` (which hides real core errors to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 LEGACY_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
@@ -66,3 +68,16 @@ def duration(seconds: float) -> str:
 def quiet() -> bool:
     """True when `setup` quieted this process (Tuners then get the terse status table)."""
     return os.environ.get(LEGACY_OUTPUT_ENV) == "0"
+
+
+@contextlib.contextmanager
+def logger_level(name: str, level: int) -> Iterator[None]:
+    """Raise one library logger to `level` for the duration, then restore it: for a notice a
+    library logs on a path where we know it is expected (and say why at the call)."""
+    target = logging.getLogger(name)
+    before = target.level
+    target.setLevel(level)
+    try:
+        yield
+    finally:
+        target.setLevel(before)

@@ -12,8 +12,9 @@ from pathlib import Path
 import optuna
 import pytest
 
+from geopose_ray.config import Config
 from geopose_ray.errors import EXIT_BAD_INPUT, InputError, run_cli
-from geopose_ray.tune import launch, options, sampler
+from geopose_ray.tune import launch, options, sampler, tuner
 from geopose_ray.tune.space import SpaceSampler, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,3 +143,26 @@ def test_every_sampler_handles_the_default_space_with_its_conditional_parameter(
     for t in study.trials:
         assert ("huber_delta" in t.params) == (t.params["agl_loss"] == "huber")
         assert set(t.params) <= set(space.searched())
+
+
+@pytest.mark.parametrize("name", ["random", "tpe", "gp"])
+def test_rays_optuna_search_wraps_each_sampler_over_a_conditional_space(name):
+    """Ray's OptunaSearch (no Ray started) asks the sampler of `--sampler NAME` through the
+    define-by-run space: the defaults first, then `huber_delta` only in the trials that chose
+    huber, two trials in flight at once, the results told back."""
+    space = load_space(SMOKE)
+    choice = sampler.resolve(name, None, space.path, trials=8, concurrent=2)  # 2 random startup trials
+    searcher = tuner.build_searcher(space, seed=0, sampler=choice)
+    assert type(searcher._sampler).__name__ == sampler.REGISTRY[name].optuna_class
+    configs = []
+    for i in range(0, 6, 2):
+        pair = [searcher.suggest(f"t{i}"), searcher.suggest(f"t{i + 1}")]
+        for j, cfg in enumerate(pair):
+            score = -abs(math.log10(cfg["lr"]) + 2.5) + (0.3 if cfg["agl_loss"] == "huber" else 0.0)
+            searcher.on_trial_complete(f"t{i + j}", {"score": score, "epoch": 1})
+        configs += pair
+    assert configs[0] == space.defaults()
+    for cfg in configs:
+        assert ("huber_delta" in cfg) == (cfg["agl_loss"] == "huber")
+        Config.from_dict(cfg)
+    assert len(searcher._ot_study.trials) == 6

@@ -72,31 +72,6 @@ def test_first_trial_optuna_proposes_is_the_defaults(path):
     Config.from_dict(second)
 
 
-@pytest.mark.parametrize("name", ["random", "tpe", "gp"])
-def test_rays_optuna_search_wraps_each_sampler_over_a_conditional_space(name):
-    """Ray's OptunaSearch (no Ray started) asks the sampler of `--sampler NAME` through the
-    define-by-run space: the defaults first, then `huber_delta` only in the trials that chose
-    huber, two trials in flight at once, the results told back."""
-    from geopose_ray.tune import sampler
-
-    space = load_space(ROOT / "search_spaces" / "smoke.yaml")
-    choice = sampler.resolve(name, None, space.path, trials=8, concurrent=2)  # 2 random startup trials
-    searcher = tuner.build_searcher(space, seed=0, sampler=choice)
-    assert type(searcher._sampler).__name__ == sampler.REGISTRY[name].optuna_class
-    configs = []
-    for i in range(0, 6, 2):
-        pair = [searcher.suggest(f"t{i}"), searcher.suggest(f"t{i + 1}")]
-        for j, cfg in enumerate(pair):
-            score = -abs(math.log10(cfg["lr"]) + 2.5) + (0.3 if cfg["agl_loss"] == "huber" else 0.0)
-            searcher.on_trial_complete(f"t{i + j}", {"score": score, "epoch": 1})
-        configs += pair
-    assert configs[0] == space.defaults()
-    for cfg in configs:
-        assert ("huber_delta" in cfg) == (cfg["agl_loss"] == "huber")
-        Config.from_dict(cfg)
-    assert len(searcher._ot_study.trials) == 6
-
-
 def test_trial_train_config_search_and_refit():
     assert trial_train_config({"lr": 0.1, "fold": 0, "bookkeeping": 1}) == {"lr": 0.1, "fold": 0}
     refit_cfg = {

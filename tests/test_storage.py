@@ -1,4 +1,5 @@
-"""The storage module against a real S3 API (moto's server on 127.0.0.1, see conftest): URIs,
+"""The storage module against a real S3 API (moto's server on 127.0.0.1, see conftest; the round
+trip also against GCS's, fake-gcs-server): URIs,
 upload / download round trips, the local mirror, `Experiment` on a bucket, and bad URIs or a
 missing optional package ending the commands with exit 2 (seconds, no Ray)."""
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from test_gcs_storage import gcs_keys
 from test_search import PLAIN_SPACE, ROOT, write_space
 
 from geopose_ray import storage
@@ -58,18 +60,22 @@ def test_bad_uris_are_input_errors(uri, problem):
         storage.normalize(uri)
 
 
-def test_upload_download_roundtrip_and_local_cache(s3_bucket, tmp_path):
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_upload_download_roundtrip_and_local_cache(scheme, request, tmp_path):
+    """The same round trip on S3 (moto) and GCS (fake-gcs-server): one storage module, two APIs."""
+    bucket = request.getfixturevalue({"s3": "s3_bucket", "gs": "gcs_bucket"}[scheme])
+    listed = {"s3": keys, "gs": gcs_keys}[scheme]
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "a.txt").write_text("alpha")
     (src / "sub" / "b.bin").write_bytes(b"\x00\x01" * 1000)
-    root = f"s3://{s3_bucket}/runs"
+    root = f"{scheme}://{bucket}/runs"
     assert storage.normalize(root + "/") == root
     path, fs = storage.for_ray(root)
-    assert path == f"{s3_bucket}/runs" and fs.type_name == "s3"
+    assert path == f"{bucket}/runs" and fs.type_name == {"s3": "s3", "gs": "gcs"}[scheme]
     storage.upload(src, storage.join(root, "ckpt"))
     storage.upload(src / "a.txt", storage.join(root, "exp", MEMBERS))
-    assert keys(s3_bucket) == ["runs/ckpt/a.txt", "runs/ckpt/sub/b.bin", "runs/exp/members.json"]
+    assert listed(bucket) == ["runs/ckpt/a.txt", "runs/ckpt/sub/b.bin", "runs/exp/members.json"]
     assert storage.is_file(storage.join(root, "ckpt", "a.txt")) and storage.exists(storage.join(root, "ckpt"))
     assert not storage.exists(storage.join(root, "none"))
     assert storage.read_bytes(storage.join(root, "ckpt", "sub", "b.bin")) == b"\x00\x01" * 1000
@@ -77,7 +83,7 @@ def test_upload_download_roundtrip_and_local_cache(s3_bucket, tmp_path):
         storage.read_bytes(storage.join(root, "none"))
     cache = tmp_path / "cache"
     copy = storage.local_copy(storage.join(root, "ckpt"), cache)
-    assert copy == cache / s3_bucket / "runs" / "ckpt"
+    assert copy == cache / bucket / "runs" / "ckpt"
     assert (copy / "a.txt").read_text() == "alpha" and (copy / "sub" / "b.bin").stat().st_size == 2000
     (copy / "a.txt").write_text("local")  # downloaded once: a second call keeps the local copy
     assert (

@@ -60,15 +60,15 @@ def build_loaders(
     unpadded, so that summing over ranks counts every tile exactly once."""
     d, seed = cfg.data, cfg.train.seed
     # half turns: half the crops, each seen twice, so a step and an epoch hold the same pixels
-    halve = (lambda n: -(-n // 2)) if d.half_turns else (lambda n: n)
-    batch_size = halve(d.batch_size)
+    views = 2 if d.half_turns else 1
+    batch_size = -(-d.batch_size // views)  # ceil
     train_ds = GeoposeDataset(
         train,
         crop=d.crop,
         transform=build_train_transform_from_config(d),
         repeat=d.repeat,
         seed=seed + rank,
-        length=halve(d.epoch_samples),
+        length=-(-d.epoch_samples // views),
     )
     val_ds = GeoposeDataset(val[rank::world_size], crop=d.val_crop or None, random_crop=False, seed=seed)
     common = {

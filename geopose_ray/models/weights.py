@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from segmentation_models_pytorch.encoders import TimmUniversalEncoder, TimmViTEncoder, get_encoder
 from torch import Tensor, nn
 
+from geopose_ray import console
 from geopose_ray.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def _timm_loaded(encoder: nn.Module, name: str, sd: dict[str, Tensor], path: str
         raise InputError(path, f"not the weights of timm's {name} ({_first_line(e)})") from None
     if isinstance(encoder, TimmUniversalEncoder):
         kwargs.update(features_only=True, out_indices=tuple(encoder.model.feature_info.out_indices))
-    with _quiet("timm.models._builder"):  # "unexpected keys": the head, vouched for above
+    with console.logger_level("timm.models._builder", logging.ERROR):  # "unexpected keys": the head, vouched for above
         model = timm.create_model(name, **kwargs, pretrained_cfg_overlay=dict(overlay, state_dict=dict(body)))
     return model.state_dict()
 
@@ -224,15 +224,3 @@ def _first_line(e: Exception) -> str:
         lines = lines[1:]
     text = lines[0] if lines else ""
     return f"{type(e).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
-
-
-@contextmanager
-def _quiet(logger: str):
-    """Silence a library logger below ERROR for the duration."""
-    target = logging.getLogger(logger)
-    level = target.level
-    target.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        target.setLevel(level)
