@@ -35,6 +35,7 @@ class DataConfig:
     )
     geo_aug: str = "d4"  # geometric augmentation preset: none | d4 | affine | full
     half_turns: bool = False  # each batch: ceil(batch_size / 2) crops and the same crops turned 180 deg
+    foreground_crops: float = 0.0  # share of training crops centred on a built pixel (AGL > 2 m)
     photo_aug: str = "light"  # photometric preset: none | light | medium | heavy
     aug_prob: float = 0.5
     rotate_limit: float = 22.0  # degrees, affine presets

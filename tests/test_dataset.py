@@ -243,3 +243,30 @@ def test_half_turn_loaders_keep_the_images_per_step_and_per_epoch(tmp_path, batc
         if turns:
             assert set(sizes[:-1]) == {2 * -(-batch_size // 2)}
     assert abs(seen[True] - seen[False]) <= 2 * batch_size
+
+
+def _one_tower_tile(root: Path, tower_cm: int = 3000) -> CachedSample:
+    """A 64 px tile, flat but for a 4 x 4 px tower (30 m) at rows and columns 50-53."""
+    rows, cols = np.mgrid[0:SIZE, 0:SIZE]
+    io.write_rgb_tiled(root / "JAX_t_RGB.tif", np.stack([rows, cols, cols], -1).astype(np.uint8))
+    cm = np.zeros((SIZE, SIZE), np.uint16)
+    cm[50:54, 50:54] = tower_cm
+    io.write_agl_tiled(root / "JAX_t_AGL.tif", cm)
+    agl = root / "JAX_t_AGL.tif"
+    return CachedSample("t", "JAX", 0.3, "train", root / "JAX_t_RGB.tif", agl, 1.0, 0.5, **agl_sums(agl))
+
+
+@pytest.mark.parametrize("foreground, low, high", [(0.0, 0.0, 0.2), (0.5, 0.4, 0.7), (1.0, 1.0, 1.0)])
+def test_foreground_crops_show_a_building_in_their_share_of_crops(tmp_path, foreground, low, high):
+    """A 16 px crop of the tile holds the tower in ~9 % of uniform draws; with `foreground` f at
+    least f of the crops hold it, and the crop stays inside the tile."""
+    dataset = GeoposeDataset([_one_tower_tile(tmp_path)], crop=16, seed=3, foreground=foreground)
+    items = [dataset[0] for _ in range(200)]
+    share = np.mean([bool((item["agl"] > 2).any()) for item in items])
+    assert low <= share <= high
+    assert all(item["image"].shape == (3, 16, 16) for item in items)
+
+
+def test_foreground_crops_are_uniform_on_a_tile_with_no_building(tmp_path):
+    flat = GeoposeDataset([_one_tower_tile(tmp_path, tower_cm=100)], crop=24, seed=5, foreground=1.0)
+    assert len({_offsets(flat[0]) for _ in range(12)}) > 6

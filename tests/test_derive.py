@@ -14,11 +14,11 @@ from geopose_ray.data import derive, stats
 from geopose_ray.data.stats import DataStats
 
 ROOT = Path(__file__).resolve().parents[1]
-DERIVED = ("crop", "batch_size", "epoch_samples", "val_crop", "val_batch_size")
+DERIVED = ("crop", "batch_size", "epoch_samples", "foreground_crops", "dir_weight", "val_crop", "val_batch_size")
 
 
-def _stats(tile: int, disp: float) -> DataStats:
-    return DataStats(train_tiles=48, measured=48, tile_px=tile, disp_p95=disp, disp_max=disp, built=0.1)
+def _stats(tile: int, disp: float, built: float = 0.1) -> DataStats:
+    return DataStats(train_tiles=48, measured=48, tile_px=tile, disp_p95=disp, disp_max=disp, built=built)
 
 
 def _values(s: DataStats, given: dict | None = None) -> dict:
@@ -42,6 +42,13 @@ def test_the_crop_holds_the_displacement_and_a_step_costs_the_same_pixels(tile, 
 def test_taller_buildings_get_larger_crops():
     crops = [_values(_stats(256, d))["crop"] for d in (5, 20, 40, 60, 90, 130)]
     assert crops == sorted(crops) and crops[0] == 64 and crops[-1] == 256
+
+
+@pytest.mark.parametrize(("built", "centred"), [(0.05, True), (0.13, True), (0.26, False), (0.45, False)])
+def test_sparse_cities_get_crops_centred_on_buildings(built, centred):
+    v = _values(_stats(256, 40.0, built))
+    assert (v["foreground_crops"] > 0) == centred and 0 <= v["foreground_crops"] < 1
+    assert (v["dir_weight"] > derive.DENSE_DIR_WEIGHT) == centred
 
 
 def test_a_key_the_space_sets_wins_and_the_keys_after_it_follow_it():

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 from geopose_ray.constants import city_index
 from geopose_ray.data import io, transforms
 from geopose_ray.data.cache import CachedSample, agl_sums
+from geopose_ray.data.stats import BUILT_M
 
 Transform = Callable[..., dict[str, Any]]
 MIN_UNIT = 0.1  # m or px: the smallest output unit (a set of flat tiles)
@@ -37,8 +38,12 @@ class GeoposeDataset(Dataset):
     crop: training crop in px (None, or >= the tile size: the full tile). `length` > 0 fixes the
     items of one pass (sample i % n), so an epoch is a number of crops whatever the tile count.
     random_crop=False
-    takes the centre crop instead (fast validation on big tiles). `transform(image=, agl=,
-    vflow=np.array([angle, scale, gsd]))` returns the same keys; mag is computed after it.
+    takes the centre crop instead (fast validation on big tiles). `foreground` is the share of
+    random crops centred on a built pixel (AGL > `stats.BUILT_M`) instead of drawn uniformly:
+    in a sparse city most uniform crops show flat ground only, which teaches the AGL that ground
+    is flat and the flow head nothing (nnU-Net forces a third of its patches onto foreground for
+    the same reason). `transform(image=, agl=, vflow=np.array([angle, scale, gsd]))` returns the
+    same keys; mag is computed after it.
     """
 
     def __init__(
@@ -50,6 +55,7 @@ class GeoposeDataset(Dataset):
         seed: int = 0,
         random_crop: bool = True,
         length: int = 0,
+        foreground: float = 0.0,
     ):
         if not samples:
             raise ValueError("GeoposeDataset needs at least one sample")
@@ -60,7 +66,9 @@ class GeoposeDataset(Dataset):
         self.seed = seed
         self.random_crop = random_crop
         self.length = int(length)  # > 0: items per pass, cycling the samples (overrides repeat)
+        self.foreground = float(foreground)
         self.rng = np.random.default_rng(seed)
+        self._built: dict[str, np.ndarray] = {}  # sample id -> (K, 2) rows, cols of built pixels
 
     def __len__(self) -> int:
         return self.length if self.length > 0 else len(self.samples) * self.repeat
@@ -71,22 +79,39 @@ class GeoposeDataset(Dataset):
         if hasattr(self.transform, "set_random_state"):  # albumentations
             transforms.reseed(self.transform, seed)  # one shared stream, not children in lockstep
 
-    def window(self, height: int, width: int) -> Window:
-        """The crop window of a (height, width) tile."""
+    def window(self, height: int, width: int, sample: CachedSample | None = None) -> Window:
+        """The crop window of a (height, width) tile; centred on one of `sample`'s built pixels
+        with probability `foreground` (where it has any), uniform otherwise."""
         ch = height if self.crop is None else min(self.crop, height)
         cw = width if self.crop is None else min(self.crop, width)
-        if self.random_crop:
+        if not self.random_crop:
+            return Window((width - cw) // 2, (height - ch) // 2, cw, ch)
+        built = self.built_pixels(sample) if sample is not None and self.foreground > 0 else None
+        if built is not None and len(built) and self.rng.random() < self.foreground:
+            r, c = built[int(self.rng.integers(len(built)))]
+            row, col = min(max(0, r - ch // 2), height - ch), min(max(0, c - cw // 2), width - cw)
+        else:
             row = int(self.rng.integers(0, height - ch + 1))
             col = int(self.rng.integers(0, width - cw + 1))
-        else:
-            row, col = (height - ch) // 2, (width - cw) // 2
-        return Window(col, row, cw, ch)
+        return Window(int(col), int(row), cw, ch)
+
+    def built_pixels(self, sample: CachedSample) -> np.ndarray:
+        """(K, 2) int rows, cols of the tile's built pixels on a grid of at most 128 x 128 (a
+        crop centre needs no finer aim), read once per process and kept."""
+        if sample.agl is None:
+            return np.zeros((0, 2), dtype=np.int64)
+        if sample.id not in self._built:
+            agl = io.read_agl(sample.agl)  # (H, W) m NaN
+            step = max(1, -(-max(agl.shape) // 128))
+            rows, cols = np.nonzero(np.nan_to_num(agl[::step, ::step], nan=0.0) > BUILT_M)
+            self._built[sample.id] = np.stack([rows * step, cols * step], axis=1)
+        return self._built[sample.id]
 
     def read(self, sample: CachedSample) -> tuple[np.ndarray, np.ndarray]:
         """(h, w, 3) uint8 RGB and (h, w) float32 m AGL of one crop (AGL all NaN for test tiles)."""
         with io.open_raster(sample.rgb) as ds:
             io.check_rgb(ds, sample.rgb)
-            window = self.window(ds.height, ds.width)
+            window = self.window(ds.height, ds.width, sample)
             rgb = io.read_window(ds, sample.rgb, window).transpose(1, 2, 0)
         if sample.agl is None:
             agl = np.full(rgb.shape[:2], np.nan, dtype=np.float32)

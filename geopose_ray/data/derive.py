@@ -27,6 +27,10 @@ CROP_STEP = 32  # px: crops are multiples of the encoders' output stride
 STEP_PX = 16 * 64 * 64  # training pixels per optimizer step (per worker): 16 crops of 64 px
 EPOCH_PX = 320 * 64 * 64  # training pixels per epoch: 320 crops of 64 px
 MIN_BATCH = 4  # two distinct crops and their half turns (`half_turns`): BatchNorm needs two crops
+SPARSE_BUILT = 0.2  # share of built pixels below which a uniform crop often shows ground only
+FOREGROUND_SHARE = 0.5  # share of crops centred on a building in a sparse city (docs/LEARNING.md)
+SPARSE_DIR_WEIGHT = 10.0  # direction loss weight in a sparse city: few pixels carry the flow's angle
+DENSE_DIR_WEIGHT = 1.0  # and in a dense one, where 10 slowed the AGL down (docs/LEARNING.md)
 FULL_TILE_VAL = 512  # px: larger tiles are validated on a centre window
 VAL_STEP_PX = 16 * 128 * 128  # validation pixels per batch
 
@@ -43,8 +47,8 @@ def _round_up(x: float, step: int) -> int:
 
 
 def derive(stats: DataStats, given: dict[str, Any] | None = None) -> list[Derived]:
-    """The derived data keys of a data set: crop, batch_size, epoch_samples, val_crop and
-    val_batch_size. Each later key follows the value that holds for the earlier ones: one that
+    """The derived keys of a data set: crop, batch_size, epoch_samples, foreground_crops,
+    dir_weight, val_crop and val_batch_size. Each later key follows the value that holds for the earlier ones: one that
     `given` (the space's fixed keys) sets wins over the derived one."""
     given = given or {}
     tile = stats.tile_px
@@ -61,6 +65,14 @@ def derive(stats: DataStats, given: dict[str, Any] | None = None) -> list[Derive
     samples_why = f"{EPOCH_PX // 4096} crops of 64 px per epoch, in {crop_used} px crops"
     if "crop" in given:  # a space that sets its crop sets its budget: an epoch is a pass over the tiles
         samples, samples_why = 0, "one pass over the tiles (x repeat): the space sets the crop"
+    sparse = stats.built < SPARSE_BUILT
+    foreground = FOREGROUND_SHARE if sparse else 0.0
+    foreground_why = (
+        f"sparse: {stats.built:.0%} of pixels built (< {SPARSE_BUILT:.0%}), so {foreground:.0%} of the crops "
+        "are centred on a building"
+        if sparse
+        else f"{stats.built:.0%} of pixels built: uniform crops show buildings"
+    )
     val = 0 if tile <= FULL_TILE_VAL else min(tile, max(FULL_TILE_VAL, _round_up(2 * crop_used, CROP_STEP)))
     val_side = int(given.get("val_crop", val)) or tile
     val_batch = max(1, min(16, VAL_STEP_PX // val_side**2))
@@ -68,6 +80,14 @@ def derive(stats: DataStats, given: dict[str, Any] | None = None) -> list[Derive
         Derived("crop", crop, why),
         Derived("batch_size", batch, f"{STEP_PX // 4096} crops of 64 px per step, in {crop_used} px crops"),
         Derived("epoch_samples", samples, samples_why),
+        Derived("foreground_crops", foreground, foreground_why),
+        Derived(
+            "dir_weight",
+            SPARSE_DIR_WEIGHT if sparse else DENSE_DIR_WEIGHT,
+            "sparse: the flow's angle rests on few pixels, so the tile's direction loss carries it"
+            if sparse
+            else "dense: the per-pixel flow carries the angle",
+        ),
         Derived(
             "val_crop",
             val,
@@ -83,10 +103,10 @@ def apply(fixed: dict[str, Any], searched: list[str], derived: list[Derived]) ->
     out, lines = dict(fixed), []
     for d in derived:
         if d.key in searched:
-            lines.append(f"{d.key:<15} searched by the space (derived would be {d.value}: {d.reason})")
+            lines.append(f"{d.key:<16} searched by the space (derived would be {d.value}: {d.reason})")
         elif d.key in fixed:
-            lines.append(f"{d.key:<15} {fixed[d.key]!s:<6} set by the space or --set (derived: {d.value})")
+            lines.append(f"{d.key:<16} {fixed[d.key]!s:<6} set by the space or --set (derived: {d.value})")
         else:
             out[d.key] = d.value
-            lines.append(f"{d.key:<15} {d.value!s:<6} {d.reason}")
+            lines.append(f"{d.key:<16} {d.value!s:<6} {d.reason}")
     return out, lines

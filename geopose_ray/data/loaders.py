@@ -69,6 +69,7 @@ def build_loaders(
         repeat=d.repeat,
         seed=seed + rank,
         length=-(-d.epoch_samples // views),
+        foreground=d.foreground_crops,
     )
     val_ds = GeoposeDataset(val[rank::world_size], crop=d.val_crop or None, random_crop=False, seed=seed)
     common = {
