@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DERIVED = ("crop", "batch_size", "epoch_samples", "foreground_crops", "dir_weight", "val_crop", "val_batch_size")
 
 
-def _stats(tile: int, disp: float, built: float = 0.1) -> DataStats:
-    return DataStats(train_tiles=48, measured=48, tile_px=tile, disp_p95=disp, disp_max=disp, built=built)
+def _stats(tile: int, disp: float, built: float = 0.1, mag_rms: float = 5.0) -> DataStats:
+    return DataStats(48, 48, tile_px=tile, disp_p95=disp, disp_max=disp, built=built, mag_rms=mag_rms)
 
 
 def _values(s: DataStats, given: dict | None = None) -> dict:
@@ -48,7 +48,13 @@ def test_taller_buildings_get_larger_crops():
 def test_sparse_cities_get_crops_centred_on_buildings(built, centred):
     v = _values(_stats(256, 40.0, built))
     assert (v["foreground_crops"] > 0) == centred and 0 <= v["foreground_crops"] < 1
-    assert (v["dir_weight"] > derive.DENSE_DIR_WEIGHT) == centred
+
+
+def test_the_direction_weight_grows_with_the_square_of_the_lean():
+    """The MAG loss is in px², the direction loss O(1): twice the lean, four times the weight."""
+    weights = [_values(_stats(256, 40.0, mag_rms=m))["dir_weight"] for m in (0.5, 2.5, 5.0, 10.0, 100.0)]
+    assert weights[0] == derive.MIN_DIR_WEIGHT and weights[-1] == derive.MAX_DIR_WEIGHT
+    assert weights[1] == pytest.approx(1.0, abs=0.1) and weights[3] == pytest.approx(4 * weights[2], rel=0.05)
 
 
 def test_a_key_the_space_sets_wins_and_the_keys_after_it_follow_it():
@@ -75,6 +81,7 @@ def test_stats_from_files_and_from_the_cache_agree(synthetic_dir, synthetic_cach
     assert cached.tile_px == sampled.tile_px == 64
     assert cached.disp_p95 == pytest.approx(sampled.disp_p95, rel=1e-3)
     assert cached.disp_p95 > 0 and 0 < cached.built < 1
+    assert cached.mag_rms == pytest.approx(sampled.mag_rms, rel=1e-3) and cached.mag_rms > 0
 
 
 def test_agl_stats_measure_the_lean_of_built_pixels_only():

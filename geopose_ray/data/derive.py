@@ -29,8 +29,11 @@ EPOCH_PX = 320 * 64 * 64  # training pixels per epoch: 320 crops of 64 px
 MIN_BATCH = 4  # two distinct crops and their half turns (`half_turns`): BatchNorm needs two crops
 SPARSE_BUILT = 0.2  # share of built pixels below which a uniform crop often shows ground only
 FOREGROUND_SHARE = 0.5  # share of crops centred on a building in a sparse city (docs/LEARNING.md)
-SPARSE_DIR_WEIGHT = 10.0  # direction loss weight in a sparse city: few pixels carry the flow's angle
-DENSE_DIR_WEIGHT = 1.0  # and in a dense one, where 10 slowed the AGL down (docs/LEARNING.md)
+DIR_WEIGHT_PER_PX2 = 0.16  # direction loss weight per px² of MAG rms: the MAG and flow losses are in px²
+# and the direction loss is O(1), so their balance moves with the square of the roofs' lean. 0.16
+# gives weight 1 at the embedded set's 2.5 px (where 10 slowed the AGL down) and 10-16 at the tall
+# sets' 8-10 px (where 1 left the angle unlearned; docs/LEARNING.md, 'Sparse cities')
+MIN_DIR_WEIGHT, MAX_DIR_WEIGHT = 1.0, 40.0  # the range of the losses space's search
 FULL_TILE_VAL = 512  # px: larger tiles are validated on a centre window
 VAL_STEP_PX = 16 * 128 * 128  # validation pixels per batch
 
@@ -83,10 +86,9 @@ def derive(stats: DataStats, given: dict[str, Any] | None = None) -> list[Derive
         Derived("foreground_crops", foreground, foreground_why),
         Derived(
             "dir_weight",
-            SPARSE_DIR_WEIGHT if sparse else DENSE_DIR_WEIGHT,
-            "sparse: the flow's angle rests on few pixels, so the tile's direction loss carries it"
-            if sparse
-            else "dense: the per-pixel flow carries the angle",
+            round(min(MAX_DIR_WEIGHT, max(MIN_DIR_WEIGHT, DIR_WEIGHT_PER_PX2 * stats.mag_rms**2)), 1),
+            f"{DIR_WEIGHT_PER_PX2} x the MAG rms² ({stats.mag_rms:.1f} px)²: keeps the direction loss in "
+            f"balance with the MAG loss (px²), within [{MIN_DIR_WEIGHT:g}, {MAX_DIR_WEIGHT:g}]",
         ),
         Derived(
             "val_crop",

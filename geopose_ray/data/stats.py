@@ -51,6 +51,7 @@ class DataStats:
     disp_p95: float  # 95th percentile over tiles of each tile's disp_p95: the lean to hold
     disp_max: float  # the largest tile's disp_p95
     built: float  # mean share of built pixels
+    mag_rms: float = 0.0  # root mean square of MAG = AGL x scale over the valid pixels: the MAG loss's unit
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict[str, float]], train_tiles: int) -> DataStats:
@@ -59,6 +60,9 @@ class DataStats:
             raise ValueError("no train tile to measure")
         side = np.array([min(r["height"], r["width"]) for r in rows])
         disp = np.array([r["disp_p95"] for r in rows], dtype=np.float64)
+        labelled = [r for r in rows if math.isfinite(r.get("scale", math.nan)) and math.isfinite(r.get("agl_sq", math.nan))]
+        count = sum(r["agl_n"] for r in labelled)
+        mag_sq = sum(r["agl_sq"] * r["scale"] ** 2 for r in labelled)
         return cls(
             train_tiles=train_tiles,
             measured=len(rows),
@@ -66,6 +70,7 @@ class DataStats:
             disp_p95=float(np.percentile(disp, 95)),
             disp_max=float(disp.max()),
             built=float(np.mean([r["built"] for r in rows])),
+            mag_rms=math.sqrt(mag_sq / count) if count else 0.0,
         )
 
     def lines(self) -> list[str]:
@@ -75,14 +80,17 @@ class DataStats:
             f"{self.train_tiles} train tiles of {self.tile_px} px{sample}; {self.built:.0%} of pixels built "
             f"(AGL > {BUILT_M:g} m)",
             f"roof displacement (AGL x scale): 95th percentile {self.disp_p95:.0f} px "
-            f"({self.disp_p95 / self.tile_px:.0%} of the tile), largest tile {self.disp_max:.0f} px",
+            f"({self.disp_p95 / self.tile_px:.0%} of the tile), largest tile {self.disp_max:.0f} px; "
+            f"root mean square {self.mag_rms:.1f} px",
         ]
 
 
 def from_cache(samples: Sequence) -> DataStats:
     """The stats of converted train tiles (`data.cache.CachedSample`s: their index columns)."""
     rows = [
-        {k: getattr(s, k) for k in ("height", "width", "built", "disp_p95")} for s in samples if s.height > 0
+        {k: getattr(s, k) for k in ("height", "width", "built", "disp_p95", "agl_n", "agl_sq", "scale")}
+        for s in samples
+        if s.height > 0
     ]
     return DataStats.from_rows(rows, len(samples))
 
@@ -94,5 +102,8 @@ def from_files(data_dir: str | Path, max_tiles: int = DRY_RUN_TILES, seed: int =
     if not train:
         raise ValueError("no train tile to measure")
     pick = np.random.default_rng(seed).permutation(len(train))[:max_tiles]
-    rows = [agl_stats(io.read_agl(train[i].agl), io.read_vflow(train[i].vflow).scale) for i in sorted(pick)]
+    rows = []
+    for i in sorted(pick):
+        scale = io.read_vflow(train[i].vflow).scale
+        rows.append({**agl_stats(io.read_agl(train[i].agl), scale), "scale": scale})
     return DataStats.from_rows(rows, len(train))
