@@ -44,8 +44,10 @@ def train_config(data_dir: Path, seed: int, epochs: int | None, keys: dict[str, 
 
     cache_dir = ensure_cache(data_dir, map_fn=process_map(), progress=False)
     measured = stats.from_cache(cache.load_cache(cache_dir, "train"))
-    space, lines = load_space(SMOKE_SPACE).with_fixed(keys).with_data(measured)
-    flat = {"threads": 2, **space.defaults(), "data_dir": str(data_dir), "seed": seed}
+    base = load_space(SMOKE_SPACE)
+    searched = {k: v for k, v in keys.items() if k in base.searched()}  # the default trial's value moved
+    space, lines = base.with_fixed({k: v for k, v in keys.items() if k not in searched}).with_data(measured)
+    flat = {"threads": 2, **space.defaults(), **searched, "data_dir": str(data_dir), "seed": seed}
     if epochs:
         flat["epochs"] = epochs
     return Config.from_dict(flat), measured, lines

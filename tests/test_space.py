@@ -63,6 +63,21 @@ def test_smoke_space_is_small_enough_for_cpu(tile, disp):
     assert 0 < pixels <= 1.2 * derive.EPOCH_PX * space.scheduler.max_epochs
 
 
+@pytest.mark.parametrize(("disp", "batch"), [(13.0, 16), (80.0, 4)])
+def test_the_default_rate_follows_a_derived_batch_and_not_a_space_set_one(disp, batch):
+    """Adam's square-root rule: a quarter of the batch, half the rate; the range stays searched."""
+    from geopose_ray.data.stats import DataStats
+
+    smoke = load_space(next(p for p in SPACES if p.stem == "smoke"))
+    data = DataStats(train_tiles=100, measured=100, tile_px=256, disp_p95=disp, disp_max=disp, built=0.2)
+    space, lines = smoke.with_data(data)
+    assert space.defaults()["batch_size"] == batch and "lr" in space.searched()
+    assert space.defaults()["lr"] == pytest.approx(smoke.defaults()["lr"] * (batch / 16) ** 0.5)
+    assert any(line.startswith("lr") and "square-root" in line for line in lines)
+    fixed_batch, _ = smoke.with_fixed({"batch_size": 4}).with_data(data)
+    assert fixed_batch.defaults()["lr"] == smoke.defaults()["lr"]
+
+
 def test_defaults_skip_inactive_conditionals(tmp_path):
     space = load_space(write(tmp_path, GOOD))
     point = space.default_point()

@@ -34,6 +34,7 @@ DIR_WEIGHT_PER_PX2 = 0.16  # direction loss weight per px² of MAG rms: the MAG 
 # gives weight 1 at the embedded set's 2.5 px (where 10 slowed the AGL down) and 10-16 at the tall
 # sets' 8-10 px (where 1 left the angle unlearned; docs/LEARNING.md, 'Sparse cities')
 MIN_DIR_WEIGHT, MAX_DIR_WEIGHT = 1.0, 40.0  # the range of the losses space's search
+LR_REF_BATCH = 16  # the batch a space's learning rate is for (STEP_PX in 64 px crops: the embedded set's)
 FULL_TILE_VAL = 512  # px: larger tiles are validated on a centre window
 VAL_STEP_PX = 16 * 128 * 128  # validation pixels per batch
 
@@ -97,6 +98,14 @@ def derive(stats: DataStats, given: dict[str, Any] | None = None) -> list[Derive
         ),
         Derived("val_batch_size", val_batch, f"{VAL_STEP_PX // 16384} tiles of 128 px per batch"),
     ]
+
+
+def lr_factor(batch: int) -> float:
+    """Learning-rate factor for a batch other than LR_REF_BATCH: Adam's square-root scaling rule
+    (the gradient noise grows as 1 / sqrt(batch)). On tune-tall-384 (batch 4: two crops and their
+    half turns) 3e-3 left the seeds 0.23 apart; smaller rates learned the angle more often
+    (docs/LEARNING.md, 'Sparse cities')."""
+    return math.sqrt(batch / LR_REF_BATCH)
 
 
 def apply(fixed: dict[str, Any], searched: list[str], derived: list[Derived]) -> tuple[dict[str, Any], list[str]]:

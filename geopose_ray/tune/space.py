@@ -158,9 +158,19 @@ class SearchSpace:
 
     def with_data(self, data: DataStats) -> tuple[SearchSpace, list[str]]:
         """The space with the defaults derived from the data (`data.derive`) fixed where the space
-        neither fixes nor searches them, and the plan's line for each derived key."""
+        neither fixes nor searches them, and the plan's line for each derived key. Where the batch
+        is derived, the searched learning rate's default follows it (`derive.lr_factor`): a
+        space's rate is for a batch of `derive.LR_REF_BATCH`; one that sets its batch keeps it."""
         fixed, lines = derive.apply(self.fixed, self.searched(), derive.derive(data, self.fixed))
-        return dataclasses.replace(self, fixed=fixed), lines
+        space = dataclasses.replace(self, fixed=fixed)
+        lr = next((p for p in self.parameters if p.name == "lr" and p.low is not None), None)
+        if lr is None or "batch_size" in self.fixed or "batch_size" in self.searched():
+            return space, lines
+        batch = int(fixed["batch_size"])
+        default = float(min(max(lr.default * derive.lr_factor(batch), lr.low), lr.high))
+        params = tuple(dataclasses.replace(p, default=default) if p is lr else p for p in self.parameters)
+        why = f"the space's {lr.default:g} x sqrt(batch {batch} / {derive.LR_REF_BATCH}), Adam's square-root rule"
+        return dataclasses.replace(space, parameters=params), [*lines, f"{'lr':<16} {default:<6.2g} searched; default: {why}"]
 
 
 class SpaceSampler:
