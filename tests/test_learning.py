@@ -48,7 +48,9 @@ def test_default_config_learns_height_and_flow(tmp_path: Path):
 TALL_SEEDS = (0, 1)
 TALL_EPOCHS = 16  # at 8 the angle had not started (78-82 degrees) with either seed
 # measured 2026-12-03 (half turns, 16 epochs): agl_r2 0.569 / 0.566, angle error 47.6 / 31.1
-# degrees, vflow_r2 -0.214 / 0.299. The vflow spread (0.51) is the issue's open goal, not asserted.
+# degrees, vflow_r2 -0.214 / 0.299; with the derived centred crops, direction weight and rate
+# (3f72f5b): agl_r2 0.560 / 0.570, angle error 50.0 / 18.4 degrees, vflow_r2 -0.148 / 0.411.
+# The vflow spread (0.51, then 0.56) is the issue's open goal, not asserted.
 TALL_AGL_R2_FLOOR = 0.4
 TALL_ANGLE_ERR_CEIL = 60.0  # degrees, mean over the validation tiles; a guess scores 90
 TALL_AGL_SPREAD = 0.1  # max - min of the two seeds' agl_r2
