@@ -347,3 +347,18 @@ def test_console_scripts_and_the_scripts_run_the_same_main():
         cli = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(cli)
         assert cli.main is importlib.import_module(module).main
+
+
+@pytest.mark.parametrize(("built", "expects"), [(0.14, True), (0.26, False)])
+def test_the_plan_of_a_sparse_city_gives_the_measured_figure_of_such_data(built, expects):
+    """Where the search is known to fall short (sparse, tall data), the plan says so with the
+    figure measured on a held-out set like it."""
+    from types import SimpleNamespace
+
+    from geopose_ray.data.stats import DataStats
+    from geopose_ray.tune import plan
+
+    data = DataStats(48, 48, tile_px=256, disp_p95=65.0, disp_max=85.0, built=built, mag_rms=8.6)
+    lines = plan._data_lines(SimpleNamespace(derived_lines=["crop 160"]), data)
+    assert any(line.startswith("derived:") for line in lines)
+    assert any(line.startswith("expect:") and "0.50" in line for line in lines) == expects
