@@ -64,6 +64,6 @@ def test_dry_run_prints_the_plan_and_writes_nothing(synthetic_dir, tmp_path):
     assert f"({tiles} train /" in text and "smoke.yaml" in text and "encoder, agl_loss" in text
     assert "1 Train worker(s) x {'CPU': 0.95}" in text
     assert "4 trial(s) at once" in text  # a 4-CPU cluster: 4 x (0.95 + 0.01)
-    assert "refits:     the top 2 configs on fold(s) [1] (not the search's fold 0" in text
+    assert "refits:     the top 2 configs on fold(s) [1, 2] (not the search's fold 0" in text
     assert f"-> {storage / 'smoke' / 'members.json'}" in text and "estimate:   ~" in text
     assert not storage.exists()

@@ -48,10 +48,11 @@ def test_the_folds_an_experiment_started_with_are_the_ones_it_resumes_with(tmp_p
         assert "new --name" in e.value.problem
 
 
-def test_the_refits_default_to_a_fold_that_did_not_choose_the_configs():
+def test_the_refits_default_to_folds_that_did_not_choose_the_configs():
     opts = options.SearchOptions(space="x", fold=0)
-    assert options.refit_folds(opts, 5) == (1,) and "free of the selection" in plan.selection_note(opts, 5)
+    assert options.refit_folds(opts, 5) == (1, 2) and "free of the selection" in plan.selection_note(opts, 5)
     last = options.SearchOptions(space="x", fold=4)
-    assert options.refit_folds(last, 5) == (0,)
+    assert options.refit_folds(last, 5) == (0, 1)
+    assert options.refit_folds(options.SearchOptions(space="x", fold=1), 2) == (0,)  # never the search's fold
     chosen = options.SearchOptions(space="x", fold=0, folds=(0, 1))
     assert options.refit_folds(chosen, 5) == (0, 1) and "optimistic" in plan.selection_note(chosen, 5)

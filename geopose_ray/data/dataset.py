@@ -23,7 +23,7 @@ from rasterio.windows import Window
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from geopose_ray.constants import city_index
-from geopose_ray.data import io, transforms
+from geopose_ray.data import io, stats, transforms
 from geopose_ray.data.cache import CachedSample, agl_sums
 from geopose_ray.data.stats import BUILT_M
 
@@ -218,11 +218,7 @@ def target_units(samples: Sequence[CachedSample]) -> tuple[float, float]:
     """(AGL m, MAG px): the root mean square of the valid training targets (MAG = AGL x scale).
     The model's dense heads output in these units, so a data set of 200 m towers and one of 5 m
     houses both start with outputs of the targets' size."""
-    sq_agl = sq_mag = 0.0
-    count = 0
-    for s in _labelled(samples):
-        n, _, sq = target_stats(s)
-        sq_agl, sq_mag, count = sq_agl + sq, sq_mag + sq * s.scale**2, count + n
-    if count == 0:
+    rms = stats.target_rms((n, sq, s.scale) for s in _labelled(samples) for n, _, sq in [target_stats(s)])
+    if rms is None:
         return 1.0, 1.0
-    return max(math.sqrt(sq_agl / count), MIN_UNIT), max(math.sqrt(sq_mag / count), MIN_UNIT)
+    return max(rms[0], MIN_UNIT), max(rms[1], MIN_UNIT)

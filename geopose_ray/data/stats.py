@@ -11,7 +11,7 @@ are GeoTIFF already: no JPEG 2000 is decoded).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,17 @@ def agl_stats(agl: np.ndarray, scale: float) -> dict[str, float]:
     }
 
 
+def target_rms(tiles: Iterable[tuple[int, float, float]]) -> tuple[float, float] | None:
+    """(AGL m, MAG px): the root mean square of the valid targets over tiles given as (valid
+    pixels, sum of AGL² m², scale px/m), MAG = AGL x scale; None when no pixel is valid. The one
+    formula behind the measured MAG rms (`DataStats.mag_rms`) and the model's output units
+    (`data.dataset.target_units`)."""
+    count = sq_agl = sq_mag = 0.0
+    for n, agl_sq, scale in tiles:
+        count, sq_agl, sq_mag = count + n, sq_agl + agl_sq, sq_mag + agl_sq * scale**2
+    return (math.sqrt(sq_agl / count), math.sqrt(sq_mag / count)) if count else None
+
+
 @dataclass(frozen=True)
 class DataStats:
     """A data set's train tiles in a few numbers (px unless named otherwise)."""
@@ -61,8 +72,7 @@ class DataStats:
         side = np.array([min(r["height"], r["width"]) for r in rows])
         disp = np.array([r["disp_p95"] for r in rows], dtype=np.float64)
         labelled = [r for r in rows if math.isfinite(r.get("scale", math.nan)) and math.isfinite(r.get("agl_sq", math.nan))]
-        count = sum(r["agl_n"] for r in labelled)
-        mag_sq = sum(r["agl_sq"] * r["scale"] ** 2 for r in labelled)
+        rms = target_rms((r["agl_n"], r["agl_sq"], r["scale"]) for r in labelled)
         return cls(
             train_tiles=train_tiles,
             measured=len(rows),
@@ -70,7 +80,7 @@ class DataStats:
             disp_p95=float(np.percentile(disp, 95)),
             disp_max=float(disp.max()),
             built=float(np.mean([r["built"] for r in rows])),
-            mag_rms=math.sqrt(mag_sq / count) if count else 0.0,
+            mag_rms=rms[1] if rms else 0.0,
         )
 
     def lines(self) -> list[str]:

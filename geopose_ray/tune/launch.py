@@ -39,8 +39,8 @@ DESCRIPTION = """Hyperparameter search: Ray Tune + Optuna + ASHA over Ray Train 
     python run_search.py --sampler tpe --num-samples 24   # a model-based sampler instead of auto
 
 With no arguments: generates the synthetic set when missing, searches `search_spaces/smoke.yaml`
-on CPU, then trains its best config on the next fold with two seeds (a fold that did not choose
-it), in minutes on a 2-core laptop (README.md has the measured time). Then `python
+on CPU, then trains its best config on the two folds after the search's (folds that did not
+choose it), in minutes on a 2-core laptop (README.md has the measured time). Then `python
 run_ensemble.py` blends them into a submission. `geopose-search` is the same command.
 """
 EPILOG = textwrap.fill(
@@ -67,7 +67,7 @@ def _data_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--data", help="DrivenData-layout folder (default: the embedded synthetic set)")
     g.add_argument("--cache", help="conversion cache (default: <data>/.geopose_cache)")
     g.add_argument("--fold", type=int, default=0, help="validation fold of the search")
-    g.add_argument("--folds", help="refit folds: a count or a comma list (default: the fold after --fold, so the "
+    g.add_argument("--folds", help="refit folds: a count or a comma list (default: the two folds after --fold, so the "
                    "out-of-fold scores that choose members and fit the blend did not choose the configs; "
                    "the search's own fold reuses its full-budget trials)")  # fmt: skip
 
@@ -86,8 +86,8 @@ def _search_args(g: argparse._ArgumentGroup) -> None:
                    "(unless the space fixes or searches `seed`)")  # fmt: skip
     g.add_argument("--refit-top", type=int, help="refit the K best configs on every fold (default: 1 with no "
                    "--space, else 0)")  # fmt: skip
-    g.add_argument("--refit-seeds", type=int, help="train each refit config with N seeds, N members (default: "
-                   "2 with no --space, else 1)")  # fmt: skip
+    g.add_argument("--refit-seeds", type=int, help="train each refit config with N seeds on each "
+                   "fold, N members per fold (default: 1)")  # fmt: skip
     g.add_argument("--refit-epochs", type=int, help="train each refit for N epochs (default: the space's "
                    "max_epochs); more than the search's budget helps when its models are undertrained")  # fmt: skip
     g.add_argument("--resume", action="store_true", help="finish the interrupted experiment --name (refused "
@@ -132,7 +132,7 @@ def _tracking_args(g: argparse._ArgumentGroup) -> None:
 def options_from_args(args: argparse.Namespace, embedded: bool) -> SearchOptions:
     """`run_search.py`'s flags as SearchOptions; a bad --storage URI, --folds or --set raises
     InputError here. `embedded`: the run searches the embedded default space, whose refit
-    defaults differ (its best config refit with a second seed: a ready ensemble)."""
+    defaults differ (its best config refit on the refit folds: a ready ensemble)."""
     return SearchOptions(
         space=args.space,
         data=args.data,
@@ -147,7 +147,7 @@ def options_from_args(args: argparse.Namespace, embedded: bool) -> SearchOptions
         fold=args.fold,
         folds=parse_folds(args.folds) if args.folds else None,
         refit_top=args.refit_top if args.refit_top is not None else (1 if embedded else 0),
-        refit_seeds=args.refit_seeds if args.refit_seeds is not None else (2 if embedded else 1),
+        refit_seeds=args.refit_seeds if args.refit_seeds is not None else 1,
         refit_epochs=args.refit_epochs,
         resume=args.resume,
         seed=args.seed,

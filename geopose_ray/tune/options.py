@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKERS = 2
 FIXED_CLUSTER_CONTROLLER_RETRIES = 5  # x 60 s worker-group start timeouts, then the trial errors
 DEFAULT_CPUS_PER_WORKER = 1.0
+REFIT_FOLDS = 2  # default refit folds per config (refit_folds)
 POSTGRES_EXTRA = "pip install -c requirements.lock -e '.[postgres]'"
 
 
@@ -48,7 +49,7 @@ class SearchOptions:
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float | None = None
     fold: int = 0
-    folds: tuple[int, ...] | None = None  # refit folds; None: the fold after the search's (search.refit_folds)
+    folds: tuple[int, ...] | None = None  # refit folds; None: the REFIT_FOLDS folds after the search's (refit_folds)
     refit_top: int = 0
     refit_seeds: int = 1  # training seeds per refit config (refit.seed_replicas)
     refit_epochs: int | None = None  # epochs of each refit; None: the space's max_epochs (refit.with_epochs)
@@ -341,8 +342,14 @@ def parse_folds(spec: str) -> tuple[int, ...]:
 
 
 def refit_folds(opts: SearchOptions, n_folds: int) -> tuple[int, ...]:
-    """--folds, else the one fold after the search's own. The search chose its configs by their
-    scores on its fold's tiles, so members refit there would predict those same tiles out of
-    fold, and the blend and the member choice fitted on them would inherit that selection's
-    optimism. On another fold, the out-of-fold tiles never took part in choosing."""
-    return opts.folds if opts.folds is not None else ((opts.fold + 1) % n_folds,)
+    """--folds, else the `REFIT_FOLDS` folds after the search's own. The search chose its configs
+    by their scores on its fold's tiles, so members refit there would predict those same tiles out
+    of fold, and the blend and the member choice fitted on them would inherit that selection's
+    optimism. On other folds, the out-of-fold tiles never took part in choosing.
+
+    Two folds rather than one fold with two seeds: the same two runs, but twice the out-of-fold
+    places behind the printed score (a fold of a small data set holds 2-3 places per city), and
+    members that saw different tiles (docs/LEARNING.md, 'Refit folds, not seeds')."""
+    if opts.folds is not None:
+        return opts.folds
+    return tuple((opts.fold + 1 + i) % n_folds for i in range(min(REFIT_FOLDS, n_folds - 1)))
