@@ -111,7 +111,10 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, synth
     callback = type("ReportLogCallback", (ReportLog, UserCallback), {})(log)
     epochs = 4
     bf16 = {"precision": "bf16", "max_nonfinite": 2}
-    config = _train_config(synthetic_dir, tmp_path, epochs=epochs, repeat=6, **bf16)
+    # 48 tiles x 2 per epoch: ~24 steps per worker, long enough for the kill to land mid-epoch
+    config = _train_config(
+        synthetic_dir, tmp_path, epochs=epochs, repeat=2, max_train_samples=48, max_val_samples=8, **bf16
+    )
     storage = tmp_path / "storage"
     trainer = build_trainer(
         config, name="fault-worker", storage_path=storage, resources=TrialResources(2, 1.0),
@@ -120,7 +123,7 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, synth
     killed: dict = {}
     killer = threading.Thread(target=lambda: killed.update(_kill_a_worker_after_first_checkpoint(log)))
     killer.start()
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     result = trainer.fit()
     killer.join(timeout=60)
     wall = time.monotonic() - started
@@ -131,7 +134,8 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, synth
     last_ckpt = max(r["epoch"] for r in killed["reported"] if r["checkpoint"])
     print(
         f"killed worker {killed['victim']} after epoch {last_ckpt:.0f}; epochs reported "
-        f"{[int(r['epoch']) for r in rows]} in {wall:.0f} s"
+        f"{[int(r['epoch']) for r in rows]} at {[round(r['time'] - started_at) for r in rows]} s, "
+        f"killed at {killed['time'] - started_at:.0f} s, {wall:.0f} s in all"
     )
     assert after and after[0]["epoch"] >= last_ckpt + 1  # resumed from the checkpoint, not epoch 0
     assert [r["epoch"] for r in after] == list(range(int(after[0]["epoch"]), epochs + 1))
