@@ -45,15 +45,14 @@ from geopose_ray.tune.sampler import describe
 from geopose_ray.tune.space import SearchSpace
 
 Cluster = tuple[dict[str, float], dict[str, float] | None]
-# seconds per million crop pixels trained by one worker, validation included: CPU from the
-# dense_dc8 row of docs/LEARNING.md, 'Results' (126 s for 12 epochs of 320 crops of 64 px and
-# 48 tiles of 128 px validated, two trials at once on 2 cores); GPU assumed (not measured here)
-CPU_S_PER_MPX = 7.0
+# seconds per million crop pixels trained by one worker, validation included, and the fixed cost
+# of a trial (Tune's actor, Train's controller and worker, each importing torch; the data and
+# model built): measured in `make search` on 2 cores, two trials at once (docs/BENCHMARKS.md,
+# 'Trial cost in make search'); GPU assumed (not measured here)
+CPU_S_PER_MPX = 15.0
 GPU_S_PER_MPX = 0.2
 VAL_COST = 1 / 3  # a validated pixel (forward only) against a trained one (forward + backward)
-# per trial: Tune + Train start-up (~18 s) and teardown (~4 s), per epoch ~0.2 s of checkpoint and
-# report (docs/BENCHMARKS.md, 'Where the time goes (from the figures above)')
-TRIAL_START_S = 22.0
+TRIAL_START_S = 45.0
 EPOCH_OVERHEAD_S = 0.2
 
 
