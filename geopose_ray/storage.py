@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from geopose_ray.errors import InputError
@@ -32,6 +33,9 @@ LOCAL_SCHEMES = ("", "file")
 GCS_SCHEMES = ("gs", "gcs")
 GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"  # what Google's own clients read; pyarrow does not
 CHUNK = 16 * 2**20  # bytes per request: an object store pays per request, a checkpoint is ~100s of MB
+# a pre-flight probe gives up after this long: Arrow's GCS client otherwise retries a request it
+# cannot authenticate for 15 minutes, so a run without credentials hung before its first write
+PROBE_RETRY_S = 10
 
 
 def is_remote(location: Location) -> bool:
@@ -115,6 +119,23 @@ def to_location(base: Location, fs_path: str) -> str:
         return fs_path
     split = urlsplit(str(base))
     return f"{split.scheme}://{fs_path.lstrip('/')}" + (f"?{split.query}" if split.query else "")
+
+
+def probe(location: Location) -> None:
+    """Reach a remote location once, before any work: missing credentials or an unreachable
+    endpoint give one line (InputError, exit 2) within `PROBE_RETRY_S`. Runs keep the client's
+    own retries; only this probe is short."""
+    if not is_remote(location):
+        return
+    parts = urlsplit(str(location))
+    fs, path = resolve(location)
+    if parts.scheme in GCS_SCHEMES and not os.environ.get(GCS_EMULATOR_ENV):
+        query = "&".join(q for q in (parts.query, f"retry_limit_seconds={PROBE_RETRY_S}") if q)
+        fs = _filesystem(parts.scheme, parts.netloc, query, None)
+    try:
+        fs.get_file_info(path)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(str(location), f"cannot reach this storage ({str(e).splitlines()[0][:200]})") from None
 
 
 def _info(location: Location) -> pafs.FileInfo:

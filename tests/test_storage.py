@@ -130,3 +130,25 @@ def test_cli_bad_storage_uri_exits_2(tmp_path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "nope://x/y" in out.stderr, out.stderr
     out = _script(str(ROOT / "run_ensemble.py"), "--storage", "nope://x/y")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "nope://x/y" in out.stderr, out.stderr
+
+
+NO_GCS_CREDENTIALS = (
+    "import os; os.environ['GOOGLE_APPLICATION_CREDENTIALS'] = '/nonexistent/key.json'; "
+    "os.environ.pop('STORAGE_EMULATOR_HOST', None)"
+)
+
+
+def test_gcs_without_credentials_is_one_line_in_seconds_not_a_hang(tmp_path, monkeypatch):
+    """Arrow's GCS client retried an unauthenticated request for 15 minutes: the pre-flight probe
+    gives up after PROBE_RETRY_S. A key file that does not exist fails before any request, so this
+    never reaches the network."""
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    with pytest.raises(InputError, match="cannot reach this storage") as e:
+        storage.probe("gs://geopose-no-such-bucket/experiments")
+    assert e.value.path == "gs://geopose-no-such-bucket/experiments"
+    space = str(write_space(tmp_path, PLAIN_SPACE))
+    uri = "gs://geopose-no-such-bucket/exp"
+    out = _script(str(ROOT / "run_search.py"), "--space", space, "--storage", uri, "--dry-run", pre=NO_GCS_CREDENTIALS)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and uri in out.stderr, out.stderr
+    assert "cannot reach this storage" in out.stderr

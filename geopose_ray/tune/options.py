@@ -279,9 +279,11 @@ def check_optuna_storage(opts: SearchOptions) -> None:
 
 def check_storage(opts: SearchOptions) -> None:
     """A local --storage (or the default) can be created and written: its nearest existing folder
-    is writable. A URI was opened by `storage.normalize` already (bucket, credentials)."""
+    is writable. A URI was opened by `storage.normalize` already (bucket); here it is reached once
+    (credentials, endpoint), in seconds."""
     root = opts.storage or str(paths.default_storage())
     if storage.is_remote(root):
+        storage.probe(root)
         return
     existing = Path(root).resolve()
     while not existing.exists() and existing != existing.parent:
