@@ -106,6 +106,7 @@ def ensemble_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     """Everything `run_ensemble.py` does after parsing; returns the job's report (its `valid` is
     False when `check_submission` refused the archive), or None after a dry run's plan."""
     root = storage.normalize(args.storage) if args.storage else paths.default_storage()
+    storage.probe(root)  # credentials and endpoint, in seconds (a no-op for a folder)
     members, name = select_members(args, root)
     data = checked_data(args.data, members)
     exp = Experiment(root, name, args.local_cache.resolve() if args.local_cache else None)
