@@ -362,3 +362,14 @@ def test_the_plan_of_a_sparse_city_gives_the_measured_figure_of_such_data(built,
     lines = plan._data_lines(SimpleNamespace(derived_lines=["crop 160"]), data)
     assert any(line.startswith("derived:") for line in lines)
     assert any(line.startswith("expect:") and "0.50" in line for line in lines) == expects
+
+
+@pytest.mark.parametrize(("trials", "expects"), [(6, True), (64, False)])
+def test_the_plan_of_a_small_search_says_the_default_config_is_the_likely_result(trials, expects):
+    """At a budget where the search has never beaten its default config, the plan says so."""
+    from types import SimpleNamespace
+
+    from geopose_ray.tune import plan
+
+    lines = plan._budget_lines(SimpleNamespace(num_samples=trials))
+    assert any(f"at {trials} trials the likely result is the default config" in line for line in lines) == expects
