@@ -1,7 +1,8 @@
 """Why single views are noisy and seeds diverge: train the default config on a family set with
 several seeds, then score the test truth view by view.
 
-    python bench/parallax.py --set tune-tall-256 --seeds 0,1,2 [--epochs 20] [--set-key KEY=VALUE]
+    python bench/parallax.py --set tune-tall-256 --seeds 0,1,2 [--epochs 20] [--set-key KEY=VALUE] > RUN.jsonl
+    python bench/parallax.py --plot RUN.jsonl [RUN2.jsonl ...] --out curves.png   # seeds' curves
 
 For each seed: the single-view (identity) score, the 4 rotations alone, the 4 reflections alone,
 and D4; the agl and vflow R2 of each; and, per view, the mean direction vector the model
@@ -149,18 +150,54 @@ def run_seed(data_dir: Path, seed: int, epochs: int | None, keys: dict[str, Any]
     }
 
 
+def plot(runs: list[Path], out: Path) -> None:
+    """One panel per run file: every seed's validation score by epoch, its D4 and single-view
+    test scores in the legend, so a reader sees where seeds part and whether they meet again."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 3.6), squeeze=False, sharey=True)
+    for ax, path in zip(axes[0], runs):
+        head, *seeds = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+        for r in seeds:
+            test = r["test"]
+            ax.plot(
+                [c["epoch"] for c in r["val_curve"]], [c["score"] for c in r["val_curve"]],
+                label=f"seed {r['seed']}: D4 {test['d4']['final']:.2f}, single {test['none']['final']:.2f}",
+            )  # fmt: skip
+        keys = ", ".join(f"{k}={v}" for k, v in head["keys"].items() if k != "threads") or "the default"
+        ax.set_title(f"{head['set']}: {keys}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylim(-1.0, 0.8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("validation score (single view, fold 0)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+
+
 def main() -> None:
     import argparse
 
     from geopose_ray.synthetic.family import generate_named
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--set", required=True, help="a family set (geopose_ray/synthetic/family.py)")
+    p.add_argument("--plot", nargs="+", type=Path, help="draw the curves of these run files (stdout saved) to --out")
+    p.add_argument("--out", type=Path, default=Path("parallax_curves.png"))
+    p.add_argument("--set", help="a family set (geopose_ray/synthetic/family.py)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=None, help="default: the space's max_epochs")
     p.add_argument("--set-key", action="append", default=[], metavar="KEY=VALUE", help="fix a Config key")
     p.add_argument("--work", type=Path, default=None)
     a = p.parse_args()
+    if a.plot:
+        plot(a.plot, a.out)
+        return
+    if not a.set:
+        p.error("--set is required (or --plot)")
     keys = {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in (kv.split("=", 1) for kv in a.set_key)}
     data = generate_named(a.set, work_dir(a.work) / "family" / a.set)
     _, measured, lines = train_config(data, 0, a.epochs, keys)
