@@ -168,7 +168,7 @@ def plot(runs: list[Path], out: Path) -> None:
                 label=f"seed {r['seed']}: D4 {test['d4']['final']:.2f}, single {test['none']['final']:.2f}",
             )  # fmt: skip
         keys = ", ".join(f"{k}={v}" for k, v in head["keys"].items() if k != "threads") or "the default"
-        ax.set_title(f"{head['set']}: {keys}", fontsize=9)
+        ax.set_title(head.get("title") or f"{head['set']}: {keys}", fontsize=9)  # a saved file may name itself
         ax.set_xlabel("epoch")
         ax.set_ylim(-1.0, 0.8)
         ax.grid(alpha=0.3)
