@@ -109,7 +109,7 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_session, synth
     cloudpickle.register_pickle_by_value(helpers_train)
     log = tmp_path / "reports.jsonl"
     callback = type("ReportLogCallback", (ReportLog, UserCallback), {})(log)
-    epochs = 4
+    epochs = 3  # killed in epoch 2, resumed from the checkpoint of epoch 1, then epoch 3
     bf16 = {"precision": "bf16", "max_nonfinite": 2}
     # 48 tiles x 2 per epoch: ~24 steps per worker, long enough for the kill to land mid-epoch
     config = _train_config(
