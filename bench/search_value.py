@@ -241,7 +241,7 @@ def config_record(ctx: Context, data: Path, seed: int, storage: Path, set_name: 
     if not math.isfinite(search["default_epoch_s"] or math.nan):
         raise StepFailed("the search arm's row has no per-epoch time of its default trial")
     epochs = config_epochs(search["parts_s"]["search"], search["default_epoch_s"], ctx.config_seeds, ctx.cores)
-    seeds = [seed + i for i in range(ctx.config_seeds)]  # as the refits' seed replicas
+    seeds = [seed + i for i in range(ctx.config_seeds)]  # as many members as the search's refits
     configs = train_config_files(data, seeds, epochs, storage / "configs")
     ckpts = [storage / f"seed{s}" for s in seeds]
     cmds = [[sys.executable, "-m", "geopose_ray.train", "--config", str(c), "--data", str(data), "--out", str(k)]
