@@ -106,6 +106,18 @@ def _r2(n: float, s: float, sumsq: float, sse: float) -> float:
     return 1.0 - sse / (denom + EPS)
 
 
+def city_scores(sums: np.ndarray) -> np.ndarray:
+    """The official city score of every (..., N_FIELDS) row of sums at once, as `compute` gives
+    it one city at a time: NaN where no image, 0 where any image failed. For resampled sums
+    (`uncertainty.place_draws`), where a loop over `compute` would cost thousands of calls."""
+    col = {name: sums[..., i] for i, name in enumerate(FIELDS)}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        agl = _r2(col["agl_n"], col["agl_sum"], col["agl_sumsq"], col["agl_sse"])
+        vflow = _r2(col["vflow_n"], col["vflow_sum"], col["vflow_sumsq"], col["vflow_sse"])
+    score = np.where(col["failed"] > 0, 0.0, (agl + vflow) / 2.0)
+    return np.where(col["images"] == 0, np.nan, score)
+
+
 class GeoposeScore:
     """Streaming official score: `update` per image, `+` across shards, `compute` at the end.
 

@@ -246,6 +246,20 @@ def test_report_lists_members_and_rejects_unknown_refinements():
         fit_blend(table, refinements=("stacking",))
 
 
+def test_report_gives_each_oof_figure_its_spread_over_places_not_tiles():
+    """Two views of each place (the same tile twice here) are one place to the bootstrap."""
+    records = [
+        {**tile_stats(t["preds"], t["y"], t["st"], t["at"]), **{k: t[k] for k in ("city", "fold", "gsd")},
+         "id": f"{t['id']}{v}", "place": t["id"]}
+        for t in _tiles(n=12) for v in "ab"
+    ]  # fmt: skip
+    _, report = fit_blend(OofTable.from_records(records))
+    spread = report["judged_interval"]
+    assert spread["places"] == 12 and spread["tiles"] == 24 and spread["min_places"] == 3
+    assert spread["low"] <= report["judged"] <= spread["high"] and spread["sd"] > 0
+    assert [s["places"] for s in report["member_intervals"]] == [12, 12, 12]
+
+
 def _noisy_fold(n: int, seed: int) -> list[dict]:
     """One fold of tiles whose members err per tile (height x 0.7-1.4, scale x 0.75-1.3): no
     per-city factor or scale line can undo that, but on 2-3 tiles per city one fits it anyway."""
@@ -285,4 +299,3 @@ def test_tile_groups_spread_each_city_and_a_single_tile_keeps_nothing():
     assert sorted(tile_groups(small)) == [0, 1, 2, 3]  # fewer tiles than groups: leave one out
     params, report = fit_blend(_table(_noisy_fold(1, seed=2)))
     assert report["kept"] == [] and params.weights == pytest.approx([0.5, 0.5])
-

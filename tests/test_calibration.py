@@ -29,6 +29,21 @@ def test_each_figure_is_set_beside_the_delivered_score_with_its_gap():
     assert any("fold(s) 1, TTA flip: not the selection fold" in line for line in lines)
 
 
+def test_each_spread_over_places_is_printed_with_the_noise_of_its_gap():
+    report = _report([1])
+    spread = {"sd": 0.03, "low": 0.5, "high": 0.6, "places": 9, "min_places": 2, "tiles": 9}
+    report["oof"].update(member_intervals=[spread, spread], judged_interval=spread)
+    report["test"]["blend_interval"] = {**spread, "sd": 0.04, "places": 32}
+    cal = calibration(report)
+    assert (
+        cal["gap_noise"]["blend_oof"] == pytest.approx(0.05)
+        and cal["gap_noise"]["search"] != cal["gap_noise"]["search"]
+    )
+    lines = calibration_lines(report)
+    assert "+-0.040 [0.500, 0.600] over 32 places" in lines[0]
+    assert any("0.5800 +-0.030" in line and "places alone move it by +-0.050" in line for line in lines)
+
+
 def test_out_of_fold_scores_on_the_selection_fold_are_labelled_optimistic():
     assert calibration(_report([0, 1]))["oof_optimistic"]
     assert any("includes the selection fold, optimistic" in line for line in calibration_lines(_report([0])))

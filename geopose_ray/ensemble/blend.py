@@ -36,6 +36,7 @@ from geopose_ray.ensemble.written import (
 )
 from geopose_ray.metrics import FIELDS, GeoposeScore
 from geopose_ray.predict import Prediction, blend_predictions, unit
+from geopose_ray.uncertainty import interval
 
 __all__ = [
     "BlendParams",
@@ -74,6 +75,7 @@ class OofTable:
     """Column arrays over N OOF tiles, K member configs and the G candidates of `weight_grid(K)`."""
 
     ids: np.ndarray  # (N,) str
+    place: np.ndarray  # (N,) str: the place each tile shows (its id where unknown): the bootstrap's unit
     city: np.ndarray  # (N,) int index into CITIES
     fold: np.ndarray  # (N,) int
     gsd: np.ndarray  # (N,) m/px
@@ -109,6 +111,7 @@ class OofTable:
         high_p = [np.asarray(r["high_p"], dtype=np.float64).reshape(-1, k) for r in rows]
         return cls(
             ids=np.array([r["id"] for r in rows]),
+            place=np.array([str(r.get("place") or r["id"]) for r in rows]),
             **arrays,
             high_tile=np.repeat(np.arange(len(rows)), [len(h) for h in high_p]),
             high_p=np.concatenate(high_p),
@@ -123,7 +126,7 @@ class OofTable:
         """The tiles where the boolean `mask` (N,) holds, with their high pixels."""
         keep = mask[self.high_tile]
         row = np.cumsum(mask) - 1  # new row of each kept tile
-        tiles = {name: getattr(self, name)[mask] for name in ("ids", *_TILE_FIELDS)}
+        tiles = {name: getattr(self, name)[mask] for name in ("ids", "place", *_TILE_FIELDS)}
         return OofTable(
             **tiles, high_tile=row[self.high_tile[keep]], high_p=self.high_p[keep], high_y=self.high_y[keep]
         )
@@ -160,8 +163,8 @@ def tile_sse(
     return q - 2 * c + t.ysq, s**2 * q - 2 * s * st * cos_err * c + st**2 * t.ysq
 
 
-def score_rows(t: OofTable, g: np.ndarray, mult: np.ndarray, scale: np.ndarray | None) -> dict[str, Any]:
-    """`GeoposeScore.compute()` of what is written (arguments as `tile_sse`)."""
+def tile_rows(t: OofTable, g: np.ndarray, mult: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """(N, N_FIELDS) official metric sums of each tile as written (arguments as `tile_sse`)."""
     agl_sse, vflow_sse = tile_sse(t, g, mult, scale)
     st = t.scale_true
     rows = np.zeros((len(g), len(FIELDS)))
@@ -174,9 +177,19 @@ def score_rows(t: OofTable, g: np.ndarray, mult: np.ndarray, scale: np.ndarray |
     rows[:, _COL["vflow_sum"]] = st * (np.sin(t.angle_true) + np.cos(t.angle_true)) * t.ysum
     rows[:, _COL["vflow_sumsq"]] = st**2 * t.ysq
     rows[:, _COL["vflow_sse"]] = vflow_sse
+    return rows
+
+
+def score_rows(t: OofTable, g: np.ndarray, mult: np.ndarray, scale: np.ndarray | None) -> dict[str, Any]:
+    """`GeoposeScore.compute()` of what is written (arguments as `tile_sse`)."""
     sums = np.zeros((len(CITIES), len(FIELDS)))
-    np.add.at(sums, t.city, rows)
+    np.add.at(sums, t.city, tile_rows(t, g, mult, scale))
     return GeoposeScore(sums).compute()
+
+
+def tile_interval(t: OofTable, g: np.ndarray, mult: np.ndarray, scale: np.ndarray | None) -> dict[str, Any]:
+    """How far the score of what is written could move on other places (`uncertainty.interval`)."""
+    return interval(tile_rows(t, g, mult, scale), t.city, t.place)
 
 
 def final(result: dict[str, Any]) -> float:
@@ -308,9 +321,11 @@ def tile_groups(t: OofTable) -> np.ndarray:
     return groups
 
 
-def cross_fit_score(t: OofTable, use: set[str] | frozenset[str], groups: np.ndarray | None = None) -> float:
-    """Honest score of fitting `use`: each group of tiles (default: each fold) is scored with
-    parameters fitted on the others."""
+def cross_fit(
+    t: OofTable, use: set[str] | frozenset[str], groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-tile (grid candidates, multipliers, scales) of fitting `use` on every other group of
+    tiles (default: each fold): what `score_rows` scores honestly."""
     groups = t.fold if groups is None else groups
     g = np.zeros(len(t.ids), dtype=np.int64)
     mult = np.ones(len(t.ids))
@@ -320,7 +335,13 @@ def cross_fit_score(t: OofTable, use: set[str] | frozenset[str], groups: np.ndar
         params = fit_params(t.subset(~held), use)
         g[held], mult[held], s = params.rows(t.subset(held))
         scale[held] = np.einsum("nk,nk->n", weight_grid(t.k)[g[held]], t.scale[held]) if s is None else s
-    return final(score_rows(t, g, mult, scale))
+    return g, mult, scale
+
+
+def cross_fit_score(t: OofTable, use: set[str] | frozenset[str], groups: np.ndarray | None = None) -> float:
+    """Honest score of fitting `use`: each group of tiles (default: each fold) is scored with
+    parameters fitted on the others."""
+    return final(score_rows(t, *cross_fit(t, use, groups)))
 
 
 def fit_blend(t: OofTable, refinements: Sequence[str] = REFINEMENTS) -> tuple[BlendParams, dict[str, Any]]:
@@ -357,6 +378,10 @@ def fit_blend(t: OofTable, refinements: Sequence[str] = REFINEMENTS) -> tuple[Bl
             kept, best = kept | {name}, score
     params = fit_params(t, kept)
     report.update(kept=sorted(kept, key=REFINEMENTS.index), judged=best, params=params.to_dict())
+    # the spread of each figure over other draws of places (uncertainty.interval)
+    report["member_intervals"] = [tile_interval(t, *BlendParams(list(e)).rows(t)) for e in one_hot]
+    judged_rows = cross_fit(t, kept, groups) if kept else params.rows(t)
+    report["judged_interval"] = tile_interval(t, *judged_rows)
     report["blend"] = final(params.score(t))
     report["cities"] = params.score(t)["cities"]
     return params, report

@@ -95,6 +95,7 @@ class EnsemblePredictor:
             "city": str(row["city"]),
             "fold": folds[0],
             "gsd": float(row["gsd"]),
+            "place": str(row.get("place") or row["id"]),
         }
 
     def _test(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +106,7 @@ class EnsemblePredictor:
         pred = self.params.apply(per_config, gsd, city)
         write_prediction(self.pred_dir, stem, pred.agl, pred.scale, pred.angle)
         out = {"id": str(row["id"]), "city": city, "scale": pred.scale, "angle": pred.angle}
+        out["place"] = str(row.get("place") or row["id"])
         if self.truth_dir is not None:
             out["sums"] = truth_sums(self.truth_dir, stem, per_config, pred, gsd, city)
         return out
@@ -175,7 +177,10 @@ def oof_items(
 
 
 def _record(s: CachedSample) -> dict[str, Any]:
-    return {"id": s.id, "city": s.city, "gsd": s.gsd, "rgb": str(s.rgb), "scale": s.scale, "angle": s.angle}
+    return {
+        "id": s.id, "city": s.city, "gsd": s.gsd, "rgb": str(s.rgb), "scale": s.scale, "angle": s.angle,
+        "place": s.place or (f"{s.city}/{s.group}" if s.group else s.id),  # a test tile: its group, if given
+    }  # fmt: skip
 
 
 def _blend(records: list[dict], n_configs: int) -> tuple[BlendParams, dict[str, Any]]:
@@ -225,7 +230,9 @@ def run_ensemble(
         "configs": [{f: str(m.checkpoint) for f, m in ms.items()} for _, ms in configs],
         "tta": tta,
         "max_tile": max_tile,
-        "checkpoint_cache": str(Path(checkpoint_cache or paths.storage_cache()).resolve()),  # absolute: the actors' cwd differs
+        "checkpoint_cache": str(
+            Path(checkpoint_cache or paths.storage_cache()).resolve()
+        ),  # absolute: the actors' cwd differs
     }
     t0 = time.perf_counter()
     records = run_actors(oof_items(configs, load_cache(cache, "train")), num_actors, mode="oof", **common)

@@ -15,6 +15,7 @@ from geopose_ray.atomic import atomic_write_json, json_safe
 from geopose_ray.ensemble.diversity import diversity_line
 from geopose_ray.ensemble.members import Member
 from geopose_ray.metrics import GeoposeScore
+from geopose_ray.uncertainty import gap_noise, interval
 
 REPORT_JSON = "ensemble_report.json"
 
@@ -64,6 +65,9 @@ def test_table(results: dict[str, dict], official: dict[str, Any] | None) -> dic
         return float(total.compute()["final"])
 
     members = [score(lambda s, i=i: s["members"][i]) for i in range(len(scored[0]["sums"]["members"]))]
+    blend_rows = np.array([r["sums"]["blend"] for r in scored])  # (N, N_FIELDS)
+    places = np.array([str(r.get("place") or r["id"]) for r in scored])
+    spread = interval(blend_rows, np.array([r["city"] for r in scored]), places)
     best = max((m for m in members if math.isfinite(m)), default=math.nan)
     blend = float(official["final"]) if official else math.nan
     return {
@@ -74,6 +78,7 @@ def test_table(results: dict[str, dict], official: dict[str, Any] | None) -> dic
         "blend_from_actors": score(lambda s: s["blend"]),
         "best_member": best,
         "gain": blend - best,
+        "blend_interval": spread,  # the test's own sampling noise over its places
     }
 
 
@@ -106,6 +111,9 @@ def blend_table(report: dict[str, Any]) -> list[str]:
             f"best member test {_num(test['best_member'])}  blend test {_num(test['blend'])}  "
             f"(gain {test['gain']:+.4f})"
         )
+    if spread := _spread(fit.get("judged_interval")):
+        # the figure a user without test truth acts on: how much other places could move it
+        lines.append(f"blend OOF {_num(oof)}{spread} (min {fit['judged_interval']['min_places']} per city)")
     if line := diversity_line(fit.get("diversity") or []):
         lines.append(line)
     return lines
@@ -130,14 +138,25 @@ def calibration(report: dict[str, Any]) -> dict[str, Any] | None:
         "member_oof": best["oof"] if best else None,
         "blend_oof": report["oof"].get("judged", report["oof"].get("blend")),
     }
+    member_spreads = report["oof"].get("member_intervals") or []
+    best_i = report["configs"].index(best) if best else -1
+    spreads = {
+        "member_oof": member_spreads[best_i] if 0 <= best_i < len(member_spreads) else None,
+        "blend_oof": report["oof"].get("judged_interval"),
+    }
+    test_spread = (report.get("test") or {}).get("blend_interval")
     return {
         "test": test,
+        "test_interval": test_spread,
         "selection_folds": sorted(selection),
         "oof_folds": folds,
         "oof_optimistic": optimistic,
         "tta": report.get("tta"),
         **figures,
+        "intervals": spreads,
         "gaps": {k: (v - test if _finite(v) else None) for k, v in figures.items()},
+        # the sd of each gap from the places drawn alone (both sides' bootstraps); NaN: unknown
+        "gap_noise": {k: gap_noise(spreads.get(k), test_spread) for k in figures},
     }
 
 
@@ -148,17 +167,29 @@ def calibration_lines(report: dict[str, Any]) -> list[str]:
         return []
     sel = ",".join(map(str, cal["selection_folds"])) or "?"
     oof = f"fold(s) {','.join(map(str, cal['oof_folds']))}, TTA {cal['tta']}"
-    oof += ": includes the selection fold, optimistic" if cal["oof_optimistic"] else ": not the selection fold"
+    oof += (
+        ": includes the selection fold, optimistic" if cal["oof_optimistic"] else ": not the selection fold"
+    )
     labels = {
         "search": f"search's best validation (fold {sel}, which chose the configs; single view, no TTA)",
         "member_oof": f"best member config's OOF ({oof})",
         "blend_oof": "blend's OOF (cross-fitted over tile groups)",
     }
-    lines = [f"calibration against the test truth of unseen places ({_num(cal['test'])} delivered):"]
+    head = f"calibration against the test truth of unseen places ({_num(cal['test'])} delivered"
+    lines = [head + _spread(cal.get("test_interval")) + "):"]
     for key, label in labels.items():
-        gap = cal["gaps"][key]
-        lines.append(f"  {_num(cal[key]):>8}  gap {'-' if gap is None else f'{gap:+.4f}'}  {label}")
+        gap, noise = cal["gaps"][key], (cal.get("gap_noise") or {}).get(key)
+        noted = f" (places alone move it by +-{noise:.3f})" if _finite(noise) else ""
+        shown = f"{_num(cal[key]):>8}{_spread((cal.get('intervals') or {}).get(key))}"
+        lines.append(f"  {shown}  gap {'-' if gap is None else f'{gap:+.4f}'}{noted}  {label}")
     return lines
+
+
+def _spread(spread: dict[str, Any] | None) -> str:
+    """' +-sd [low, high] over P places', the bootstrap of a figure (`uncertainty.interval`)."""
+    if not spread or not _finite(spread.get("sd")):
+        return ""
+    return f" +-{spread['sd']:.3f} [{spread['low']:.3f}, {spread['high']:.3f}] over {spread['places']} places"
 
 
 def _finite(x: Any) -> bool:
