@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from geopose_ray.constants import TTA_NAMES
 from geopose_ray.yamlio import read_yaml_mapping
 
 
@@ -98,10 +99,15 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads per worker; 0 = leave torch's default
     ema_decay: float = 0.9999  # cap of the weight EMA's warming-up decay (train_loop.build_ema); 0 = off
     sync_every: int = 16  # micro-batches between host reads of the loss sums (1 = every one, the old loop)
+    # test-time views of the last epoch's validation, reported as score_tta beside the single-view
+    # score that ASHA compares: what the ensemble delivers (constants.TTA_NAMES; "none" = skip)
+    final_tta: str = "d4"
 
     def __post_init__(self) -> None:
         if self.sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
+        if self.final_tta not in TTA_NAMES:
+            raise ValueError(f"final_tta must be one of {TTA_NAMES}, got {self.final_tta!r}")
 
 
 SECTIONS: dict[str, type] = {

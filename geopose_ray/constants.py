@@ -5,6 +5,8 @@ AGL_NODATA: int = 65535  # uint16 cm placeholder for "no lidar return"
 AGL_MAX_CM: int = 65534  # submissions clip to [0, AGL_MAX_CM] before the uint16 cast
 CM_PER_M: float = 100.0
 SUBMISSION_ARCHIVE: str = "submission_compressed.tar.gz"
+TTA_VIEWS: dict[str, int] = {"none": 1, "flip": 4, "d4": 8}  # test-time modes (tta.TTA_MODES), their views
+TTA_NAMES: tuple[str, ...] = tuple(TTA_VIEWS)  # D4 is what the ensemble delivers by default
 
 
 def city_index(city: str) -> int:

@@ -38,6 +38,7 @@ from geopose_ray.step_stats import (
     finite_flag,
     gate_mode,
 )
+from geopose_ray.tta import views_for
 from geopose_ray.validation import dist_sum, validate
 
 Reporter = Callable[[dict[str, float], Callable[[], dict[str, Any]] | None], None]
@@ -244,16 +245,29 @@ def _resume(run: _Run, cfg: Config, start_state: dict[str, Any] | None, rank: in
     return start, int(start_state.get("nonfinite_total", 0))
 
 
+TTA_KEYS = ("score", "agl_r2", "vflow_r2", "angle_err_deg")  # reported as <key>_tta after the last epoch
+
+
 def _validate_epoch(
-    run: _Run, evaluated: nn.Module, cfg: Config, kept: dict[str, np.ndarray]
+    run: _Run, evaluated: nn.Module, cfg: Config, kept: dict[str, np.ndarray], last: bool
 ) -> dict[str, float]:
     """Validate `evaluated` (its accumulators into `kept`); a per-epoch (plateau) schedule steps on
-    the score, a diverged (non-finite) one counting as the worst."""
+    the score, a diverged (non-finite) one counting as the worst. After the `last` epoch the
+    fold is also scored through `final_tta`'s views (score_tta, ...): the single-view score is
+    what ASHA compares from epoch to epoch, the merged one what the ensemble delivers, and on
+    sparse, tall cities the two differ by 0.3 (docs/LEARNING.md). The kept accumulators stay the
+    single view's, like the score that picks the best checkpoint they are saved with."""
     val_metrics = validate(
         evaluated, run.val_dl, run.criterion, run.device, cfg.train.precision, reduce=dist_sum, keep=kept
     )
     if is_per_epoch(run.scheduler):
         run.scheduler.step(val_metrics["score"] if math.isfinite(val_metrics["score"]) else -math.inf)
+    if last and cfg.train.final_tta != "none":
+        views = views_for(cfg.train.final_tta)
+        merged = validate(
+            evaluated, run.val_dl, run.criterion, run.device, cfg.train.precision, dist_sum, None, views
+        )
+        val_metrics.update({f"{k}_tta": merged[k] for k in TTA_KEYS})
     return val_metrics
 
 
@@ -315,7 +329,7 @@ def fit(
         )  # fmt: skip
         done = epoch + 1
         if not val_metrics or done % cfg.train.val_every == 0 or done == cfg.train.epochs:
-            val_metrics = _validate_epoch(run, evaluated, cfg, kept)
+            val_metrics = _validate_epoch(run, evaluated, cfg, kept, last=done == cfg.train.epochs)
         nonfinite_total += int(tm["nonfinite_steps"])
         # epochs that skip validation (val_every) repeat the last validation metrics
         metrics = {"epoch": float(done), **tm, **val_metrics, "nonfinite_total": float(nonfinite_total)}

@@ -38,7 +38,7 @@ TTA_MODES: dict[str, tuple[View, ...]] = {
     # 1st place's four passes: identity, h-flip, v-flip and both (== rot180), the D2 subgroup.
     "flip": tuple(_BY_NAME[n] for n in ("identity", "hflip", "vflip", "rot180")),
     "d4": D4_VIEWS,
-}
+}  # keys: constants.TTA_NAMES
 
 
 def views_for(tta: str) -> tuple[View, ...]:

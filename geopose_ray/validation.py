@@ -18,6 +18,7 @@ from geopose_ray.constants import CITIES
 from geopose_ray.device import autocast, to_device
 from geopose_ray.metrics import GeoposeScore
 from geopose_ray.step_stats import is_distributed
+from geopose_ray.tta import View, apply_view, invert_direction, invert_view
 
 
 def dist_sum(array: np.ndarray) -> np.ndarray:
@@ -64,6 +65,31 @@ def score_metrics(score: GeoposeScore) -> dict[str, float]:
     return out
 
 
+def _predict(
+    model: nn.Module,
+    batch: dict[str, Any],
+    device: torch.device,
+    precision: str,
+    views: tuple[View, ...] | None,
+) -> dict[str, torch.Tensor]:
+    """The model's float32 outputs for a batch; with `views`, their test-time merge as the
+    ensemble makes it (`predict._predict_views`): AGL maps and directions turned back into the
+    tile's frame and averaged, scales averaged. Only what the score reads is merged."""
+    if views is None:
+        with autocast(device, precision):
+            pred = model(batch["image"], batch["gsd"], batch["city"])
+        return {k: v.float() for k, v in pred.items()}
+    agl, direction, scale = 0.0, 0.0, 0.0
+    for view in views:
+        with autocast(device, precision):
+            out = model(apply_view(batch["image"], view), batch["gsd"], batch["city"])
+        agl = agl + invert_view(out["agl"].float(), view)  # (B, 1, H, W) m
+        direction = direction + invert_direction(out["direction"].float(), view)  # (B, 2)
+        scale = scale + out["scale"].float()  # (B, 1) px/m
+    n = len(views)
+    return {"agl": agl / n, "scale": scale / n, "direction": torch.nn.functional.normalize(direction, dim=-1)}
+
+
 @torch.inference_mode()
 def validate(
     model: nn.Module,
@@ -73,10 +99,13 @@ def validate(
     precision: str,
     reduce: Callable[[np.ndarray], np.ndarray] | None = None,
     keep: dict[str, np.ndarray] | None = None,
+    views: tuple[View, ...] | None = None,
 ) -> dict[str, float]:
     """val_loss (per-image mean) and the official score on `loader` (full tiles). `keep`, when
     given, receives the reduced metric accumulators as `keep["val_score"]`
     (`GeoposeScore.to_array()`, (cities, fields) float64): the fold's out-of-fold statistics.
+    With test-time `views` (`tta.views_for`) the score is that of their merge and val_loss is
+    NaN: the loss's dense terms would need every view's maps, and nothing steers by it there.
 
     Under DDP each rank passes its own disjoint shard and `reduce` (e.g. `dist_sum`) adds the
     per-city sums, so no padded duplicate is counted. Pass the unwrapped model: no DDP collective
@@ -86,11 +115,9 @@ def validate(
     score, loss_sum, count, errors = GeoposeScore(), 0.0, 0, np.zeros(2)
     for batch in loader:
         batch = to_device(batch, device)
-        with autocast(device, precision):
-            pred = model(batch["image"], batch["gsd"], batch["city"])
-        pred = {k: v.float() for k, v in pred.items()}
-        loss, _ = criterion(pred, batch)
+        pred = _predict(model, batch, device, precision, views)
         n = batch["image"].shape[0]
+        loss = criterion(pred, batch)[0] if views is None else math.nan
         loss_sum, count = loss_sum + float(loss) * n, count + n
         errors += _score_batch(score, batch, pred)
     totals = np.concatenate([score.to_array().ravel(), errors, [loss_sum, count]])

@@ -21,7 +21,9 @@ def _report(folds: list[int], selection: int = 0, test: float | None = 0.55) -> 
 def test_each_figure_is_set_beside_the_delivered_score_with_its_gap():
     cal = calibration(_report([1]))
     assert cal["search"] == 0.71 and cal["member_oof"] == 0.6 and cal["blend_oof"] == 0.58
-    assert cal["gaps"] == pytest.approx({"search": 0.16, "member_oof": 0.05, "blend_oof": 0.03})
+    gaps = {k: v for k, v in cal["gaps"].items() if v is not None}
+    assert gaps == pytest.approx({"search": 0.16, "member_oof": 0.05, "blend_oof": 0.03})
+    assert cal["search_tta"] is None  # no trial ran to its end with TTA: no line for it
     assert not cal["oof_optimistic"]
     lines = calibration_lines(_report([1]))
     assert "0.5500 delivered" in lines[0]
@@ -42,6 +44,15 @@ def test_each_spread_over_places_is_printed_with_the_noise_of_its_gap():
     lines = calibration_lines(report)
     assert "+-0.040 [0.500, 0.600] over 32 places" in lines[0]
     assert any("0.5800 +-0.030" in line and "places alone move it by +-0.050" in line for line in lines)
+
+
+def test_the_search_figure_through_the_products_views_gets_its_own_line():
+    report = _report([1])
+    report["configs"][0]["search_score_tta"] = 0.57
+    cal = calibration(report)
+    assert cal["search_tta"] == 0.57 and cal["gaps"]["search_tta"] == pytest.approx(0.02)
+    assert any("0.5700" in line and "what is delivered" in line for line in calibration_lines(report))
+    assert not any("what is delivered" in line for line in calibration_lines(_report([1])))
 
 
 def test_out_of_fold_scores_on_the_selection_fold_are_labelled_optimistic():

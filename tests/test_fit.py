@@ -72,6 +72,19 @@ def test_fit_reports_every_epoch_with_a_finite_score(two_epochs):
     assert rec.states[2]["config"] == cfg.to_dict() and rec.states[2]["epoch"] == 2
 
 
+def test_the_last_epoch_is_also_scored_through_the_products_views(two_epochs):
+    """score_tta (D4 by default) only after the last epoch: the figure the ensemble delivers,
+    beside the single-view score ASHA compares; the kept out-of-fold sums stay the single view's."""
+    from geopose_ray.metrics import GeoposeScore
+
+    _, rec, last = two_epochs
+    assert "score_tta" not in rec.metrics[0]
+    assert math.isfinite(last["score_tta"]) and last["score_tta"] != last["score"]
+    assert 0.0 <= last["angle_err_deg_tta"] <= 180.0
+    kept = GeoposeScore.from_array(rec.states[2]["val_score"]).compute()["final_present"]
+    assert kept == pytest.approx(last["score"])
+
+
 def test_fit_resumes_at_the_next_epoch_as_if_never_stopped(two_epochs, tmp_path):
     from geopose_ray.train_loop import fit
 

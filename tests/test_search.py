@@ -166,7 +166,9 @@ def test_leaderboard_and_importances_from_records(tmp_path):
     dists = {p.name: p.distribution() for p in space.parameters}
     for r in recs:
         params = {k: v for k, v in r.train_config.items() if k in dists}
-        trial = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params}, value=r.best()[0])
+        trial = optuna.trial.create_trial(
+            params=params, distributions={k: dists[k] for k in params}, value=r.best()[0]
+        )
         study.add_trial(trial)
     imp = report.param_importances((url, "exp"))
     assert imp["trials"] == 4 and set(imp["importances"]) <= {"agl_loss", "lr", "huber_delta"}
@@ -242,7 +244,9 @@ def test_cli_mlflow_without_the_package_exits_2(tmp_path):
     argv += ["--storage", str(tmp_path / "s"), "--mlflow", "sqlite:///x.db"]
     code = f"import runpy, sys; {hide}; sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
+    )
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "--mlflow" in out.stderr and "pip install mlflow" in out.stderr
     assert not (tmp_path / "s").exists()
@@ -297,7 +301,9 @@ def test_optuna_asha_search_and_report(ray_session, tmp_path):
 
     def make_tuner():
         cap = Capacity(TrialResources(), cap=1)
-        return tuner.build_tuner(space, trainable, "exp", str(tmp_path), cap, seed=3, study=study, mlflow=mlflow_uri)
+        return tuner.build_tuner(
+            space, trainable, "exp", str(tmp_path), cap, seed=3, study=study, mlflow=mlflow_uri
+        )
 
     tuner.fit_or_resume(make_tuner, exp, trainable, resume=False)
     recs = report.load_trials(exp)
@@ -329,7 +335,9 @@ def test_optuna_asha_search_and_report(ray_session, tmp_path):
     assert len(pd.read_csv(exp / experiment.LEADERBOARD)) == space.num_samples
     _check_mlflow_runs(mlflow_uri, recs)
     written = [p for p in exp.rglob("*") if p.is_file()]
-    assert any(p.name == "tuner.pkl" for p in written) and not [p for p in written if SECRET.encode() in p.read_bytes()]
+    assert any(p.name == "tuner.pkl" for p in written) and not [
+        p for p in written if SECRET.encode() in p.read_bytes()
+    ]
     with pytest.raises(InputError, match="--resume"):
         tuner.fit_or_resume(make_tuner, exp, trainable, resume=False)
     with pytest.raises(InputError, match="no experiment"):
@@ -374,11 +382,19 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
     assert (board["status"] == "TERMINATED").all()
     assert board["node_id"].notna().all()
     assert res.epochs_run == board["epochs_run"].sum() < res.epochs_budget == 2 * len(board)
+    # the product's views score a trial's last epoch only: trials ASHA stopped have no such figure
+    ended = board["epochs_run"] == 2
+    assert board.loc[ended, "score_tta"].notna().all() and board.loc[~ended, "score_tta"].isna().all()
     members = json.loads(res.members_path.read_text())
     assert members == res.members and [(m["rank"], m["fold"]) for m in members] == [(0, 0), (0, 1)]
     (cid,) = {m["config_id"] for m in members}
     assert cid != board["config_id"].iloc[0]  # the best config for 3 epochs: a config of its own
     assert [m["source"] for m in members] == ["refit", "refit"]
+    best = board.iloc[0]  # the refits carry the figures of the search trial that chose their config
+    for m in members:
+        assert m["search_score"] == pytest.approx(best["score"])
+        tta = m["search_score_tta"]
+        assert (tta is None and pd.isna(best["score_tta"])) or tta == pytest.approx(best["score_tta"])
     assert all(m["config"]["epochs"] == 3 for m in members)
     refits = [m for m in members if m["source"] == "refit"]
     assert refits and all(m["experiment"].endswith("-refit") for m in refits)

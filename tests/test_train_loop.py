@@ -278,6 +278,31 @@ def test_validate_reports_score_and_sharded_sums_equal_the_whole():
     assert alone != pytest.approx(whole, rel=1e-6)
 
 
+def test_validate_with_views_scores_what_the_ensemble_predicts():
+    """validate(views=D4) on a batch equals the official score of `predict_tile(tta="d4")` tile
+    by tile: the trials' last figure and the ensemble share one TTA merge."""
+    from geopose_ray.constants import CITIES
+    from geopose_ray.metrics import GeoposeScore
+    from geopose_ray.predict import predict_tile
+    from geopose_ray.tta import views_for
+
+    torch.manual_seed(2)
+    model, items = FakeModel().eval(), fake_items(4)
+    for it in items:  # images as uint8 tiles read them: k / 255 exactly
+        it["image"] = torch.round(it["image"] * 255) / 255
+    dev = torch.device("cpu")
+    merged = validate(model, loader(items, 2), fake_criterion, dev, "fp32", views=views_for("d4"))
+    expected = GeoposeScore()
+    for it in items:
+        rgb = (it["image"] * 255).round().byte().permute(1, 2, 0).numpy()  # (H, W, 3) uint8
+        (p,) = predict_tile(model, rgb, float(it["gsd"]), int(it["city"]), tta="d4", precision="fp32")
+        angle = math.atan2(float(it["direction"][0]), float(it["direction"][1]))
+        expected.update(CITIES[int(it["city"])], it["agl"][0].numpy(), p.agl, 2.0, angle, p.scale, p.angle)
+    assert merged["score"] == pytest.approx(expected.compute()["final_present"], abs=1e-5)
+    single = validate(model, loader(items, 2), fake_criterion, dev, "fp32")
+    assert merged["score"] != pytest.approx(single["score"], abs=1e-4) and math.isnan(merged["val_loss"])
+
+
 def test_validate_scores_a_perfect_prediction_one():
     items = fake_items(4)
 

@@ -223,3 +223,9 @@ def test_smp_unet_d4_batched_matches_per_view_loop():
     assert batched.agl.shape == (80, 80) and np.isfinite(batched.agl).all()
     np.testing.assert_allclose(looped.agl, batched.agl, atol=1e-4)
     assert looped.scale == pytest.approx(batched.scale, abs=1e-4)
+
+
+def test_the_constants_name_every_tta_mode_with_its_number_of_views():
+    from geopose_ray.constants import TTA_VIEWS
+
+    assert {name: len(views) for name, views in TTA_MODES.items()} == TTA_VIEWS

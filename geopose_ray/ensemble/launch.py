@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from geopose_ray import paths, storage
+from geopose_ray.constants import TTA_NAMES
 from geopose_ray.ensemble import members as ms
 from geopose_ray.ensemble.report import REPORT_JSON, blend_table, calibration_lines, submission_lines
 from geopose_ray.errors import EXIT_CODES, EXIT_FAILURE, EXIT_OK, HelpFormatter, InputError, run_cli
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="experiment (default: the latest one with members.json)")
     g.add_argument("--top-k", type=int, default=4, help="member configs to blend, each with all its folds")
     g.add_argument("--checkpoints", nargs="+", type=Path, help="explicit member folders")
-    g.add_argument("--tta", choices=("none", "flip", "d4"), default="d4", help="test-time views: the 8 D4 "
+    g.add_argument("--tta", choices=TTA_NAMES, default="d4", help="test-time views: the 8 D4 "
                    "views as the winners used (default), 4 flips and rotations, or none")  # fmt: skip
     g.add_argument("--max-tile", type=int, help="predict larger tiles in overlapping windows")
     g.add_argument("--dry-run", action="store_true", help="check the members, data, resources and storage, "

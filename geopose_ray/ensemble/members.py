@@ -32,6 +32,7 @@ class Member:
     oof_score: float = math.nan  # the config's score over all its folds' out-of-fold tiles
     selection_fold: int = -1  # the search's fold, whose tiles chose the config (-1: unknown)
     search_score: float = math.nan  # the config's best validation score there (single view)
+    search_score_tta: float = math.nan  # its last epoch's score there with test-time views (D4)
     trial_id: str = ""
     config: dict[str, Any] = field(default_factory=dict, compare=False)  # flat Config keys
 
@@ -40,6 +41,11 @@ class Member:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "checkpoint": str(self.checkpoint)}
+
+
+def _number(value: Any) -> float:
+    """A score from members.json: NaN when absent (null, or a file older than the key)."""
+    return math.nan if value is None else float(value)
 
 
 def _reject_constant(token: str) -> float:
@@ -81,7 +87,8 @@ def _member(entry: Any, i: int, path: str | Path) -> Member:
         oof = math.nan if entry.get("config_oof_score") is None else float(entry["config_oof_score"])
         chosen = {
             "selection_fold": int(entry.get("selection_fold", -1)),
-            "search_score": math.nan if entry.get("search_score") is None else float(entry["search_score"]),
+            "search_score": _number(entry.get("search_score")),
+            "search_score_tta": _number(entry.get("search_score_tta")),
         }
     except (TypeError, ValueError):
         raise InputError(path, f"entry {i}: rank and fold must be integers, the scores numbers") from None

@@ -122,7 +122,8 @@ def blend_table(report: dict[str, Any]) -> list[str]:
 def calibration(report: dict[str, Any]) -> dict[str, Any] | None:
     """What each earlier figure said, beside the test truth of unseen places (None without
     truth): the search's best validation score (single view, on the fold that chose the
-    configs), the best member config's out-of-fold score (the refit folds, with the ensemble's
+    configs), the same with the trials' test-time views after their last epoch (`search_tta`),
+    the best member config's out-of-fold score (the refit folds, with the ensemble's
     TTA) and the blend's cross-fitted OOF score, each with its gap to the delivered test score."""
     test = (report.get("test") or {}).get("blend")
     if test is None or not math.isfinite(test):
@@ -130,11 +131,13 @@ def calibration(report: dict[str, Any]) -> dict[str, Any] | None:
     rows = [c for c in report["configs"] if c.get("oof") is not None]
     best = max(rows, key=lambda c: c["oof"], default=None)
     searched = [c["search_score"] for c in report["configs"] if _finite(c.get("search_score"))]
+    searched_tta = [c["search_score_tta"] for c in report["configs"] if _finite(c.get("search_score_tta"))]
     selection = {c.get("selection_fold", -1) for c in report["configs"]} - {-1}
     folds = sorted({f for c in report["configs"] for f in c["folds"]})
     optimistic = bool(selection & set(folds))
     figures = {
         "search": max(searched, default=None),
+        "search_tta": max(searched_tta, default=None),
         "member_oof": best["oof"] if best else None,
         "blend_oof": report["oof"].get("judged", report["oof"].get("blend")),
     }
@@ -172,12 +175,15 @@ def calibration_lines(report: dict[str, Any]) -> list[str]:
     )
     labels = {
         "search": f"search's best validation (fold {sel}, which chose the configs; single view, no TTA)",
+        "search_tta": f"the same configs' last epoch with the trials' TTA (fold {sel}; what is delivered)",
         "member_oof": f"best member config's OOF ({oof})",
         "blend_oof": "blend's OOF (cross-fitted over tile groups)",
     }
     head = f"calibration against the test truth of unseen places ({_num(cal['test'])} delivered"
     lines = [head + _spread(cal.get("test_interval")) + "):"]
     for key, label in labels.items():
+        if key == "search_tta" and cal[key] is None:
+            continue  # no trial of these configs ran to its end with TTA (or an older search)
         gap, noise = cal["gaps"][key], (cal.get("gap_noise") or {}).get(key)
         noted = f" (places alone move it by +-{noise:.3f})" if _finite(noise) else ""
         shown = f"{_num(cal[key]):>8}{_spread((cal.get('intervals') or {}).get(key))}"
@@ -214,6 +220,7 @@ def config_rows(configs: list[tuple[str, dict[int, Member]]], fit: dict[str, Any
                 "rank": first.rank,
                 "folds": sorted(ms),
                 "search_score": first.search_score,  # on the selection fold, single view
+                "search_score_tta": first.search_score_tta,  # the same fold, test-time views, last epoch
                 "selection_fold": first.selection_fold,
                 "val_score": first.score,  # the member's own fold, single view
                 "oof": score,

@@ -17,6 +17,7 @@ from pathlib import Path
 from geopose_ray import paths
 from geopose_ray.config import Config
 from geopose_ray.console import duration
+from geopose_ray.constants import TTA_VIEWS
 from geopose_ray.data import derive
 from geopose_ray.data.stats import DataStats
 from geopose_ray.experiment import MEMBERS
@@ -237,6 +238,23 @@ def epoch_seconds(cfg: Config, res: TrialResources, measured: DataStats) -> floa
     return mpx * rate / max(1, res.workers_per_trial) + EPOCH_OVERHEAD_S
 
 
+def final_tta_seconds(cfg: Config, res: TrialResources, measured: DataStats) -> float:
+    """The last epoch's extra validation through `final_tta`'s views (`train_loop`), paid once by
+    every trial that runs to its end and by every refit."""
+    if cfg.train.final_tta == "none":
+        return 0.0
+    val_side = cfg.data.val_crop or measured.tile_px
+    mpx = (
+        TTA_VIEWS[cfg.train.final_tta]
+        * VAL_COST
+        * (measured.train_tiles / cfg.data.n_folds)
+        * val_side**2
+        / 1e6
+    )
+    rate = GPU_S_PER_MPX if res.gpus_per_worker > 0 else CPU_S_PER_MPX
+    return mpx * rate / max(1, res.workers_per_trial)
+
+
 def _estimate_line(
     opts: SearchOptions, space: SearchSpace, res: TrialResources, concurrent: int, measured: DataStats | None
 ) -> str:
@@ -247,10 +265,16 @@ def _estimate_line(
     per_epoch = epoch_seconds(cfg, res, measured)
     sched = space.scheduler
     epochs = asha_epochs(space.num_samples, sched.grace_period, sched.reduction_factor, sched.max_epochs)
-    search_s = (epochs * per_epoch + space.num_samples * TRIAL_START_S) / max(1, concurrent)
+    tta_s = final_tta_seconds(cfg, res, measured)
+    ended = space.num_samples / max(2, sched.reduction_factor) ** len(
+        [r for r in _rungs(sched.grace_period, sched.reduction_factor) if r < sched.max_epochs]
+    )  # trials ASHA lets run to the end, as asha_epochs counts them
+    search_s = (epochs * per_epoch + space.num_samples * TRIAL_START_S + ended * tta_s) / max(1, concurrent)
     refits = opts.refit_top * opts.refit_seeds * len(refit_folds(opts, space.n_folds()))
     refit_epochs = opts.refit_epochs or sched.max_epochs
-    refit_s = refits * (refit_epochs * per_epoch + TRIAL_START_S) / max(1, min(concurrent, refits or 1))
+    refit_s = (
+        refits * (refit_epochs * per_epoch + TRIAL_START_S + tta_s) / max(1, min(concurrent, refits or 1))
+    )
     device = "GPU" if res.gpus_per_worker > 0 else "CPU"
     # ASHA cuts only what its rungs can rank: where every validation is noise (few tiles per city
     # in a fold), it cut 1 of 6 trials (docs/LEARNING.md, 'Half turns end to end (added 2026-12-03)')

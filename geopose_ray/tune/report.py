@@ -78,6 +78,7 @@ def leaderboard(records: list[TrialRecord], space: SearchSpace) -> pd.DataFrame:
             "trial_id": r.trial_id,
             "fold": cfg.get("fold"),
             "score": score,
+            "score_tta": r.last("score_tta"),  # after the last epoch, the product's views (D4)
             "best_epoch": best_epoch,
             "epochs_run": epochs,
             # against the trial's own budget: a refit may train more or fewer epochs than the space
