@@ -25,11 +25,13 @@ def test_console_trial_lines_and_terse_status_table(tmp_path, monkeypatch, capsy
     assert progress.columns(space) == ["agl_loss", "lr"]  # huber_delta is conditional
     lines = tuner.TrialLines(space.searched(), max_epochs=2)
 
-    def trial(tid: str, config: dict, scores: list[float]) -> SimpleNamespace:
+    def trial(tid: str, config: dict, scores: list[float], tta: float | None = None) -> SimpleNamespace:
         stats = {"epoch": {"max": len(scores)}, "score": {"max": max(scores)}} if scores else {}
-        return SimpleNamespace(trial_id=tid, config=config, metric_analysis=stats, last_result={})
+        last = {} if tta is None else {"score_tta": tta}
+        return SimpleNamespace(trial_id=tid, config=config, metric_analysis=stats, last_result=last)
 
-    lines.on_trial_complete(0, [], trial("a1", {"agl_loss": "mse", "lr": 0.00123456, "crop": 64}, [0.1, 0.3]))
+    a1 = {"agl_loss": "mse", "lr": 0.00123456, "crop": 64}
+    lines.on_trial_complete(0, [], trial("a1", a1, [0.1, 0.3], tta=0.41234))
     lines.on_trial_complete(0, [], trial("b2", {"agl_loss": "huber", "huber_delta": 2.5, "lr": 0.1}, [-2e8]))
     refit_cfg = {
         "refit_configs": [{"agl_loss": "mse", "lr": 0.01, "fold": 0}],
@@ -38,7 +40,7 @@ def test_console_trial_lines_and_terse_status_table(tmp_path, monkeypatch, capsy
     lines.on_trial_complete(0, [], trial("c_00001", refit_cfg, [0.2, 0.25]))
     lines.on_trial_error(0, [], trial("d4", {"agl_loss": "mse", "lr": 0.1}, []))
     assert capsys.readouterr().out.splitlines() == [
-        "trial a1  agl_loss=mse lr=0.001235  epochs 2/2  best 0.3  finished",
+        "trial a1  agl_loss=mse lr=0.001235  epochs 2/2  best 0.3  with TTA 0.4123  finished",
         "trial b2  agl_loss=huber huber_delta=2.5 lr=0.1  epochs 1/2  best -2e+08  stopped by ASHA",
         "trial c_00001  refit #0 fold 2 agl_loss=mse lr=0.01  epochs 2/2  best 0.25  finished",
         "trial d4  agl_loss=mse lr=0.1  epochs 0/2  best -  ERROR (traceback above)",

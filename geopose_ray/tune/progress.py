@@ -29,8 +29,10 @@ def trial_line(
     max_epochs: int,
     best: float | None,
     error: bool = False,
+    tta: float | None = None,
 ) -> str:
-    """`trial <id>  k=v ...  epochs e/E  best s  <how it ended>` for a search or a refit trial."""
+    """`trial <id>  k=v ...  epochs e/E  best s  [D4 t]  <how it ended>` for a search or a refit
+    trial; `tta` is its last epoch's score through the test-time views, when it ran to the end."""
     cfg = trial_train_config(config)
     shown = [f"{k}={short_value(cfg[k])}" for k in params if k in cfg]
     if "member" in config:  # a refit trial: which config and fold it trains
@@ -42,6 +44,8 @@ def trial_line(
     else:
         end = "finished"
     score = "-" if best is None or not math.isfinite(best) else f"{best:.4g}"
+    if tta is not None and math.isfinite(tta):
+        score += f"  with TTA {tta:.4g}"
     return f"trial {trial_id}  {' '.join(shown)}  epochs {epochs}/{max_epochs}  best {score}  {end}"
 
 

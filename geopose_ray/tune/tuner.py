@@ -86,7 +86,10 @@ class TrialLines(tune.Callback):
         last = trial.last_result or {}
         epochs = int(stats.get("epoch", {}).get("max", last.get("epoch", 0)) or 0)
         best = stats.get(METRIC, {}).get(MODE)
-        return trial_line(trial.trial_id, trial.config, self.params, epochs, self.max_epochs, best, error)
+        tta = last.get("score_tta")  # only after a trial's last epoch (train_loop, final_tta)
+        return trial_line(
+            trial.trial_id, trial.config, self.params, epochs, self.max_epochs, best, error, tta
+        )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         print(self._line(trial, error=False), flush=True)
