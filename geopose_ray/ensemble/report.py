@@ -66,7 +66,7 @@ def test_table(results: dict[str, dict], official: dict[str, Any] | None) -> dic
 
     members = [score(lambda s, i=i: s["members"][i]) for i in range(len(scored[0]["sums"]["members"]))]
     blend_rows = np.array([r["sums"]["blend"] for r in scored])  # (N, N_FIELDS)
-    places = np.array([str(r.get("place") or r["id"]) for r in scored])
+    places = np.array([str(r.get("place") or r.get("id") or i) for i, r in enumerate(scored)])
     spread = interval(blend_rows, np.array([r["city"] for r in scored]), places)
     best = max((m for m in members if math.isfinite(m)), default=math.nan)
     blend = float(official["final"]) if official else math.nan
