@@ -18,9 +18,7 @@ from pathlib import Path
 from geopose_ray.redact import mask_text
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_CODES = (
-    "exit codes: 0 done, 1 failed, 2 bad input (one line naming the file or flag), 130 interrupted (Ctrl-C)"
-)
+EXIT_CODES = "exit codes: 0 done, 1 failed, 2 bad input (one line naming the file or flag), 130 interrupted (Ctrl-C)"
 
 
 class InputError(Exception):

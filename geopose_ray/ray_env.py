@@ -98,9 +98,7 @@ def cluster_resources() -> tuple[dict[str, float], dict[str, float] | None]:
 def quiet_checkpoint_manager() -> contextlib.AbstractContextManager[None]:
     """Silence the "resuming" notice that loading a Train run snapshot logs."""
     # private: the logger is named after Train V2's internal module
-    return console.logger_level(
-        "ray.train.v2._internal.execution.checkpoint.checkpoint_manager", logging.WARNING
-    )
+    return console.logger_level("ray.train.v2._internal.execution.checkpoint.checkpoint_manager", logging.WARNING)
 
 
 def task_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[Any]:

@@ -22,9 +22,7 @@ MASK = "***"  # what SQLAlchemy's hide_password writes
 # password=, secret_key=, access_key=, sig= (Azure SAS), X-Amz-Signature=, X-Amz-Credential=, ...
 SECRET_KEYS = ("token", "pass", "pwd", "secret", "key", "sig", "credential", "auth")
 # schemes that are not SQLAlchemy database URLs: masked by `_mask_uri` alone
-WEB_SCHEMES = frozenset(
-    {"http", "https", "s3", "gs", "gcs", "file", "hdfs", "abfs", "abfss", "az", "ftp", "ftps"}
-)
+WEB_SCHEMES = frozenset({"http", "https", "s3", "gs", "gcs", "file", "hdfs", "abfs", "abfss", "az", "ftp", "ftps"})
 URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 _REAL: dict[str, str] = {}  # masked URL -> the real one this process was given (`remember`)
@@ -90,7 +88,6 @@ def _secret(key: str) -> bool:
 
 def mask_text(text: str) -> str:
     """Every URL inside a free text (an error line, a log message) masked with `mask_url`."""
-
     def one(match: re.Match[str]) -> str:
         url = match.group(0)
         core = url.rstrip(".,:;)]}")  # the sentence's punctuation, not the URL's

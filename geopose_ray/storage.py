@@ -135,9 +135,7 @@ def probe(location: Location) -> None:
     try:
         fs.get_file_info(path)
     except (OSError, pa.ArrowException) as e:
-        raise InputError(
-            str(location), f"cannot reach this storage ({str(e).splitlines()[0][:200]})"
-        ) from None
+        raise InputError(str(location), f"cannot reach this storage ({str(e).splitlines()[0][:200]})") from None
 
 
 def _info(location: Location) -> pafs.FileInfo:

@@ -31,9 +31,7 @@ from geopose_ray.train_loop import NonFiniteLossError, fit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m geopose_ray.train", description=__doc__, formatter_class=HelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="python -m geopose_ray.train", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", required=True, help="YAML of flat config values or a search space")
     p.add_argument("--data", help="DrivenData-layout folder (default: the embedded synthetic set)")
     p.add_argument("--cache", help="conversion cache folder (default: DATA/.geopose_cache)")

@@ -77,9 +77,7 @@ def s3_server():
     Ray workers all reach it through the usual AWS settings)."""
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(
-        ip_address="127.0.0.1", port=int(S3_ENDPOINT.rsplit(":", 1)[1]), verbose=False
-    )
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(S3_ENDPOINT.rsplit(":", 1)[1]), verbose=False)
     server.start()
     yield S3_ENDPOINT
     server.stop()

@@ -267,15 +267,9 @@ def test_search_value_gives_the_config_arm_the_search_time_as_epochs(tmp_path):
     assert sv.config_epochs(600.0, 10.0, seeds=3, cores=2) == int((600 - 2 * 15) / 20)  # two waves
     assert sv.config_epochs(10.0, 10.0, seeds=2, cores=2) == 1
     default = load_space(common.SMOKE_SPACE).default_point()
-    for name, cfg, times in (
-        ("trial_a", {**default, "lr": 0.01}, [50, 1, 1]),
-        ("trial_b", default, [40, 10, 12, 11]),
-    ):
+    for name, cfg, times in (("trial_a", {**default, "lr": 0.01}, [50, 1, 1]), ("trial_b", default, [40, 10, 12, 11])):
         (tmp_path / name).mkdir()
-        rows = [
-            {"config": {**cfg, "epochs": 20}, "time_this_iter_s": t, "epoch": i + 1}
-            for i, t in enumerate(times)
-        ]
+        rows = [{"config": {**cfg, "epochs": 20}, "time_this_iter_s": t, "epoch": i + 1} for i, t in enumerate(times)]
         (tmp_path / name / "result.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert sv.default_epoch_s(tmp_path) == 11.0  # the defaults' trial, its first epoch (start-up) left out
     assert math.isnan(sv.default_epoch_s(tmp_path / "none"))
@@ -286,12 +280,7 @@ def test_search_value_config_files_train_the_default_trial(synthetic_dir, tmp_pa
 
     files = sv.train_config_files(synthetic_dir, [3, 4], 7, tmp_path)
     cfg = load_config(parse_args(["--config", str(files[1])]))
-    assert (cfg.train.epochs, cfg.train.seed, cfg.data.fold, cfg.data.data_dir) == (
-        7,
-        4,
-        0,
-        str(synthetic_dir),
-    )
+    assert (cfg.train.epochs, cfg.train.seed, cfg.data.fold, cfg.data.data_dir) == (7, 4, 0, str(synthetic_dir))
     assert cfg.model.encoder == load_space(common.SMOKE_SPACE).default_point()["encoder"]
     from geopose_ray.data import cache, stats
 
@@ -309,18 +298,13 @@ def test_search_value_table_pairs_seeds_and_applies_the_spread_rule():
     rows = [_row("search", s, 0.50 + 0.01 * s, sampler="random", trials=6, best_val=0.6) for s in (0, 1, 2)]
     rows += [_row("config", s, 0.40 + 0.01 * s, epochs=80) for s in (0, 1, 2)]
     rows += [_row("tpe", s, 0.52 + 0.01 * s, sampler="tpe", trials=6, best_val=0.62) for s in (0, 1)]
-    rows += [
-        _row("gp", 0, 0.9, quick=True, sampler="gp", trials=3, best_val=0.1),
-        {"bench": "search_value", "error": "x"},
-    ]
+    rows += [_row("gp", 0, 0.9, quick=True, sampler="gp", trials=3, best_val=0.1), {"bench": "search_value", "error": "x"}]
     lines = svt.render(rows)
     text = "\n".join(lines)
     assert "| heldout-128-many | config | 80 epochs | 3 | 0.410 | 0.020 | 100 | 200 | 1.00 |" in text
     assert "| heldout-128-many | search | random @ 6 | 3 | 0.510 | 0.020 |" in text
-    assert (
-        "search over the default config: +0.100 (paired, 3 seeds); larger seed spread 0.020; "
-        "beats it by more than the spread: yes" in text
-    )
+    assert "search over the default config: +0.100 (paired, 3 seeds); larger seed spread 0.020; " \
+           "beats it by more than the spread: yes" in text
     tpe = next(line for line in lines if line.startswith("| heldout-128-many | 6 | tpe |"))
     assert "| 0.020 |" in tpe and tpe.endswith("| too few seeds (2 of 3) |")  # gain +0.02 over 2 paired seeds
     assert "gp" not in text  # the quick row stays out of the bench's tables

@@ -150,9 +150,7 @@ def test_ensure_cache_converts_only_when_needed(tmp_path):
     ensure_cache(data, out, map_fn=serial_map, progress=False)
     assert {s.id for s in cache.load_cache(out, "train")} == set(train_csv["id"][1:])
     index = pd.read_csv(out / "samples.csv")
-    index.drop(columns=["place", *cache.STATS_COLUMNS]).to_csv(
-        out / "samples.csv", index=False
-    )  # an older cache
+    index.drop(columns=["place", *cache.STATS_COLUMNS]).to_csv(out / "samples.csv", index=False)  # an older cache
     assert not cache.is_current(data, out)
     with pytest.raises(InputError, match="older cache"):
         cache.load_cache(out, "train")
@@ -188,9 +186,7 @@ def test_two_concurrent_conversions_give_identical_complete_caches(tmp_path):
     reference = _cache_state(convert(data, tmp_path / "reference", map_fn=serial_map, progress=False))
     shared = tmp_path / "shared"
     cmd = [sys.executable, "-m", "geopose_ray.convert", str(data), "--cache", str(shared), "--workers", "2"]
-    procs = [
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
-    ]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     _assert_same(_cache_state(shared), reference)

@@ -37,9 +37,7 @@ def _tiles(root: Path, n: int = 8, split: str = "train", seed: int = 0) -> list[
         scale, angle = (float(rng.uniform(0.6, 1.1)), float(rng.uniform(-3, 3))) if agl else (math.nan,) * 2
         sums = agl_sums(agl) if agl else {}  # what conversion stores in samples.csv
         rgb_path = root / f"{stem}_RGB.tif"
-        out.append(
-            CachedSample(f"{split}{i:02d}", city, 0.3 + 0.01 * i, split, rgb_path, agl, scale, angle, **sums)
-        )
+        out.append(CachedSample(f"{split}{i:02d}", city, 0.3 + 0.01 * i, split, rgb_path, agl, scale, angle, **sums))
     return out
 
 
@@ -222,9 +220,7 @@ def test_half_turn_pairs_are_the_crops_turned_180_degrees_with_their_flow(train)
         np.testing.assert_array_equal(turned["mag"].numpy(), np.rot90(item["mag"].numpy(), 2, axes=(1, 2)))
         angle = math.atan2(*item["direction"].tolist())
         new = F.update_vflow(np.array([angle, 1.0, 1.0]), F.rot90_matrix(2))
-        torch.testing.assert_close(
-            turned["direction"], torch.tensor(F.direction(new[0]), dtype=torch.float32)
-        )
+        torch.testing.assert_close(turned["direction"], torch.tensor(F.direction(new[0]), dtype=torch.float32))
         for key in ("scale", "gsd", "city"):
             assert turned[key] == item[key]
     assert torch.allclose(batch["direction"].sum(0), torch.zeros(2), atol=1e-6)  # a batch's directions cancel
@@ -240,9 +236,7 @@ def test_half_turn_loaders_keep_the_images_per_step_and_per_epoch(tmp_path, batc
     train = _tiles(tmp_path, n=8)
     seen = {}
     for turns in (False, True):
-        cfg = Config.from_dict(
-            {"crop": 32, "batch_size": batch_size, "epoch_samples": 20, "half_turns": turns}
-        )
+        cfg = Config.from_dict({"crop": 32, "batch_size": batch_size, "epoch_samples": 20, "half_turns": turns})
         loader, _ = build_loaders(cfg, train, train[:1])
         sizes = [b["image"].shape[0] for b in loader]
         seen[turns] = sum(sizes)

@@ -14,15 +14,7 @@ from geopose_ray.data import derive, stats
 from geopose_ray.data.stats import DataStats
 
 ROOT = Path(__file__).resolve().parents[1]
-DERIVED = (
-    "crop",
-    "batch_size",
-    "epoch_samples",
-    "foreground_crops",
-    "dir_weight",
-    "val_crop",
-    "val_batch_size",
-)
+DERIVED = ("crop", "batch_size", "epoch_samples", "foreground_crops", "dir_weight", "val_crop", "val_batch_size")
 
 
 def _stats(tile: int, disp: float, built: float = 0.1, mag_rms: float = 5.0) -> DataStats:
@@ -42,10 +34,7 @@ def test_the_crop_holds_the_displacement_and_a_step_costs_the_same_pixels(tile, 
     assert v["crop"] >= min(derive.CROP_PER_DISPLACEMENT * disp, tile, derive.MAX_CROP)
     step_px = v["batch_size"] * v["crop"] ** 2
     assert step_px == pytest.approx(derive.STEP_PX, rel=0.5) or v["batch_size"] == derive.MIN_BATCH
-    assert (
-        v["epoch_samples"] % v["batch_size"] == 0
-        and v["epoch_samples"] * v["crop"] ** 2 >= 0.5 * derive.EPOCH_PX
-    )
+    assert v["epoch_samples"] % v["batch_size"] == 0 and v["epoch_samples"] * v["crop"] ** 2 >= 0.5 * derive.EPOCH_PX
     assert (v["val_crop"] == 0) == (tile <= derive.FULL_TILE_VAL)
     assert v["val_crop"] <= tile and v["val_batch_size"] >= 1
 

@@ -26,9 +26,7 @@ def _table(rho: float, k: int = 2, n: int = 16, size: int = 24, seed: int = 0) -
         own = [rng.normal(0, 1.0, y.shape) for _ in range(k)]
         e = [math.sqrt(rho) * shared + math.sqrt(1 - rho) * o for o in own]
         st, at = rng.uniform(0.6, 1.1), rng.uniform(-math.pi, math.pi)
-        preds = [
-            Prediction((y + ek).astype(np.float32), st, np.array([math.sin(at), math.cos(at)])) for ek in e
-        ]
+        preds = [Prediction((y + ek).astype(np.float32), st, np.array([math.sin(at), math.cos(at)])) for ek in e]
         errors.append(np.stack([(p.agl - y).ravel() for p in preds]))
         record = tile_stats(preds, y, st, at)
         records.append({**record, "id": f"t{i:02d}", "city": CITIES[i % 4], "fold": 0, "gsd": 0.5})
@@ -57,10 +55,7 @@ def test_every_pair_is_reported_and_the_line_gives_their_range():
     for p in pairs:
         assert p["agl_corr"] == pytest.approx(corr[tuple(p["members"])], abs=2e-3)
     line = diversity_line(pairs)
-    assert (
-        line.startswith("members' OOF error correlation: AGL 0.")
-        and "-" in line.split("AGL ")[1].split(",")[0]
-    )
+    assert line.startswith("members' OOF error correlation: AGL 0.") and "-" in line.split("AGL ")[1].split(",")[0]
 
 
 def test_one_member_has_no_pairs_and_no_line():
@@ -72,9 +67,7 @@ def test_one_member_has_no_pairs_and_no_line():
 def test_identical_members_gain_nothing():
     table, _ = _table(1.0)
     (pair,) = error_diversity(table)
-    assert pair["agl_corr"] == pytest.approx(1.0, abs=1e-6) and pair["agl_cut"] == pytest.approx(
-        0.0, abs=1e-6
-    )
+    assert pair["agl_corr"] == pytest.approx(1.0, abs=1e-6) and pair["agl_cut"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_sses_no_linear_blend_can_give_report_no_correlation_and_the_measured_cut():

@@ -46,10 +46,7 @@ MLFLOW_URI = f"https://alice:{TOKEN}@mlflow.example/?token={TOKEN}x&experiment=1
         ("http://user:tok@mlflow:5000", "http://user:***@mlflow:5000"),
         ("https://TOKEN@host/x", "https://***@host/x"),  # a bare user of a web URI is a token
         ("https://h/?token=abc&x=1&sig=zz", "https://h/?token=***&x=1&sig=***"),
-        (
-            "s3://bucket/p?endpoint_override=http://x&secret_key=zz",
-            "s3://bucket/p?endpoint_override=http://x&secret_key=***",
-        ),
+        ("s3://bucket/p?endpoint_override=http://x&secret_key=zz", "s3://bucket/p?endpoint_override=http://x&secret_key=***"),
         ("/a/local/path", "/a/local/path"),
         (None, None),
     ],
@@ -74,16 +71,12 @@ def test_an_input_error_naming_a_url_prints_it_masked(capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(main, [])
     err = capsys.readouterr().err
-    assert (
-        e.value.code == EXIT_BAD_INPUT and err.count("\n") == 1 and SECRET not in err and "user:***@" in err
-    )
+    assert e.value.code == EXIT_BAD_INPUT and err.count("\n") == 1 and SECRET not in err and "user:***@" in err
 
 
 def _options_doc(tmp_path: Path, synthetic_dir: Path, **changes) -> tuple[dict, identity.Identity]:
     """Write the options file of an experiment on `synthetic_dir` and read it back."""
-    opts = options.SearchOptions(
-        space=str(SMOKE), data=str(synthetic_dir), storage=str(tmp_path / "st"), **changes
-    )
+    opts = options.SearchOptions(space=str(SMOKE), data=str(synthetic_dir), storage=str(tmp_path / "st"), **changes)
     measured = options.measure_data(opts, synthetic_dir)
     space = options.resolve_space(opts, str(synthetic_dir), measured)
     ident = identity.identify(opts, synthetic_dir, measured)
@@ -112,10 +105,7 @@ def test_the_options_file_masks_every_url_and_records_what_made_the_experiment(s
         "settings": {},
     }
     prov = doc["provenance"]
-    assert (
-        prov["requirements_lock_sha256"]
-        == hashlib.sha256((ROOT / "requirements.lock").read_bytes()).hexdigest()
-    )
+    assert prov["requirements_lock_sha256"] == hashlib.sha256((ROOT / "requirements.lock").read_bytes()).hexdigest()
     assert prov["git_commit"] == "unknown" or re.fullmatch(r"[0-9a-f]{40}", prov["git_commit"])
 
 
@@ -147,13 +137,9 @@ def test_the_fingerprint_follows_data_space_set_folds_and_derived_defaults(synth
 def test_resuming_another_fingerprint_is_refused_with_one_line(synthetic_dir, tmp_path):
     doc, ident = _options_doc(tmp_path, synthetic_dir)
     space = options.load_run_space(options.SearchOptions(space=str(SMOKE)))
-    exp = options.resolve_experiment(
-        options.SearchOptions(space=str(SMOKE), storage=str(tmp_path / "st")), space
-    )
+    exp = options.resolve_experiment(options.SearchOptions(space=str(SMOKE), storage=str(tmp_path / "st")), space)
     identity.check_resumable(exp, space, ident.fingerprint)
-    with pytest.raises(
-        InputError, match=r"made with fingerprint .*: resume with the same ones, or start a new --name"
-    ):
+    with pytest.raises(InputError, match=r"made with fingerprint .*: resume with the same ones, or start a new --name"):
         identity.check_resumable(exp, space, "f" * 16)
     doc.pop("fingerprint")
     exp.options.write_text(json.dumps(doc))
@@ -165,14 +151,10 @@ def test_resuming_with_another_sampler_is_refused_with_one_line(synthetic_dir, t
     """Tune restores a resumed search's pickled sampler whatever --sampler says: another name stops."""
     doc, ident = _options_doc(tmp_path, synthetic_dir)
     space = options.load_run_space(options.SearchOptions(space=str(SMOKE)))
-    exp = options.resolve_experiment(
-        options.SearchOptions(space=str(SMOKE), storage=str(tmp_path / "st")), space
-    )
+    exp = options.resolve_experiment(options.SearchOptions(space=str(SMOKE), storage=str(tmp_path / "st")), space)
     identity.check_resumable(exp, space, ident.fingerprint, "random")
     identity.check_resumable(exp, space, ident.fingerprint)  # no sampler asked: not compared
-    with pytest.raises(
-        InputError, match=r"made with the random sampler, not tpe: .* resume with --sampler random"
-    ):
+    with pytest.raises(InputError, match=r"made with the random sampler, not tpe: .* resume with --sampler random"):
         identity.check_resumable(exp, space, ident.fingerprint, "tpe")
     doc.pop("sampler")  # made before the options file recorded a sampler: Optuna's TPE ran
     exp.options.write_text(json.dumps(doc))
@@ -185,9 +167,7 @@ def test_the_plan_names_the_sampler_and_why(synthetic_dir, tmp_path):
     from geopose_ray.tune.plan import plan_search
 
     def line(**changes) -> str:
-        opts = options.SearchOptions(
-            space=str(SMOKE), data=str(synthetic_dir), storage=str(tmp_path / "st"), **changes
-        )
+        opts = options.SearchOptions(space=str(SMOKE), data=str(synthetic_dir), storage=str(tmp_path / "st"), **changes)
         return next(x for x in plan_search(opts, ({"CPU": 2.0}, None)) if x.startswith("sampler:"))
 
     assert line() == (
@@ -227,9 +207,7 @@ def dry(script: str, *args: str | Path, home: Path) -> Run:
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["GEOPOSE_RAY_HOME"] = str(home)
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     *lines, last = out.stdout.rstrip("\n").split("\n")
     result, ray = json.loads(last.removeprefix("RESULT "))
     return Run(result, "\n".join(lines), out.stderr, ray)
@@ -242,22 +220,12 @@ def test_search_dry_run_starts_no_ray_writes_nothing_and_shows_no_secret(synthet
     assert run.code == 0 and run.ray == [], run.err
     assert SECRET not in run.out + run.err and TOKEN not in run.out + run.err
     assert "(this machine, read without starting Ray)" in run.out
-    assert re.search(
-        r"optuna: +postgresql\+psycopg2://user:\*\*\*@db\.example/geopose  \(study smoke-[0-9a-f]{8}\)",
-        run.out,
-    )
+    assert re.search(r"optuna: +postgresql\+psycopg2://user:\*\*\*@db\.example/geopose  \(study smoke-[0-9a-f]{8}\)", run.out)
     assert re.search(r"estimate: +~\d+ (s|min) wall time, a rough estimate", run.out)
-    assert (
-        "\nsampler:    random  auto: no model-based sampler has beaten random search on the bench at 6 trials"
-        in run.out
-    )
+    assert "\nsampler:    random  auto: no model-based sampler has beaten random search on the bench at 6 trials" in run.out
     assert not storage.exists() and not home.exists()  # no experiment folder, no weights cache
-    resumed = dry(
-        "run_search.py", "--dry-run", "--resume", "--data", synthetic_dir, "--storage", storage, home=home
-    )
-    assert (
-        resumed.code == EXIT_BAD_INPUT and resumed.err.count("\n") == 1 and "before leak-free" in resumed.err
-    )
+    resumed = dry("run_search.py", "--dry-run", "--resume", "--data", synthetic_dir, "--storage", storage, home=home)
+    assert resumed.code == EXIT_BAD_INPUT and resumed.err.count("\n") == 1 and "before leak-free" in resumed.err
 
 
 def test_the_storage_and_the_optuna_database_are_checked_before_ray(tmp_path):
@@ -289,10 +257,7 @@ def test_the_dry_run_looks_for_hub_weights_without_downloading(tmp_path, monkeyp
     (snap / pretrained.WEIGHTS_FILE).write_bytes(b"")
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text("abc")
-    assert (
-        options.cached_weights(opts, run_space)[("tu-resnet10t", "imagenet")]
-        == snap / pretrained.WEIGHTS_FILE
-    )
+    assert options.cached_weights(opts, run_space)[("tu-resnet10t", "imagenet")] == snap / pretrained.WEIGHTS_FILE
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline and missing: the run would stop, so does the plan
     with pytest.raises(InputError, match="resnet18"):
         options.cached_weights(opts, run_space)
@@ -311,29 +276,16 @@ def test_ensemble_dry_run_starts_no_ray_and_writes_nothing(synthetic_dir, tmp_pa
         (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
         entries.append({"rank": 0, "config_id": "A", "fold": fold, "checkpoint": str(ckpt), "config": config})
     (storage / "e" / "members.json").write_text(json.dumps(entries))
-    run = dry(
-        "run_ensemble.py",
-        "--dry-run",
-        "--storage",
-        storage,
-        "--name",
-        "e",
-        "--tta",
-        "flip",
-        home=tmp_path / "h",
-    )
+    run = dry("run_ensemble.py", "--dry-run", "--storage", storage, "--name", "e", "--tta", "flip", home=tmp_path / "h")
     assert run.code == 0 and run.ray == [], run.err
-    assert (
-        "2 checkpoints of 1 config(s): A folds [0, 1]" in run.out and "flip (4 view(s) per member)" in run.out
-    )
+    assert "2 checkpoints of 1 config(s): A folds [0, 1]" in run.out and "flip (4 view(s) per member)" in run.out
     assert "cache current" in run.out and re.search(r"estimate: +~\d+ (s|min) wall time", run.out)
     assert sorted(p.name for p in (storage / "e").iterdir()) == ["ckpt0", "ckpt1", "members.json"]
 
 
 # --- commands that fit --------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("outcome", "code"),
-    [(0, 0), (None, 0), (1, 1), ("bad input", EXIT_BAD_INPUT), ("ctrl-c", EXIT_INTERRUPTED)],
+    ("outcome", "code"), [(0, 0), (None, 0), (1, 1), ("bad input", EXIT_BAD_INPUT), ("ctrl-c", EXIT_INTERRUPTED)]
 )
 def test_every_exit_code(outcome, code, capsys):
     def main(argv: list[str] | None) -> int | None:
@@ -378,9 +330,7 @@ def test_help_shows_groups_defaults_including_0_and_exit_codes():
     p.add_argument("--flag", action="store_true", help="a flag")
     p.add_argument("--none", help="unset")
     shown = " ".join(p.format_help().split())
-    assert (
-        "a rate (default: 0.0)" in shown and "a flag (default" not in shown and "unset (default" not in shown
-    )
+    assert "a rate (default: 0.0)" in shown and "a flag (default" not in shown and "unset (default" not in shown
 
 
 def test_console_scripts_and_the_scripts_run_the_same_main():
@@ -392,10 +342,7 @@ def test_console_scripts_and_the_scripts_run_the_same_main():
     for target in scripts.values():
         module, _, attr = target.partition(":")
         assert callable(getattr(importlib.import_module(module), attr))
-    for script, module in (
-        ("run_search.py", "geopose_ray.tune.launch"),
-        ("run_ensemble.py", "geopose_ray.ensemble.launch"),
-    ):
+    for script, module in (("run_search.py", "geopose_ray.tune.launch"), ("run_ensemble.py", "geopose_ray.ensemble.launch")):
         spec = importlib.util.spec_from_file_location(script[:-3], ROOT / script)
         cli = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(cli)
@@ -425,7 +372,4 @@ def test_the_plan_of_a_small_search_says_the_default_config_is_the_likely_result
     from geopose_ray.tune import plan
 
     lines = plan._budget_lines(SimpleNamespace(num_samples=trials))
-    assert (
-        any(f"at {trials} trials the likely result is the default config" in line for line in lines)
-        == expects
-    )
+    assert any(f"at {trials} trials the likely result is the default config" in line for line in lines) == expects

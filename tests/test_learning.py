@@ -63,9 +63,7 @@ def test_default_config_learns_tall_sparse_parallax_with_two_seeds(tmp_path: Pat
     angle error stayed near 90 degrees whatever the seed) until half turns
     (docs/LEARNING.md, 'Half turns'). Both seeds must learn height and angle, and their heights
     land close; how far their flows land apart is measured above, not yet bounded."""
-    data = generate(
-        tmp_path / "tall", size=128, per_city=24, test_per_city=0, seed=21, zoom=0.5, views=4, style="tall"
-    )
+    data = generate(tmp_path / "tall", size=128, per_city=24, test_per_city=0, seed=21, zoom=0.5, views=4, style="tall")
     finals = []
     for seed in TALL_SEEDS:
         cfg = default_trial(data, epochs=TALL_EPOCHS, threads=2, seed=seed, max_val_samples=24)

@@ -186,9 +186,7 @@ def test_bad_weights_files_raise_input_error(tmp_path):
         build_model(ModelConfig(arch="Unet", encoder="resnet18", encoder_weights=str(missing)))
     with pytest.raises(InputError, match="resnet18"):  # hub weights: only ever read from the cache here
         empty = str(tmp_path / "empty_cache")
-        build_model(
-            ModelConfig(arch="Unet", encoder="resnet18", encoder_weights="imagenet", weights_cache=empty)
-        )
+        build_model(ModelConfig(arch="Unet", encoder="resnet18", encoder_weights="imagenet", weights_cache=empty))
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a pickle")
     with pytest.raises(InputError, match=r"corrupt\.pth"):

@@ -25,9 +25,7 @@ REVISION = "0123456789abcdef0123456789abcdef01234567"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def hub_cache(
-    root: Path, repo: str = REPO, content: bytes | None = None
-) -> tuple[Path, dict[str, torch.Tensor]]:
+def hub_cache(root: Path, repo: str = REPO, content: bytes | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
     """A hub cache holding `repo`'s file: models--timm--X/{refs/main, snapshots/REV/model.safetensors},
     the weights of timm's model of that name (seeded), or `content` as the file's bytes."""
     torch.manual_seed(7)
@@ -62,9 +60,7 @@ def cache(tmp_path, monkeypatch) -> tuple[Path, dict[str, torch.Tensor]]:
 
 def test_imagenet_weights_reach_the_encoder_bit_for_bit(cache):
     root, state = cache
-    model = build_model(
-        ModelConfig(arch="Unet", encoder="tu-resnet10t", encoder_weights="imagenet", weights_cache=str(root))
-    )
+    model = build_model(ModelConfig(arch="Unet", encoder="tu-resnet10t", encoder_weights="imagenet", weights_cache=str(root)))
     own = model.encoder.model.state_dict()
     loaded = [k for k in own if k in state]
     assert len(loaded) > 50 and all(torch.equal(own[k], state[k]) for k in loaded)
@@ -90,9 +86,7 @@ def test_the_driver_resolves_once_and_workers_only_read_the_cache(cache, monkeyp
     assert pretrained.ensure([("tu-resnet10t", "imagenet")] * 2, root) == {
         ("tu-resnet10t", "imagenet"): next(root.rglob(pretrained.WEIGHTS_FILE))
     }
-    cfg = ModelConfig(
-        arch="Unet", encoder="tu-resnet10t", encoder_weights="imagenet", weights_cache=str(root)
-    )
+    cfg = ModelConfig(arch="Unet", encoder="tu-resnet10t", encoder_weights="imagenet", weights_cache=str(root))
     for _ in range(2 * 2):
         build_model(cfg)
     assert asked == [False, True, True, True, True]

@@ -38,12 +38,7 @@ def space_with(tmp_path: Path, line: str) -> Path:
 )  # fmt: skip
 def test_each_name_builds_its_optuna_sampler_with_its_settings(name, cls, attrs):
     choice = sampler.resolve(name, None, SMOKE, trials=24, concurrent=2)
-    assert (choice.name, choice.requested, choice.source, choice.reason) == (
-        name,
-        name,
-        "--sampler",
-        "set by --sampler",
-    )
+    assert (choice.name, choice.requested, choice.source, choice.reason) == (name, name, "--sampler", "set by --sampler")
     built = sampler.build(choice, seed=7)
     assert type(built) is cls
     assert {k: getattr(built, k) for k in attrs} == attrs
@@ -51,19 +46,11 @@ def test_each_name_builds_its_optuna_sampler_with_its_settings(name, cls, attrs)
 
 def test_tpe_lies_only_when_trials_run_at_once_and_starts_by_the_budget():
     alone = sampler.resolve("tpe", None, SMOKE, trials=6, concurrent=1)
-    assert alone.settings == {
-        "multivariate": True,
-        "group": True,
-        "constant_liar": False,
-        "n_startup_trials": 2,
-    }
+    assert alone.settings == {"multivariate": True, "group": True, "constant_liar": False, "n_startup_trials": 2}
     assert [sampler.startup_trials(n) for n in (1, 6, 8, 24, 40, 64, 500)] == [2, 2, 2, 6, 10, 10, 10]
     assert "constant liar" not in sampler.describe(alone, [])
     gp = sampler.resolve("gp", None, SMOKE, trials=6, concurrent=2)
-    assert (
-        sampler.describe(gp, ["huber_delta"])
-        == "2 random startup trials; huber_delta drawn at random (conditional)"
-    )
+    assert sampler.describe(gp, ["huber_delta"]) == "2 random startup trials; huber_delta drawn at random (conditional)"
 
 
 def test_auto_is_random_search_at_every_budget_with_its_reason():
@@ -72,12 +59,7 @@ def test_auto_is_random_search_at_every_budget_with_its_reason():
         assert len(rows) == 1, trials  # the table covers every budget once
     for trials in (1, 6, 11, 12, 24, 47, 48, 64, 10_000):
         choice = sampler.resolve(None, None, SMOKE, trials, concurrent=2)
-        assert (choice.name, choice.requested, choice.source, choice.settings) == (
-            "random",
-            "auto",
-            "default",
-            {},
-        )
+        assert (choice.name, choice.requested, choice.source, choice.settings) == ("random", "auto", "default", {})
         assert choice.reason == (
             f"auto: no model-based sampler has beaten random search on the bench at {trials} trials yet "
             "(docs/SEARCH_VALUE.md)"
@@ -101,11 +83,7 @@ def test_the_flag_wins_over_the_space_and_the_space_over_auto(tmp_path):
     assert space.sampler == "tpe" and load_space(SMOKE).sampler is None
     opts = options.SearchOptions(space=str(path))
     from_space = options.resolve_sampler(opts, space, limit=2)
-    assert (from_space.name, from_space.source, from_space.reason) == (
-        "tpe",
-        "space.yaml (sampler:)",
-        "set by space.yaml (sampler:)",
-    )
+    assert (from_space.name, from_space.source, from_space.reason) == ("tpe", "space.yaml (sampler:)", "set by space.yaml (sampler:)")
     flag = options.resolve_sampler(dataclasses.replace(opts, sampler="random"), space, limit=2)
     assert (flag.name, flag.source) == ("random", "--sampler")
     auto = options.resolve_sampler(dataclasses.replace(opts, sampler="auto", num_samples=30), space, limit=2)
@@ -113,16 +91,12 @@ def test_the_flag_wins_over_the_space_and_the_space_over_auto(tmp_path):
     # on a cluster that may grow, the liar is on even with one trial at once now
     grows = options.resolve_sampler(dataclasses.replace(opts, fixed_cluster=False), space, limit=1)
     assert grows.settings["constant_liar"] is True
-    capped = options.resolve_sampler(
-        dataclasses.replace(opts, fixed_cluster=False, max_concurrent=1), space, limit=1
-    )
+    capped = options.resolve_sampler(dataclasses.replace(opts, fixed_cluster=False, max_concurrent=1), space, limit=1)
     assert capped.settings["constant_liar"] is False
 
 
 @pytest.mark.parametrize("where", ["flag", "space"])
-def test_an_unknown_sampler_exits_2_with_one_line_naming_the_flag_or_the_file(
-    where, tmp_path, capsys, monkeypatch
-):
+def test_an_unknown_sampler_exits_2_with_one_line_naming_the_flag_or_the_file(where, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(launch, "local_cluster", lambda: ({"CPU": 2.0}, None))  # no torch import for the GPUs
     argv = ["--dry-run", "--storage", str(tmp_path / "st")]
     if where == "flag":
@@ -139,9 +113,7 @@ def test_an_unknown_sampler_exits_2_with_one_line_naming_the_flag_or_the_file(
 
 
 def test_gp_without_its_packages_is_refused_before_ray(monkeypatch):
-    monkeypatch.setattr(
-        sampler.importlib.util, "find_spec", lambda name: None if name == "torch" else object()
-    )
+    monkeypatch.setattr(sampler.importlib.util, "find_spec", lambda name: None if name == "torch" else object())
     opts = options.SearchOptions(space=str(SMOKE), sampler="gp")
     with pytest.raises(InputError, match=r"--sampler: the gp sampler needs torch: pip install torch"):
         options.check_sampler(opts, load_space(SMOKE))

@@ -149,12 +149,8 @@ def test_gcs_without_credentials_is_one_line_in_seconds_not_a_hang(tmp_path, mon
     assert e.value.path == "gs://geopose-no-such-bucket/experiments"
     space = str(write_space(tmp_path, PLAIN_SPACE))
     uri = "gs://geopose-no-such-bucket/exp"
-    out = _script(
-        str(ROOT / "run_search.py"), "--space", space, "--storage", uri, "--dry-run", pre=NO_GCS_CREDENTIALS
-    )
+    out = _script(str(ROOT / "run_search.py"), "--space", space, "--storage", uri, "--dry-run", pre=NO_GCS_CREDENTIALS)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and uri in out.stderr, out.stderr
     assert "cannot reach this storage" in out.stderr
     out = _script(str(ROOT / "run_ensemble.py"), "--storage", uri, "--dry-run", pre=NO_GCS_CREDENTIALS)
-    assert (
-        out.returncode == 2 and out.stderr.count("\n") == 1 and "cannot reach this storage" in out.stderr
-    ), out.stderr
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "cannot reach this storage" in out.stderr, out.stderr

@@ -41,23 +41,7 @@ def test_trains_a_search_space_default_and_keeps_the_best_checkpoint(synthetic_d
     config = write_yaml(tmp_path / "space.yaml", small_space(tmp_path))
     out = tmp_path / "out"
     cache = str(tmp_path / "cache")
-    assert (
-        main(
-            [
-                "--config",
-                config,
-                "--data",
-                str(synthetic_dir),
-                "--cache",
-                cache,
-                "--out",
-                str(out),
-                "--fold",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert main(["--config", config, "--data", str(synthetic_dir), "--cache", cache, "--out", str(out), "--fold", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("epoch 1/1") and "score" in lines[0]  # max_epochs of the space
     assert lines[-1].startswith("best score") and str(out) in lines[-1]

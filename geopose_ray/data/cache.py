@@ -103,9 +103,7 @@ def index_tile(sample: Sample, cache_dir: Path, find_place: bool) -> tuple[dict[
     if not find_place:
         return row, None
     rgb = functools.partial(io.read_rgb, rgb_out)
-    return row, places.describe(
-        places.PlaceTile(sample.id, sample.city, vflow.scale, vflow.angle, agl, rgb, sample.gsd)
-    )
+    return row, places.describe(places.PlaceTile(sample.id, sample.city, vflow.scale, vflow.angle, agl, rgb, sample.gsd))
 
 
 def agl_sums(path: Path) -> dict[str, float]:
@@ -177,9 +175,7 @@ def load_cache(cache_dir: str | Path, split: str | None = "train") -> list[Cache
         raise InputError(path, f"cannot parse CSV ({e.__class__.__name__})") from None
     missing = [c for c in SAMPLES_COLUMNS if c not in df.columns]
     if missing:
-        raise InputError(
-            path, f"an older cache without column(s) {missing}: re-run python -m geopose_ray.convert"
-        )
+        raise InputError(path, f"an older cache without column(s) {missing}: re-run python -m geopose_ray.convert")
     if split is not None:
         df = df[df["split"] == split]
     for col in STATS_COLUMNS:  # an index written by hand or by a test: read from the tiles when needed

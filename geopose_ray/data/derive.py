@@ -94,9 +94,7 @@ def derive(stats: DataStats, given: dict[str, Any] | None = None) -> list[Derive
         Derived(
             "val_crop",
             val,
-            "whole tiles"
-            if val == 0
-            else f"a centre window of {val} px of the {tile} px tiles (2 x the crop)",
+            "whole tiles" if val == 0 else f"a centre window of {val} px of the {tile} px tiles (2 x the crop)",
         ),
         Derived("val_batch_size", val_batch, f"{VAL_STEP_PX // 16384} tiles of 128 px per batch"),
     ]
@@ -110,9 +108,7 @@ def lr_factor(batch: int) -> float:
     return math.sqrt(batch / LR_REF_BATCH)
 
 
-def apply(
-    fixed: dict[str, Any], searched: list[str], derived: list[Derived]
-) -> tuple[dict[str, Any], list[str]]:
+def apply(fixed: dict[str, Any], searched: list[str], derived: list[Derived]) -> tuple[dict[str, Any], list[str]]:
     """`fixed` with every derived key that the space neither fixes nor searches; and the plan's
     lines, one per key, saying which value holds and why."""
     out, lines = dict(fixed), []

@@ -45,9 +45,7 @@ def place_key(sample: HasCity) -> str:
     return f"{sample.city}/{place}" if place else f"{sample.city}/{sample.id}"
 
 
-def make_folds(
-    samples: Sequence[HasCity], n_folds: int, seed: int = 0, mode: str = "place"
-) -> dict[str, int]:
+def make_folds(samples: Sequence[HasCity], n_folds: int, seed: int = 0, mode: str = "place") -> dict[str, int]:
     """id -> fold in [0, n_folds). ValueError for an unknown mode, too few tiles or places."""
     from sklearn import model_selection as ms  # a slow import: not at module import
 

@@ -94,3 +94,4 @@ def d4_matrix(element: str) -> np.ndarray:
 def affine_linear(matrix: np.ndarray) -> np.ndarray:
     """2x2 linear part of a 3x3 (or 2x3) pixel-space affine matrix (source -> destination)."""
     return np.asarray(matrix, dtype=np.float64)[:2, :2]
+

@@ -71,11 +71,7 @@ class DataStats:
             raise ValueError("no train tile to measure")
         side = np.array([min(r["height"], r["width"]) for r in rows])
         disp = np.array([r["disp_p95"] for r in rows], dtype=np.float64)
-        labelled = [
-            r
-            for r in rows
-            if math.isfinite(r.get("scale", math.nan)) and math.isfinite(r.get("agl_sq", math.nan))
-        ]
+        labelled = [r for r in rows if math.isfinite(r.get("scale", math.nan)) and math.isfinite(r.get("agl_sq", math.nan))]
         rms = target_rms((r["agl_n"], r["agl_sq"], r["scale"]) for r in labelled)
         return cls(
             train_tiles=train_tiles,
@@ -89,9 +85,7 @@ class DataStats:
 
     def lines(self) -> list[str]:
         """The plan's lines: what was measured, and on how many tiles."""
-        sample = (
-            "" if self.measured == self.train_tiles else f" (a sample of {self.measured}, not converted yet)"
-        )
+        sample = "" if self.measured == self.train_tiles else f" (a sample of {self.measured}, not converted yet)"
         return [
             f"{self.train_tiles} train tiles of {self.tile_px} px{sample}; {self.built:.0%} of pixels built "
             f"(AGL > {BUILT_M:g} m)",

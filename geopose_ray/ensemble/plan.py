@@ -28,9 +28,7 @@ GPU_S_PER_MPX = 0.02
 JOB_START_S = 30.0  # Ray up, the actors started and every member loaded: assumed
 
 
-def actor_pool(
-    resources: dict[str, float], num_actors: int | None, n_items: int
-) -> tuple[int, dict[str, float], int]:
+def actor_pool(resources: dict[str, float], num_actors: int | None, n_items: int) -> tuple[int, dict[str, float], int]:
     """(actors, per-actor resources, torch threads): one actor per GPU, else CPU actors of 2 CPUs."""
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     if gpus:
@@ -54,29 +52,22 @@ def plan_ensemble(
         raise InputError(data, "no test tiles to predict")
     cache_dir = cache_dir_for(data, lead_config(members)) or paths.default_cache_dir(data)
     current = cache.is_current(data, cache_dir)
-    tile_px = (
-        stats.from_cache(cache.load_cache(cache_dir, "train")) if current else stats.from_files(data)
-    ).tile_px
+    tile_px = (stats.from_cache(cache.load_cache(cache_dir, "train")) if current else stats.from_files(data)).tile_px
     views = len(views_for(args.tta))
     size, per_actor, _ = actor_pool(cluster, args.actors, len(test))
     upload = exp.remote and args.out is None
     return [
         f"members:    {len(members)} checkpoints of {len(configs)} config(s): "
         + "; ".join(f"{cid} folds {sorted(folds)}" for cid, folds in configs),
-        *(
-            [f"checkpoints: in {mask_url(str(exp.storage))}, downloaded into {exp.cache_root}"]
-            if exp.remote
-            else []
-        ),
+        *([f"checkpoints: in {mask_url(str(exp.storage))}, downloaded into {exp.cache_root}"] if exp.remote else []),
         f"data:       {data}  ({len(train)} train / {len(test)} test tiles of ~{tile_px} px); cache "
         + ("current" if current else f"converted first into {cache_dir}"),
         f"tta:        {args.tta} ({views} view(s) per member)"
         + (f"; tiles over {args.max_tile} px in windows" if args.max_tile else ""),
         f"actors:     {size} x {per_actor}  ({where}: {dict(cluster)})",
         f"output:     {archive or out}" + (f"; uploaded to {mask_url(exp.file(ENSEMBLE))}" if upload else ""),
-        _estimate_line(
-            configs, lead_config(members).data.n_folds, len(train), len(test), tile_px, views, size, per_actor
-        ),
+        _estimate_line(configs, lead_config(members).data.n_folds, len(train), len(test), tile_px, views, size,
+                       per_actor),
     ]
 
 

@@ -250,9 +250,7 @@ def build_model(cfg: ModelConfig) -> GeoposeModel:
             raise
         raise ValueError(f"cannot build {cfg.arch} with encoder {cfg.encoder}: {e}") from None
     if pretrained.needs_hub(cfg):
-        load_encoder_weights(
-            net.encoder, pretrained.resolve(cfg.encoder, cfg.encoder_weights, cfg.weights_cache)
-        )
+        load_encoder_weights(net.encoder, pretrained.resolve(cfg.encoder, cfg.encoder_weights, cfg.weights_cache))
     elif cfg.encoder_weights:
         load_encoder_weights(net.encoder, cfg.encoder_weights)
     divisor = int(net.encoder.output_stride) if net.requires_divisible_input_shape else 1

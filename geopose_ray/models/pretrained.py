@@ -54,8 +54,7 @@ def timm_name(encoder: str) -> str:
     if encoder in SMP_TIMM_TWINS:
         return SMP_TIMM_TWINS[encoder]
     raise InputError(
-        "encoder_weights",
-        f"no hub weights known for smp encoder {encoder!r}: use its timm twin 'tu-{encoder}'",
+        "encoder_weights", f"no hub weights known for smp encoder {encoder!r}: use its timm twin 'tu-{encoder}'"
     )
 
 
@@ -79,9 +78,7 @@ def hub_repo(encoder: str, tag: str = PRETRAINED) -> str:
         name = f"{name.split('.')[0]}.{tag}"
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not cfg.hf_hub_id:
-        raise InputError(
-            "encoder_weights", f"timm has no pretrained weights for {name!r} (encoder {encoder!r})"
-        )
+        raise InputError("encoder_weights", f"timm has no pretrained weights for {name!r} (encoder {encoder!r})")
     return cfg.hf_hub_id
 
 
@@ -117,9 +114,7 @@ def fetch_command(repo: str, cache: Path) -> str:
     return f"hf download {repo} {WEIGHTS_FILE} --cache-dir {shlex.quote(str(cache))}"
 
 
-def ensure(
-    pairs: Iterable[tuple[str, str]], cache_dir: str | Path | None = None
-) -> dict[tuple[str, str], Path]:
+def ensure(pairs: Iterable[tuple[str, str]], cache_dir: str | Path | None = None) -> dict[tuple[str, str], Path]:
     """Download (at most once: a cached file is reused) the weights of every (encoder, tag) a
     search can sample, before any trial starts. {(encoder, tag): local file}."""
     return {(e, t): resolve(e, t, cache_dir, download=True) for e, t in sorted(set(pairs))}

@@ -187,9 +187,7 @@ def _timm_loaded(encoder: nn.Module, name: str, sd: dict[str, Tensor], path: str
         raise InputError(path, f"not the weights of timm's {name} ({_first_line(e)})") from None
     if isinstance(encoder, TimmUniversalEncoder):
         kwargs.update(features_only=True, out_indices=tuple(encoder.model.feature_info.out_indices))
-    with console.logger_level(
-        "timm.models._builder", logging.ERROR
-    ):  # "unexpected keys": the head, vouched for above
+    with console.logger_level("timm.models._builder", logging.ERROR):  # "unexpected keys": the head, vouched for above
         model = timm.create_model(name, **kwargs, pretrained_cfg_overlay=dict(overlay, state_dict=dict(body)))
     return model.state_dict()
 

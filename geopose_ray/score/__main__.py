@@ -15,9 +15,7 @@ from geopose_ray.score import OUTPUT_KEYS, score_dirs
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m geopose_ray.score", description=__doc__, formatter_class=HelpFormatter
-    )
+    ap = argparse.ArgumentParser(prog="python -m geopose_ray.score", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("truth_dir", help="folder of truth {CITY}_{id}_AGL.tif and _VFLOW.json files")
     ap.add_argument("predictions", help="folder or .tar.gz of predictions with the same file names")
     ap.add_argument("--workers", type=int, default=None, help="reader threads (default min(4, cpus))")

@@ -110,11 +110,7 @@ def check_resumable(
     record = stored.get("sampler")
     was = record.get("name") if isinstance(record, dict) else LEGACY_SAMPLER
     if sampler is not None and was != sampler:
-        made = (
-            "made before samplers were recorded (with TPE)"
-            if record is None
-            else f"made with the {was} sampler"
-        )
+        made = "made before samplers were recorded (with TPE)" if record is None else f"made with the {was} sampler"
         raise InputError(
             exp.location,
             f"{made}, not {sampler}: a resumed search keeps the sampler it started with; "

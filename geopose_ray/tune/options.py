@@ -41,9 +41,7 @@ class SearchOptions:
     space: str
     data: str | None = None  # None: the embedded synthetic set (generated when missing)
     cache: str | None = None
-    storage: str | None = (
-        None  # a folder or a URI (s3://bucket/prefix, gs://...); None: paths.default_storage()
-    )
+    storage: str | None = None  # a folder or a URI (s3://bucket/prefix, gs://...); None: paths.default_storage()
     local_cache: str | None = None  # local mirror of a remote storage; None: paths.storage_cache()
     name: str | None = None  # None: the space file's stem
     num_samples: int | None = None
@@ -51,9 +49,7 @@ class SearchOptions:
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float | None = None
     fold: int = 0
-    folds: tuple[int, ...] | None = (
-        None  # refit folds; None: the REFIT_FOLDS folds after the search's (refit_folds)
-    )
+    folds: tuple[int, ...] | None = None  # refit folds; None: the REFIT_FOLDS folds after the search's (refit_folds)
     refit_top: int = 0
     refit_seeds: int = 1  # training seeds per refit config (refit.seed_replicas)
     refit_epochs: int | None = None  # epochs of each refit; None: the space's max_epochs (refit.with_epochs)
@@ -67,9 +63,7 @@ class SearchOptions:
     max_concurrent: int | None = None  # cap on trials at once; None: as many as the cluster fits
     pending_trials: int | None = None  # admitted beyond what fits (autoscaler demand); None: 0 fixed, else 1
     optuna_storage: str | None = None  # the study's database URL; None: SQLite in the experiment folder
-    weights_cache: str | None = (
-        None  # pretrained encoder weights; None: HF_HUB_CACHE, HF_HOME/hub, <home>/weights
-    )
+    weights_cache: str | None = None  # pretrained encoder weights; None: HF_HUB_CACHE, HF_HOME/hub, <home>/weights
     mlflow: str | None = None  # MLflow tracking URI: every trial logged as a run (MLflowLoggerCallback)
     sampler: str | None = None  # --sampler: a tune/sampler.py name; None: the space's `sampler:`, else auto
 
@@ -252,9 +246,7 @@ def check_sampler(opts: SearchOptions, space: SearchSpace) -> sampler.SamplerCho
     missing = sampler.missing_packages(choice)
     if missing:
         where = "--sampler" if opts.sampler is not None else space.path
-        raise InputError(
-            where, f"the {choice.name} sampler needs {', '.join(missing)}: pip install {' '.join(missing)}"
-        )
+        raise InputError(where, f"the {choice.name} sampler needs {', '.join(missing)}: pip install {' '.join(missing)}")
     return choice
 
 

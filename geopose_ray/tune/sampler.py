@@ -140,9 +140,7 @@ def resolve(
         row = auto_row(trials)
         name = row.sampler
         if row.evidence == NOT_MEASURED:
-            reason = (
-                f"auto: no model-based sampler has beaten random search on the bench at {trials} trials yet"
-            )
+            reason = f"auto: no model-based sampler has beaten random search on the bench at {trials} trials yet"
         else:
             reason = f"auto at {trials} trials: {row.evidence}"
         reason += f" ({BENCH_DOC})"

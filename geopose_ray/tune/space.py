@@ -155,6 +155,7 @@ class SearchSpace:
             raise InputError(source, f"the defaults no longer build a valid Config: {e}") from None
         return space
 
+
     def with_data(self, data: DataStats) -> tuple[SearchSpace, list[str]]:
         """The space with the defaults derived from the data (`data.derive`) fixed where the space
         neither fixes nor searches them, and the plan's line for each derived key. Where the batch
@@ -169,10 +170,7 @@ class SearchSpace:
         default = float(min(max(lr.default * derive.lr_factor(batch), lr.low), lr.high))
         params = tuple(dataclasses.replace(p, default=default) if p is lr else p for p in self.parameters)
         why = f"the space's {lr.default:g} x sqrt(batch {batch} / {derive.LR_REF_BATCH}), Adam's square-root rule"
-        return dataclasses.replace(space, parameters=params), [
-            *lines,
-            f"{'lr':<16} {default:<6.2g} searched; default: {why}",
-        ]
+        return dataclasses.replace(space, parameters=params), [*lines, f"{'lr':<16} {default:<6.2g} searched; default: {why}"]
 
 
 class SpaceSampler:

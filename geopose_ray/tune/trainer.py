@@ -166,9 +166,7 @@ class NodeReportCallback(TuneReportCallback):
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
-def train_driver_fn(
-    config: dict[str, Any], settings: DriverSettings, train_fn: WorkerFn | None = None
-) -> None:
+def train_driver_fn(config: dict[str, Any], settings: DriverSettings, train_fn: WorkerFn | None = None) -> None:
     """One Tune trial: fit a TorchTrainer; metrics reach Tune through the report callback."""
     trial_id = tune.get_context().get_trial_id()
     build_trainer(
