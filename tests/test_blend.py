@@ -299,3 +299,4 @@ def test_tile_groups_spread_each_city_and_a_single_tile_keeps_nothing():
     assert sorted(tile_groups(small)) == [0, 1, 2, 3]  # fewer tiles than groups: leave one out
     params, report = fit_blend(_table(_noisy_fold(1, seed=2)))
     assert report["kept"] == [] and params.weights == pytest.approx([0.5, 0.5])
+

@@ -159,20 +159,15 @@ def layer_of(name: str) -> int | None:
 def _is_ray_init(node: ast.AST) -> bool:
     """A call `ray.init(...)`."""
     func = getattr(node, "func", None)
-    return (
-        isinstance(node, ast.Call)
-        and isinstance(func, ast.Attribute)
-        and func.attr == "init"
-        and (getattr(func.value, "id", "") == "ray")
+    return isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and func.attr == "init" and (
+        getattr(func.value, "id", "") == "ray"
     )
 
 
 def _is_command(tree: ast.Module) -> bool:
     """A command module: it ends in `if __name__ == "__main__":`."""
     return any(
-        isinstance(n, ast.If)
-        and isinstance(n.test, ast.Compare)
-        and getattr(n.test.left, "id", "") == "__name__"
+        isinstance(n, ast.If) and isinstance(n.test, ast.Compare) and getattr(n.test.left, "id", "") == "__name__"
         for n in tree.body
     )
 
@@ -233,9 +228,7 @@ def test_ray_is_imported_in_four_files_and_private_apis_in_one():
     with_ray = {f for f, t in modules.items() if any(n == "ray" or n.startswith("ray.") for n in _imports(t))}
     assert with_ray == RAY_FILES
     assert {layer_of(_module_name(f)) for f in RAY_FILES} == {RAY_LAYER}
-    private = {
-        f for f, t in modules.items() if any("._private" in n or "._internal" in n for n in _imports(t))
-    }
+    private = {f for f, t in modules.items() if any("._private" in n or "._internal" in n for n in _imports(t))}
     assert private <= {PRIVATE_SHIM}
     inits = {f for f, t in modules.items() if any(_is_ray_init(n) for n in ast.walk(t))}
     assert inits == {PRIVATE_SHIM}  # one ray.init helper
@@ -257,9 +250,7 @@ def test_library_code_never_imports_a_command_module():
     commands = {"geopose_ray." + f[:-3].replace("/", ".") for f, t in modules.items() if _is_command(t)}
     assert commands  # convert, score, train, ...
     offenders = {
-        f: sorted(_imports(t) & commands)
-        for f, t in modules.items()
-        if not _is_command(t) and _imports(t) & commands
+        f: sorted(_imports(t) & commands) for f, t in modules.items() if not _is_command(t) and _imports(t) & commands
     }
     assert not offenders
 
@@ -267,9 +258,7 @@ def test_library_code_never_imports_a_command_module():
 @pytest.mark.parametrize("module", RAY_FREE)
 def test_ray_free_modules_load_no_ray(module):
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
 
 
@@ -280,9 +269,7 @@ def _doc_files() -> list[Path]:
     for root, dirs, files in os.walk(REPO):
         top = Path(root) == REPO
         dirs[:] = sorted(
-            d
-            for d in dirs
-            if d not in SKIP_DIRS and not d.endswith(".egg-info") and not (top and d in SKIP_TOP_DIRS)
+            d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info") and not (top and d in SKIP_TOP_DIRS)
         )
         found += [Path(root) / f for f in sorted(files) if Path(f).suffix in DOC_SUFFIXES or f == "Makefile"]
     return found
@@ -309,11 +296,7 @@ def test_docs_and_comments_name_only_documents_in_the_repository():
     for path in _doc_files():
         rel = path.relative_to(REPO)
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            problems += [
-                f"{rel}:{number}: names {name}, not in the repository"
-                for name in OUTSIDE_DOCS
-                if name in line
-            ]
+            problems += [f"{rel}:{number}: names {name}, not in the repository" for name in OUTSIDE_DOCS if name in line]
             if OUTSIDE_FOLDER.search(line):
                 problems.append(f"{rel}:{number}: points outside the repository")
             problems += [
@@ -340,9 +323,7 @@ def test_section_pointers_name_existing_sections():
 # --- 4 ------------------------------------------------------------------------------------------
 def _function_lengths() -> dict[str, int]:
     """Lines of every def in geopose_ray/, run_*.py and bench/, by `path::Qualified.name`."""
-    files = (
-        sorted(PACKAGE.rglob("*.py")) + sorted(REPO.glob("run_*.py")) + sorted((REPO / "bench").rglob("*.py"))
-    )
+    files = sorted(PACKAGE.rglob("*.py")) + sorted(REPO.glob("run_*.py")) + sorted((REPO / "bench").rglob("*.py"))
     lengths: dict[str, int] = {}
 
     def walk(node: ast.AST, prefix: str, rel: str) -> None:
@@ -362,9 +343,7 @@ def _function_lengths() -> dict[str, int]:
 
 
 def test_no_function_is_longer_than_the_limit_unless_allowed():
-    long = {
-        k: n for k, n in _function_lengths().items() if n > MAX_FUNCTION_LINES and k not in LONG_FUNCTIONS
-    }
+    long = {k: n for k, n in _function_lengths().items() if n > MAX_FUNCTION_LINES and k not in LONG_FUNCTIONS}
     assert not long, f"split these (or add them to LONG_FUNCTIONS with a reason): {long}"
 
 
