@@ -166,16 +166,7 @@ def key_owners() -> dict[str, str]:
     return owner
 
 
-BOOL_WORDS = {
-    "1": True,
-    "true": True,
-    "yes": True,
-    "on": True,
-    "0": False,
-    "false": False,
-    "no": False,
-    "off": False,
-}
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def _coerce(section: type, key: str, value: Any) -> Any:

@@ -230,9 +230,7 @@ def run_ensemble(
         "configs": [{f: str(m.checkpoint) for f, m in ms.items()} for _, ms in configs],
         "tta": tta,
         "max_tile": max_tile,
-        "checkpoint_cache": str(
-            Path(checkpoint_cache or paths.storage_cache()).resolve()
-        ),  # absolute: the actors' cwd differs
+        "checkpoint_cache": str(Path(checkpoint_cache or paths.storage_cache()).resolve()),  # absolute: the actors' cwd differs
     }
     t0 = time.perf_counter()
     records = run_actors(oof_items(configs, load_cache(cache, "train")), num_actors, mode="oof", **common)

@@ -47,9 +47,7 @@ EPILOG = textwrap.fill(
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
     g = ap.add_argument_group("data")
-    g.add_argument(
-        "--data", type=Path, help="DrivenData layout (default: the members' own, else the synthetic set)"
-    )
+    g.add_argument("--data", type=Path, help="DrivenData layout (default: the members' own, else the synthetic set)")
     g = ap.add_argument_group("members")
     g.add_argument("--name", help="experiment (default: the latest one with members.json)")
     g.add_argument("--top-k", type=int, default=4, help="member configs to blend, each with all its folds")
@@ -140,12 +138,7 @@ def ensemble_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def dry_run(
-    members: list[ms.Member],
-    data: Path,
-    exp: Experiment,
-    out: Path,
-    archive: Path | None,
-    args: argparse.Namespace,
+    members: list[ms.Member], data: Path, exp: Experiment, out: Path, archive: Path | None, args: argparse.Namespace
 ) -> list[str]:
     """The plan (`plan.plan_ensemble`): on this machine's CPUs and GPUs without Ray, or on the
     cluster --address names."""
@@ -154,16 +147,12 @@ def dry_run(
 
     if resolve_address(args.address) == LOCAL:
         cluster = local_cluster()[0]
-        return plan_ensemble(
-            members, data, exp, out, archive, args, cluster, "this machine, read without Ray"
-        )
+        return plan_ensemble(members, data, exp, out, archive, args, cluster, "this machine, read without Ray")
     from geopose_ray import ray_env
 
     ray_env.init(args.address, verbose=args.verbose)
     try:
-        return plan_ensemble(
-            members, data, exp, out, archive, args, ray_env.cluster_resources()[0], "the cluster"
-        )
+        return plan_ensemble(members, data, exp, out, archive, args, ray_env.cluster_resources()[0], "the cluster")
     finally:
         ray_env.shutdown()
 

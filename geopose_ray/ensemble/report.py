@@ -170,9 +170,7 @@ def calibration_lines(report: dict[str, Any]) -> list[str]:
         return []
     sel = ",".join(map(str, cal["selection_folds"])) or "?"
     oof = f"fold(s) {','.join(map(str, cal['oof_folds']))}, TTA {cal['tta']}"
-    oof += (
-        ": includes the selection fold, optimistic" if cal["oof_optimistic"] else ": not the selection fold"
-    )
+    oof += ": includes the selection fold, optimistic" if cal["oof_optimistic"] else ": not the selection fold"
     labels = {
         "search": f"search's best validation (fold {sel}, which chose the configs; single view, no TTA)",
         "search_tta": f"the same configs' last epoch with the trials' TTA (fold {sel}; what is delivered)",

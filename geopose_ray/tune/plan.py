@@ -99,11 +99,7 @@ def plan_search(opts: SearchOptions, cluster: Cluster, where: str = "") -> list[
     url, study = optuna_study(opts, exp, ident.fingerprint if ident else None)
     lines = [
         f"data:       {data}  "
-        + (
-            f"({tiles['train']} train / {tiles['test']} test tiles)"
-            if tiles
-            else "(the embedded synthetic set)"
-        ),
+        + (f"({tiles['train']} train / {tiles['test']} test tiles)" if tiles else "(the embedded synthetic set)"),
         f"space:      {space.path}  searched: {', '.join(space.searched()) or '-'}",
         f"trials:     {space.num_samples} x up to {sched.max_epochs} epochs on fold {opts.fold}; "
         f"ASHA grace {sched.grace_period}, reduction factor {sched.reduction_factor}",
@@ -127,8 +123,7 @@ def _weights_lines(opts: SearchOptions, space: SearchSpace) -> list[str]:
     """One line per hub weights file: in the cache, or what the run downloads (nothing is)."""
     found = cached_weights(opts, space)
     return [
-        f"weights:    {encoder} {tag}: "
-        + (f"cached ({path})" if path else "not cached: the run downloads it first")
+        f"weights:    {encoder} {tag}: " + (f"cached ({path})" if path else "not cached: the run downloads it first")
         for (encoder, tag), path in found.items()
     ]
 

@@ -187,13 +187,10 @@ def run_refit(
         trainable = trainer.make_trainable(dataclasses.replace(settings, experiment=refit.name), train_fn)
         root = str(refit.storage)
         tuner.fit_or_resume(
-            lambda: tuner.build_refit_tuner(
-                configs, jobs, trainable, refit.name, root, concurrent, space, budget
-            ),
+            lambda: tuner.build_refit_tuner(configs, jobs, trainable, refit.name, root, concurrent, space, budget),
             refit.location,
             trainable,
-            resume
-            and tuner.can_restore(refit.location),  # a resumed search may not have reached its refit yet
+            resume and tuner.can_restore(refit.location),  # a resumed search may not have reached its refit yet
         )
         refit_records = report.load_trials(refit.location)
         board = report.write_report(refit.dir, space, records=refit_records)

@@ -237,3 +237,4 @@ def write_report(
         plot_score_by_param(board, space, exp / SCORE_BY_PARAM)
     plot_score_vs_epoch(records, exp / SCORE_VS_EPOCH)
     return board
+

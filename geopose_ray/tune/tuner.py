@@ -99,11 +99,7 @@ class TrialLines(tune.Callback):
 
 
 def run_config_kwargs(
-    params: Sequence[str],
-    max_epochs: int,
-    columns: Sequence[str],
-    location: str,
-    callbacks: Sequence[Any] = (),
+    params: Sequence[str], max_epochs: int, columns: Sequence[str], location: str, callbacks: Sequence[Any] = ()
 ) -> dict[str, Any]:
     """`tune.RunConfig` arguments: the storage (`location`, a path or a URI: Ray's storage_path and
     storage_filesystem), the TrialLines callback and `callbacks`, and when `console.setup` chose
@@ -136,9 +132,7 @@ def mlflow_callbacks(tracking_uri: str | None, experiment: str) -> list[Any]:
     if not tracking_uri:
         return []
     redact.remember(tracking_uri)
-    return [
-        _masked_mlflow_logger()(tracking_uri=tracking_uri, experiment_name=experiment, save_artifact=False)
-    ]
+    return [_masked_mlflow_logger()(tracking_uri=tracking_uri, experiment_name=experiment, save_artifact=False)]
 
 
 def __getattr__(name: str) -> Any:
@@ -158,11 +152,7 @@ def _masked_mlflow_logger() -> type:
 
     class MaskedMLflowLogger(MLflowLoggerCallback):
         def __getstate__(self) -> dict[str, Any]:
-            return {
-                **self.__dict__,
-                "tracking_uri": redact.mask_url(self.tracking_uri),
-                "tracking_token": None,
-            }
+            return {**self.__dict__, "tracking_uri": redact.mask_url(self.tracking_uri), "tracking_token": None}
 
         def __setstate__(self, state: dict[str, Any]) -> None:
             uri = state.get("tracking_uri")
@@ -292,7 +282,9 @@ def build_refit_tuner(
         ),
         run_config=tune.RunConfig(
             name=name,
-            **run_config_kwargs(space.searched(), max_epochs, ["member/config_rank", "member/fold"], storage),
+            **run_config_kwargs(
+                space.searched(), max_epochs, ["member/config_rank", "member/fold"], storage
+            ),
         ),
     )
 
