@@ -84,7 +84,7 @@ def _forward_padded(model: torch.nn.Module, x: torch.Tensor, gsd: float, city: i
     return {"agl": agl[:, 0], "scale": out["scale"].float().reshape(b), "direction": out["direction"].float()}
 
 
-def _predict_views(
+def merge_views(
     model: torch.nn.Module,
     image: torch.Tensor,
     gsd: float,
@@ -157,7 +157,7 @@ def _predict_tiled(model, image, gsd, city, views, precision, per_view_loop, max
     wsum = torch.zeros((h, w), dtype=torch.float32, device=image.device)
     scale, direction, mass = 0.0, np.zeros(2), 0.0
     for rs, cs, weight in _windows(h, w, tile, overlap):
-        a, s, d = _predict_views(model, image[:, rs, cs], gsd, city, views, precision, per_view_loop)
+        a, s, d = merge_views(model, image[:, rs, cs], gsd, city, views, precision, per_view_loop)
         wt = torch.from_numpy(weight).to(image.device)
         agl[rs, cs] += a * wt
         wsum[rs, cs] += wt
@@ -201,6 +201,6 @@ def predict_tile(
                 _predict_tiled(model, x, gsd, city, views, precision, per_view_loop, max_tile, overlap)
             )
         else:
-            a, s, d = _predict_views(model, x, gsd, city, views, precision, per_view_loop)
+            a, s, d = merge_views(model, x, gsd, city, views, precision, per_view_loop)
             preds.append(Prediction(agl=a.cpu().numpy(), scale=s, direction=d))
     return preds if weights is None else [blend_predictions(preds, weights)]

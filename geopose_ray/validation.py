@@ -17,8 +17,9 @@ from torch import nn
 from geopose_ray.constants import CITIES
 from geopose_ray.device import autocast, to_device
 from geopose_ray.metrics import GeoposeScore
+from geopose_ray.predict import merge_views
 from geopose_ray.step_stats import is_distributed
-from geopose_ray.tta import View, apply_view, invert_direction, invert_view
+from geopose_ray.tta import View
 
 
 def dist_sum(array: np.ndarray) -> np.ndarray:
@@ -72,22 +73,22 @@ def _predict(
     precision: str,
     views: tuple[View, ...] | None,
 ) -> dict[str, torch.Tensor]:
-    """The model's float32 outputs for a batch; with `views`, their test-time merge as the
-    ensemble makes it (`predict._predict_views`): AGL maps and directions turned back into the
-    tile's frame and averaged, scales averaged. Only what the score reads is merged."""
+    """The model's float32 outputs for a batch; with `views`, each tile's test-time merge by the
+    ensemble's own code (`predict.merge_views`: the views batched, padded to the model's size
+    multiple, turned back and averaged). Only what the score reads is merged."""
     if views is None:
         with autocast(device, precision):
             pred = model(batch["image"], batch["gsd"], batch["city"])
         return {k: v.float() for k, v in pred.items()}
-    agl, direction, scale = 0.0, 0.0, 0.0
-    for view in views:
-        with autocast(device, precision):
-            out = model(apply_view(batch["image"], view), batch["gsd"], batch["city"])
-        agl = agl + invert_view(out["agl"].float(), view)  # (B, 1, H, W) m
-        direction = direction + invert_direction(out["direction"].float(), view)  # (B, 2)
-        scale = scale + out["scale"].float()  # (B, 1) px/m
-    n = len(views)
-    return {"agl": agl / n, "scale": scale / n, "direction": torch.nn.functional.normalize(direction, dim=-1)}
+    merged = [
+        merge_views(model, image, float(gsd), int(city), views, precision, per_view_loop=False)
+        for image, gsd, city in zip(batch["image"], batch["gsd"], batch["city"])
+    ]
+    return {
+        "agl": torch.stack([agl for agl, _, _ in merged])[:, None],  # (B, 1, H, W) m
+        "scale": torch.tensor([[scale] for _, scale, _ in merged], device=device),  # (B, 1) px/m
+        "direction": torch.as_tensor(np.stack([d for _, _, d in merged]), device=device),  # (B, 2) unit
+    }
 
 
 @torch.inference_mode()
