@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from test_search import PLAIN_SPACE, write_space
@@ -66,6 +67,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(synthetic_dir, tmp_path):
     assert f"({tiles} train /" in text and "smoke.yaml" in text and "encoder, agl_loss" in text
     assert "1 Train worker(s) x {'CPU': 0.95}" in text
     assert "4 trial(s) at once" in text  # a 4-CPU cluster: 4 x (0.95 + 0.01)
-    assert "refits:     the top 2 configs on fold(s) [1, 2] (not the search's fold 0" in text
+    # the fixture's folds show fewer than 5 places of a city each: two refit folds, and the
+    # search's own trials join for the test tiles
+    assert re.search(r"refits: +the top 2 configs \((up to|as many as hold) 5 places per city out of fold\) "
+                     r"on fold\(s\) \[1, 2\] \(not the search's fold 0", text), text
+    assert "+ the search's full-budget trials on fold 0, for the test tiles only" in text
     assert f"-> {storage / 'smoke' / 'members.json'}" in text and "estimate:   ~" in text
     assert not storage.exists()

@@ -100,7 +100,7 @@ def test_the_options_file_masks_every_url_and_records_what_made_the_experiment(s
         "name": "random",
         "requested": "auto",
         "source": "default",
-        "reason": "auto: no model-based sampler has beaten random search on the bench at 6 trials yet "
+        "reason": "auto: no model-based sampler has beaten random search on the bench at 4 trials yet "
         "(docs/SEARCH_VALUE.md)",
         "settings": {},
     }
@@ -118,7 +118,7 @@ def test_the_fingerprint_follows_data_space_set_folds_and_derived_defaults(synth
     base = fingerprint()
     assert fingerprint() == base and len(base) == identity.FINGERPRINT_CHARS
     edited = tmp_path / "smoke.yaml"
-    edited.write_text(SMOKE.read_text().replace("num_samples: 6", "num_samples: 7"))
+    edited.write_text(SMOKE.read_text().replace("num_samples: 4", "num_samples: 7"))
     assert fingerprint(space=edited) != base  # the space file's content, not its name
     assert fingerprint(overrides={"n_folds": 3}) != base  # --set, and the folds it changes
     assert fingerprint(overrides={"epoch_samples": 64}) != base  # a derived default fixed instead
@@ -171,7 +171,7 @@ def test_the_plan_names_the_sampler_and_why(synthetic_dir, tmp_path):
         return next(x for x in plan_search(opts, ({"CPU": 2.0}, None)) if x.startswith("sampler:"))
 
     assert line() == (
-        "sampler:    random  auto: no model-based sampler has beaten random search on the bench at 6 trials yet "
+        "sampler:    random  auto: no model-based sampler has beaten random search on the bench at 4 trials yet "
         "(docs/SEARCH_VALUE.md); every trial drawn at random (the defaults' first)"
     )
     assert line(sampler="tpe", num_samples=24) == (
@@ -222,7 +222,7 @@ def test_search_dry_run_starts_no_ray_writes_nothing_and_shows_no_secret(synthet
     assert "(this machine, read without starting Ray)" in run.out
     assert re.search(r"optuna: +postgresql\+psycopg2://user:\*\*\*@db\.example/geopose  \(study smoke-[0-9a-f]{8}\)", run.out)
     assert re.search(r"estimate: +~\d+ (s|min) wall time, a rough estimate", run.out)
-    assert "\nsampler:    random  auto: no model-based sampler has beaten random search on the bench at 6 trials" in run.out
+    assert "\nsampler:    random  auto: no model-based sampler has beaten random search on the bench at 4 trials" in run.out
     assert not storage.exists() and not home.exists()  # no experiment folder, no weights cache
     resumed = dry("run_search.py", "--dry-run", "--resume", "--data", synthetic_dir, "--storage", storage, home=home)
     assert resumed.code == EXIT_BAD_INPUT and resumed.err.count("\n") == 1 and "before leak-free" in resumed.err

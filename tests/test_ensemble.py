@@ -183,6 +183,29 @@ def test_oof_items_use_each_configs_folds_and_skip_uncovered_tiles(tmp_path):
     assert all(json.loads(it["folds"]) == [folds[it["id"]]] * 2 for it in items)
 
 
+def test_a_member_on_the_search_fold_predicts_the_test_tiles_only(tmp_path):
+    """The search's own trial is a free member, but its fold's tiles chose its config: they are
+    no out-of-fold tile, and the blend table marks the member as test-only."""
+    from geopose_ray.data.folds import make_folds
+    from geopose_ray.ensemble.job import oof_items
+    from geopose_ray.ensemble.report import blend_table, config_rows
+
+    train = [
+        CachedSample(f"id{i:02d}", city, 0.5, "train", tmp_path / f"{i}.tif", tmp_path / f"{i}a.tif", 1.0, 0.0)
+        for i, city in enumerate(["ARG", "ATL", "JAX", "OMA"] * 3)
+    ]
+    cfg = {"n_folds": 3, "fold_seed": 0, "fold_mode": "city"}
+    a = {f: ms.Member("A", f, tmp_path, selection_fold=0, config={**cfg, "fold": f}) for f in (0, 1)}
+    folds = make_folds(train, 3, 0, "city")
+    assert {it["id"] for it in oof_items([("A", a)], train)} == {s.id for s in train if folds[s.id] == 1}
+    assert ms.oof_folds(a) == [1] and ms.oof_folds({1: a[1]}) == [1]
+    rows = config_rows([("A", a)], {"members": [0.5]})
+    assert rows[0]["folds"] == [0, 1] and rows[0]["oof_folds"] == [1]
+    table = blend_table({"configs": rows, "oof": {"tiles": 4, "plain_mean": 0.5, "blend": 0.5}})
+    assert any(line.split()[:2] == ["A", "1"] and "+0" in line for line in table)
+    assert any("test tiles only" in line for line in table)
+
+
 def test_finish_refuses_an_incomplete_submission(synthetic_dir, tmp_path):
     import numpy as np
 

@@ -133,3 +133,27 @@ def test_training_split_and_the_ensembles_oof_folds_agree(synthetic_dir, synthet
     items = oof_items([("A", members)], train)
     assert len(items) == len(train)
     assert all(item["id"] in val_of[json.loads(item["folds"])[0]] for item in items)
+
+
+def test_refits_take_as_few_folds_as_hold_enough_places_per_city_out_of_fold():
+    """One refit fold where it already shows MIN_OOF_PLACES places of every city, two where a
+    fold holds only 2-3 (a small set), and never the search's own fold."""
+    from geopose_ray.tune.options import MIN_OOF_PLACES, SearchOptions, refit_folds
+
+    def places(per_city: int, views: int) -> dict:
+        samples = _samples(per_city * views, groups=0)
+        samples = [dataclasses.replace(s, place=f"p{i // views}") for i, s in enumerate(samples)]
+        return folds.places_by_fold(samples, folds.make_folds(samples, 5, seed=0))
+
+    many, few = places(8 * MIN_OOF_PLACES, 2), places(12, 1)  # ~8 and ~2.4 places per city a fold
+    opts = SearchOptions(space="smoke")
+    assert refit_folds(opts, 5, many) == (1,)
+    assert refit_folds(opts, 5, few) == (1, 2)
+    assert refit_folds(opts, 5) == (1, 2)  # not converted yet (a dry run): the most
+    assert refit_folds(dataclasses.replace(opts, fold=4), 5, few) == (0, 1)
+    assert refit_folds(dataclasses.replace(opts, folds=(0, 3)), 5, many) == (0, 3)  # --folds wins
+    # a fold's places: views of one place count once, and every city is counted
+    by_fold = places(10, 4)
+    assert all(sum(len(by_fold[f].get(c, ())) for f in by_fold) == 10 for c in CITIES)  # one fold each
+    assert folds.folds_to_hold(by_fold, (0, 1, 2), min_places=11) == 3  # even all fall short
+    assert folds.folds_to_hold({0: {"ARG": {"a"}}, 1: {"ATL": {"b"}}}, (0, 1), min_places=1) == 2

@@ -23,7 +23,7 @@ SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 
 def space_with(tmp_path: Path, line: str) -> Path:
     path = tmp_path / "space.yaml"
-    path.write_text(SMOKE.read_text().replace("num_samples: 6\n", f"num_samples: 6\n{line}\n"))
+    path.write_text(SMOKE.read_text().replace("num_samples: 4\n", f"num_samples: 4\n{line}\n"))
     return path
 
 

@@ -4,6 +4,7 @@ driver killed mid-search then resumed (subprocess, its own Ray)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -20,7 +21,7 @@ from geopose_ray.config import Config
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import trial_train_config
 from geopose_ray.metrics import GeoposeScore
-from geopose_ray.tune import options, refit, report, search, tuner
+from geopose_ray.tune import options, refit, report, search, trainer, tuner
 from geopose_ray.tune.capacity import Capacity, TrialResources
 from geopose_ray.tune.space import load_space
 
@@ -128,6 +129,42 @@ def test_longer_refits_are_new_configs_and_never_reuse_the_searchs_shorter_trial
     assert list(reused) == [(0, 0)] and jobs == [(0, 1)]  # same budget: fold 0 is the search's trial
     reused, jobs = refit.plan_jobs(recs, [longer], (0, 1), max_epochs=5)
     assert reused == {} and jobs == [(0, 0), (0, 1)]  # longer: both folds trained again
+
+
+def test_the_searchs_own_fold_never_enters_a_configs_out_of_fold_score(tmp_path):
+    """The search trial on the selection fold is a member for free, but its fold's tiles chose the
+    config: the config's OOF score pools the other folds only (NaN when it has none)."""
+    rng = np.random.default_rng(0)
+
+    def sums(bias: float) -> str:
+        acc = GeoposeScore()
+        for i, city in enumerate(("ARG", "ATL", "JAX", "OMA") * 2):
+            agl = rng.uniform(0, 20, (8, 8))
+            acc.update(city, agl, agl + rng.normal(bias, 1, agl.shape), 1.0, 0.3 * i, 1.0, 0.3 * i)
+        path = tmp_path / f"{bias}.npy"
+        np.save(path, acc.to_array())
+        return str(path)
+
+    good, poor = sums(0.0), sums(6.0)
+    members = [
+        {"rank": 0, "config_id": "a", "fold": 0, "val_score": good, "selection_fold": 0},
+        {"rank": 0, "config_id": "a", "fold": 1, "val_score": poor, "selection_fold": 0},
+        {"rank": 1, "config_id": "b", "fold": 0, "val_score": good, "selection_fold": 0},
+    ]
+    refit.add_oof_scores(members)
+    alone = GeoposeScore.from_array(np.load(poor)).compute()["final"]
+    assert members[0]["config_oof_score"] == members[1]["config_oof_score"] == pytest.approx(alone)
+    assert math.isnan(members[2]["config_oof_score"])
+    assert refit.selects(members[0]) and not refit.selects(members[1])
+
+
+def test_a_lone_cpu_refit_gets_the_idle_trial_slots_cores():
+    settings = trainer.DriverSettings("e", "/s", resources=TrialResources(cpus_per_worker=0.95))
+    wide = refit.idle_cores(settings, slots=2, jobs=1)
+    assert wide["thread_factor"] == 2 and wide["resources"].cpus_per_worker == pytest.approx(1.9)
+    assert refit.idle_cores(settings, slots=2, jobs=2) == {} and refit.idle_cores(settings, 3, 2) == {}
+    gpu = dataclasses.replace(settings, resources=TrialResources(gpus_per_worker=1.0))
+    assert refit.idle_cores(gpu, slots=4, jobs=1) == {}
 
 
 def test_a_trial_is_stopped_early_only_before_its_own_epoch_budget(tmp_path):
@@ -351,9 +388,11 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
         assert Config.from_dict(m["config"]).data.fold == m["fold"]
         own = GeoposeScore.from_array(np.load(m["val_score"])).compute()  # this fold's accumulators
         assert own["final_present"] == pytest.approx(m["score"], abs=1e-6)
-    # the config's out-of-fold score pools its own folds
-    pooled = sum(GeoposeScore.from_array(np.load(m["val_score"])) for m in members).compute()
-    assert all(m["config_oof_score"] == pytest.approx(pooled["final"]) for m in members)
+    # the config's out-of-fold score pools its own folds but the search's (fold 0 chose it)
+    assert all(m["selection_fold"] == 0 for m in members)
+    pooled = sum(GeoposeScore.from_array(np.load(m["val_score"])) for m in members if m["fold"] != 0).compute()
+    want = pooled["final"] if math.isfinite(pooled["final"]) else pooled["final_present"]  # one fold: a city may lack
+    assert all(m["config_oof_score"] == pytest.approx(want) for m in members)
     refit_board = res.refit_leaderboard
     assert not refit_board["stopped_early"].any() and (refit_board["epochs_run"] == 3).all()
     assert set(refit_board["fold"]) == {m["fold"] for m in refits}

@@ -90,3 +90,26 @@ def _assign(ordered: Sequence[HasCity], splits) -> dict[str, int]:
             for i in val_idx:
                 folds[ordered[i].id] = fold
     return folds
+
+
+def places_by_fold(samples: Sequence[HasCity], fold_of: dict[str, int]) -> dict[int, dict[str, set[str]]]:
+    """{fold: {city: the places its tiles show}}: what a fold's out-of-fold score rests on (the
+    metric is per city, and views of one place move together)."""
+    out: dict[int, dict[str, set[str]]] = {}
+    for s in samples:
+        if s.id in fold_of:
+            out.setdefault(fold_of[s.id], {}).setdefault(s.city, set()).add(place_key(s))
+    return out
+
+
+def folds_to_hold(places: dict[int, dict[str, set[str]]], order: Sequence[int], min_places: int) -> int:
+    """How many of `order`'s folds, taken in turn, it takes for every city to show at least
+    `min_places` places out of fold (all of `order` when even they fall short)."""
+    cities = {c for by_city in places.values() for c in by_city}
+    seen: dict[str, set[str]] = {c: set() for c in cities}
+    for k, fold in enumerate(order, 1):
+        for city, ps in places.get(fold, {}).items():
+            seen[city] |= ps
+        if all(len(ps) >= min_places for ps in seen.values()):
+            return k
+    return len(order)

@@ -30,7 +30,7 @@ from geopose_ray.data.cache import CachedSample, load_cache
 from geopose_ray.data.folds import config_folds
 from geopose_ray.ensemble.blend import BlendParams, OofTable, fit_blend
 from geopose_ray.ensemble.diversity import error_diversity
-from geopose_ray.ensemble.members import Member, cache_dir_for, group_by_config, lead_config
+from geopose_ray.ensemble.members import Member, cache_dir_for, group_by_config, lead_config, oof_folds
 from geopose_ray.ensemble.plan import actor_pool
 from geopose_ray.ensemble.preview import write_previews
 from geopose_ray.ensemble.report import add_test_scores, config_rows, write_report
@@ -163,15 +163,17 @@ def oof_items(
     configs: list[tuple[str, dict[int, Member]]], train: list[CachedSample]
 ) -> list[dict[str, Any]]:
     """Train tiles that every config has an out-of-fold member for, with the fold per config
-    (each config's own folds, `config_folds`, as its members were trained)."""
-    fold_maps = []
+    (each config's own folds, `config_folds`, as its members were trained). A member on the
+    search's own fold predicts the test tiles only: that fold's tiles chose its config."""
+    fold_maps, honest = [], []
     for _, members in configs:
         cfg = next(iter(members.values())).cfg()
         fold_maps.append(config_folds(train, cfg.data))
+        honest.append(oof_folds(members))
     items = []
     for s in train:
         folds = [fm[s.id] for fm in fold_maps]
-        if all(f in members for f, (_, members) in zip(folds, configs)):
+        if all(f in ok for f, ok in zip(folds, honest)):
             items.append({**_record(s), "agl": str(s.agl), "folds": json.dumps(folds)})
     return items
 

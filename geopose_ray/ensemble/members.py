@@ -134,6 +134,13 @@ def by_oof_score(members: list[Member]) -> list[tuple[str, float]]:
     return [(c, -best[c][0]) for c in order]
 
 
+def oof_folds(members: dict[int, Member]) -> list[int]:
+    """The folds of a config whose members predict out of fold: all but the search's own fold,
+    whose tiles chose the config (a member there comes free from the search and predicts the
+    test tiles only)."""
+    return sorted(f for f, m in members.items() if f != m.selection_fold)
+
+
 def latest_experiment(root: str | Path) -> str:
     """Name of the most recently written experiment in `root` (a folder or a URI) that has a
     members.json."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from geopose_ray.atomic import atomic_write_json, json_safe
 from geopose_ray.ensemble.diversity import diversity_line
-from geopose_ray.ensemble.members import Member
+from geopose_ray.ensemble.members import Member, oof_folds
 from geopose_ray.metrics import GeoposeScore
 from geopose_ray.uncertainty import gap_noise, interval
 
@@ -96,8 +96,10 @@ def blend_table(report: dict[str, Any]) -> list[str]:
         f"test: {test.get('tiles', 0)} tiles with truth)",
         f"  {'member config':<24} {'folds':<8} {'OOF':>10} {'test':>10}",
     ]
+    if any(c.get("oof_folds", c["folds"]) != c["folds"] for c in report["configs"]):
+        lines.insert(1, "  (+k: a member on the search's fold k, which chose the config: test tiles only)")
     for c in report["configs"]:
-        lines.append(row(c["config_id"], ",".join(map(str, c["folds"])), c["oof"], c.get("test")))
+        lines.append(row(c["config_id"], _folds(c), c["oof"], c.get("test")))
     lines.append(row("plain mean", "", fit.get("plain_mean"), test.get("plain_mean")))
     kept = ", ".join(fit.get("kept") or []) or "none"
     # OOF: the cross-fitted score that chose the refinements (tiles scored by parameters fitted
@@ -133,7 +135,7 @@ def calibration(report: dict[str, Any]) -> dict[str, Any] | None:
     searched = [c["search_score"] for c in report["configs"] if _finite(c.get("search_score"))]
     searched_tta = [c["search_score_tta"] for c in report["configs"] if _finite(c.get("search_score_tta"))]
     selection = {c.get("selection_fold", -1) for c in report["configs"]} - {-1}
-    folds = sorted({f for c in report["configs"] for f in c["folds"]})
+    folds = sorted({f for c in report["configs"] for f in c.get("oof_folds", c["folds"])})
     optimistic = bool(selection & set(folds))
     figures = {
         "search": max(searched, default=None),
@@ -189,6 +191,14 @@ def calibration_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _folds(config_row: dict[str, Any]) -> str:
+    """'1,2' (the out-of-fold folds), with '+0' for a member on the search's fold: it predicts the
+    test tiles only, since that fold's tiles chose the config."""
+    oof = config_row.get("oof_folds", config_row["folds"])
+    extra = [f for f in config_row["folds"] if f not in oof]
+    return ",".join(map(str, oof)) + "".join(f" +{f}" for f in extra)
+
+
 def _spread(spread: dict[str, Any] | None) -> str:
     """' +-sd [low, high] over P places', the bootstrap of a figure (`uncertainty.interval`)."""
     if not spread or not _finite(spread.get("sd")):
@@ -217,6 +227,7 @@ def config_rows(configs: list[tuple[str, dict[int, Member]]], fit: dict[str, Any
                 "config_id": cid,
                 "rank": first.rank,
                 "folds": sorted(ms),
+                "oof_folds": oof_folds(ms),  # the folds behind "oof" (not the search's own)
                 "search_score": first.search_score,  # on the selection fold, single view
                 "search_score_tta": first.search_score_tta,  # the same fold, test-time views, last epoch
                 "selection_fold": first.selection_fold,

@@ -67,9 +67,10 @@ def _data_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--data", help="DrivenData-layout folder (default: the embedded synthetic set)")
     g.add_argument("--cache", help="conversion cache (default: <data>/.geopose_cache)")
     g.add_argument("--fold", type=int, default=0, help="validation fold of the search")
-    g.add_argument("--folds", help="refit folds: a count or a comma list (default: the two folds after --fold, so the "
-                   "out-of-fold scores that choose members and fit the blend did not choose the configs; "
-                   "the search's own fold reuses its full-budget trials)")  # fmt: skip
+    g.add_argument("--folds", help="refit folds: a count or a comma list (default: the one or two folds after --fold "
+                   "that show 5 places of every city, so the out-of-fold scores that choose members and fit the "
+                   "blend did not choose the configs; the search's full-budget trials on --fold join as members "
+                   "for the test tiles only)")  # fmt: skip
 
 
 def _search_args(g: argparse._ArgumentGroup) -> None:

@@ -25,6 +25,7 @@ from geopose_ray.redact import mask_url
 from geopose_ray.tune.capacity import TrialResources
 from geopose_ray.tune.identity import Identity, check_resumable, identify, provenance
 from geopose_ray.tune.options import (
+    MIN_OOF_PLACES,
     SearchOptions,
     cached_weights,
     check_capacity_options,
@@ -32,6 +33,7 @@ from geopose_ray.tune.options import (
     check_optuna_storage,
     check_sampler,
     check_storage,
+    fold_places,
     load_run_space,
     measure_data,
     optuna_study,
@@ -54,6 +56,7 @@ CPU_S_PER_MPX = 15.0
 GPU_S_PER_MPX = 0.2
 VAL_COST = 1 / 3  # a validated pixel (forward only) against a trained one (forward + backward)
 TRIAL_START_S = 45.0
+TWO_THREAD_SPEEDUP = 12.4 / 8.9  # one default epoch alone, 1 thread against 2 (docs/BENCHMARKS.md)
 EPOCH_OVERHEAD_S = 0.2
 
 
@@ -94,6 +97,7 @@ def plan_search(opts: SearchOptions, cluster: Cluster, where: str = "") -> list[
     if opts.resume:  # a fingerprint from a sample of tiles may differ from the run's: folds only then
         exact = ident is not None and measured is not None and measured.measured == measured.train_tiles
         check_resumable(exp, space, ident.fingerprint if exact else None, choice.name)
+    places = fold_places(opts, data, space) if measured is not None else None
     sched = space.scheduler
     have = {k: cluster[0].get(k, 0.0) for k in ("CPU", "GPU")}
     url, study = optuna_study(opts, exp, ident.fingerprint if ident else None)
@@ -113,8 +117,8 @@ def plan_search(opts: SearchOptions, cluster: Cluster, where: str = "") -> list[
         *_weights_lines(opts, base),
         *_identity_lines(ident, measured),
         *_data_lines(ident, measured),
-        *_refit_lines(opts, space, exp.file(MEMBERS)),
-        _estimate_line(opts, space, resources, concurrent, measured),
+        *_refit_lines(opts, space, exp.file(MEMBERS), places),
+        _estimate_line(opts, space, resources, concurrent, measured, places),
     ]
     return lines
 
@@ -191,16 +195,22 @@ def selection_note(opts: SearchOptions, n_folds: int) -> str:
     return f"not the search's fold {opts.fold}: out-of-fold scores free of the selection"
 
 
-def _refit_lines(opts: SearchOptions, space: SearchSpace, members: str) -> list[str]:
+def _refit_lines(opts: SearchOptions, space: SearchSpace, members: str, places: dict | None) -> list[str]:
     if opts.refit_top <= 0:
         return []
     seeds = f" x {opts.refit_seeds} seeds" if opts.refit_seeds > 1 else ""
     seeds += f", {opts.refit_epochs} epochs" if opts.refit_epochs else ""
-    folds = refit_folds(opts, space.n_folds())
-    return [
+    folds = refit_folds(opts, space.n_folds(), places)
+    if opts.folds is None:
+        how = "up to" if places is None else "as many as hold"  # before conversion: the most
+        seeds += f" ({how} {MIN_OOF_PLACES} places per city out of fold)"
+    lines = [
         f"refits:     the top {opts.refit_top} configs{seeds} on fold(s) {list(folds)}"
         f" ({selection_note(opts, space.n_folds())}) -> {mask_url(members)}"
     ]
+    if opts.fold not in folds and not opts.refit_epochs:
+        lines.append(f"            + the search's full-budget trials on fold {opts.fold}, for the test tiles only")
+    return lines
 
 
 def asha_epochs(trials: int, grace: int, factor: int, max_epochs: int) -> float:
@@ -251,7 +261,12 @@ def final_tta_seconds(cfg: Config, res: TrialResources, measured: DataStats) -> 
 
 
 def _estimate_line(
-    opts: SearchOptions, space: SearchSpace, res: TrialResources, concurrent: int, measured: DataStats | None
+    opts: SearchOptions,
+    space: SearchSpace,
+    res: TrialResources,
+    concurrent: int,
+    measured: DataStats | None,
+    places: dict | None = None,
 ) -> str:
     """`estimate:` the search's and the refits' wall time, rough, and what it assumed."""
     if measured is None:
@@ -265,11 +280,12 @@ def _estimate_line(
         [r for r in _rungs(sched.grace_period, sched.reduction_factor) if r < sched.max_epochs]
     )  # trials ASHA lets run to the end, as asha_epochs counts them
     search_s = (epochs * per_epoch + space.num_samples * TRIAL_START_S + ended * tta_s) / max(1, concurrent)
-    refits = opts.refit_top * opts.refit_seeds * len(refit_folds(opts, space.n_folds()))
+    refits = opts.refit_top * opts.refit_seeds * len(refit_folds(opts, space.n_folds(), places))
     refit_epochs = opts.refit_epochs or sched.max_epochs
-    refit_s = (
-        refits * (refit_epochs * per_epoch + TRIAL_START_S + tta_s) / max(1, min(concurrent, refits or 1))
-    )
+    slots = max(1, min(concurrent, refits or 1))
+    # a CPU refit alone on slots meant for more trains with their cores (refit.idle_cores)
+    speedup = TWO_THREAD_SPEEDUP if res.gpus_per_worker == 0 and concurrent >= 2 * max(1, refits) else 1.0
+    refit_s = refits * (refit_epochs * per_epoch / speedup + TRIAL_START_S + tta_s) / slots
     device = "GPU" if res.gpus_per_worker > 0 else "CPU"
     # ASHA cuts only what its rungs can rank: where every validation is noise (few tiles per city
     # in a fold), it cut 1 of 6 trials (docs/LEARNING.md, 'Half turns end to end (added 2026-12-03)')

@@ -3,7 +3,11 @@ to the full epoch budget, with no early stopping; the runs become the ensemble's
 
 A second Tuner (`<name>-refit`) runs a grid over (config_rank, fold) with the FIFO scheduler.
 A search trial that already ran the full budget on one of those folds *is* that refit run (same
-config, fold and epochs; ASHA only ever stops trials early), so it is reused, not retrained.
+config, fold and epochs; ASHA only ever stops trials early), so it is reused, not retrained. So is
+such a trial on the search's own fold, as a member that predicts the test tiles only: its fold's
+tiles chose the config, so its out-of-fold predictions are left out of every out-of-fold figure
+(`add_oof_scores`; the ensemble's `oof_items`), while its model, trained like a refit, still
+averages into the delivered prediction for free.
 `<storage>/<name>/members.json` lists every member and its best checkpoint (by score; a path, or
 a URI when the storage is remote). The paths come from `geopose_ray.experiment`, the Tuner from
 `tuner.py`.
@@ -117,20 +121,27 @@ def add_selection(members: list[dict], tops: list[report.TrialRecord], fold: int
 def add_oof_scores(members: list[dict]) -> None:
     """Each member gets `config_oof_score`: the official score of its config over all its folds'
     validation tiles at once, from the summed accumulators (the metric is a sum of per-city
-    statistics, so this equals scoring the pooled out-of-fold predictions; no re-run). NaN when
-    a fold's accumulators are missing. The ensemble job still predicts out-of-fold itself, with
+    statistics, so this equals scoring the pooled out-of-fold predictions; no re-run). The
+    search's fold (`selection_fold`, set by `add_selection`) is left out: its tiles chose the
+    config. NaN when a fold's accumulators are missing, or the config has no other fold. The ensemble job still predicts out-of-fold itself, with
     its TTA, to fit blend weights: those need the predictions, not only their statistics."""
     by_config: dict[str, list[dict]] = {}
     for m in members:
         by_config.setdefault(m["config_id"], []).append(m)
     for rows in by_config.values():
         score = math.nan
-        if all(r["val_score"] for r in rows):
-            total = sum(GeoposeScore.from_array(_load_npy(r["val_score"])) for r in rows)
+        honest = [r for r in rows if not selects(r)]
+        if honest and all(r["val_score"] for r in honest):
+            total = sum(GeoposeScore.from_array(_load_npy(r["val_score"])) for r in honest)
             result = total.compute()
             score = result["final"] if math.isfinite(result["final"]) else result["final_present"]
         for r in rows:
             r["config_oof_score"] = float(score)
+
+
+def selects(member: dict) -> bool:
+    """Whether a member's validation fold is the one whose tiles chose its config."""
+    return int(member["fold"]) == int(member.get("selection_fold", -1))
 
 
 def _load_npy(location: str) -> np.ndarray:
@@ -152,6 +163,18 @@ def plan_jobs(
             else:
                 jobs.append((rank, fold))
     return reused, jobs
+
+
+def idle_cores(settings: trainer.DriverSettings, slots: int, jobs: int) -> dict:
+    """More CPUs and torch threads per refit when fewer refits than trial slots remain (a CPU
+    search refits one fold by default, on a machine that ran two trials at once): the same
+    config trained on 2 cores instead of 1 takes 0.72x the time per epoch (docs/BENCHMARKS.md).
+    GPU trials and configs that leave torch its own thread count are unchanged."""
+    res = settings.resources
+    factor = slots // max(1, jobs)
+    if factor <= 1 or res.gpus_per_worker > 0:
+        return {}
+    return {"resources": dataclasses.replace(res, cpus_per_worker=res.cpus_per_worker * factor), "thread_factor": factor}
 
 
 def run_refit(
@@ -180,11 +203,14 @@ def run_refit(
     configs = with_epochs(seed_replicas([t.train_config for t in tops], seeds), epochs)
     budget = epochs or space.scheduler.max_epochs
     reused, jobs = plan_jobs(records, configs, folds, budget)
+    search_fold = int(space.fixed.get("fold", 0))
+    reused.update(plan_jobs(records, configs, (search_fold,), budget)[0])  # test-only members, free
     board = None
     members = [member_row(r, rec, exp, "search") for (r, _), rec in reused.items()]
     if jobs:
         refit = exp.refit
-        trainable = trainer.make_trainable(dataclasses.replace(settings, experiment=refit.name), train_fn)
+        settings = dataclasses.replace(settings, experiment=refit.name, **idle_cores(settings, concurrent, len(jobs)))
+        trainable = trainer.make_trainable(settings, train_fn)
         root = str(refit.storage)
         tuner.fit_or_resume(
             lambda: tuner.build_refit_tuner(configs, jobs, trainable, refit.name, root, concurrent, space, budget),

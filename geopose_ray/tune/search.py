@@ -24,6 +24,7 @@ from geopose_ray.tune.identity import check_resumable, identify, write_options
 from geopose_ray.tune.options import (
     FIXED_CLUSTER_CONTROLLER_RETRIES,
     SearchOptions,
+    fold_places,
     measure_data,
     optuna_study,
     refit_folds,
@@ -114,7 +115,7 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
             "search interrupted: %d trials unfinished; finish with --resume", report.unfinished(board)
         )
     elif opts.refit_top > 0:
-        folds = refit_folds(opts, space.n_folds())
+        folds = refit_folds(opts, space.n_folds(), fold_places(opts, data_dir, space))
         concurrent = capacity.limit(*ray_env.cluster_resources())  # refits: fixed, from the cluster now
         out = refit.run_refit(
             exp, space, settings, opts.refit_top, folds, concurrent, opts.resume, train_fn,

@@ -147,6 +147,7 @@ class DriverSettings:
     num_to_keep: int = 2
     max_failures: int = 1
     controller_failure_limit: int = -1  # see build_trainer
+    thread_factor: int = 1  # torch threads x this (configs with a fixed count), with as many more CPUs
 
 
 class NodeReportCallback(TuneReportCallback):
@@ -169,8 +170,11 @@ class NodeReportCallback(TuneReportCallback):
 def train_driver_fn(config: dict[str, Any], settings: DriverSettings, train_fn: WorkerFn | None = None) -> None:
     """One Tune trial: fit a TorchTrainer; metrics reach Tune through the report callback."""
     trial_id = tune.get_context().get_trial_id()
+    train_config = trial_train_config(config)
+    if settings.thread_factor > 1 and int(train_config.get("threads", 0)) > 0:
+        train_config["threads"] = int(train_config["threads"]) * settings.thread_factor  # how it runs, not what
     build_trainer(
-        trial_train_config(config),
+        train_config,
         name=train_run_name(settings.experiment, trial_id),
         storage_path=settings.storage_path,
         resources=settings.resources,
