@@ -274,11 +274,12 @@ def test_ensemble_dry_run_starts_no_ray_and_writes_nothing(synthetic_dir, tmp_pa
         (ckpt / "state.pt").write_bytes(b"")  # a plan never loads weights
         config = {"fold": fold, "n_folds": 3, "data_dir": str(synthetic_dir)}
         (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
-        entries.append({"rank": 0, "config_id": "A", "fold": fold, "checkpoint": str(ckpt), "config": config})
+        entry = {"rank": 0, "config_id": "A", "fold": fold, "checkpoint": str(ckpt), "config": config}
+        entries.append({**entry, "selection_fold": 0})  # fold 0: the search's own trial
     (storage / "e" / "members.json").write_text(json.dumps(entries))
     run = dry("run_ensemble.py", "--dry-run", "--storage", storage, "--name", "e", "--tta", "flip", home=tmp_path / "h")
     assert run.code == 0 and run.ray == [], run.err
-    assert "2 checkpoints of 1 config(s): A folds [0, 1]" in run.out and "flip (4 view(s) per member)" in run.out
+    assert "2 checkpoints of 1 config(s): A folds [0, 1] (fold 0: the search's, test tiles only)" in run.out and "flip (4 view(s) per member)" in run.out
     assert "cache current" in run.out and re.search(r"estimate: +~\d+ (s|min) wall time", run.out)
     assert sorted(p.name for p in (storage / "e").iterdir()) == ["ckpt0", "ckpt1", "members.json"]
 

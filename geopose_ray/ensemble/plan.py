@@ -15,7 +15,7 @@ from typing import Any
 from geopose_ray import paths
 from geopose_ray.console import duration
 from geopose_ray.data import cache, layout, stats
-from geopose_ray.ensemble.members import Member, cache_dir_for, group_by_config, lead_config
+from geopose_ray.ensemble.members import Member, cache_dir_for, group_by_config, lead_config, oof_folds
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import ENSEMBLE, Experiment
 from geopose_ray.redact import mask_url
@@ -58,7 +58,7 @@ def plan_ensemble(
     upload = exp.remote and args.out is None
     return [
         f"members:    {len(members)} checkpoints of {len(configs)} config(s): "
-        + "; ".join(f"{cid} folds {sorted(folds)}" for cid, folds in configs),
+        + "; ".join(f"{cid} folds {sorted(folds)}" + _test_only(folds) for cid, folds in configs),
         *([f"checkpoints: in {mask_url(str(exp.storage))}, downloaded into {exp.cache_root}"] if exp.remote else []),
         f"data:       {data}  ({len(train)} train / {len(test)} test tiles of ~{tile_px} px); cache "
         + ("current" if current else f"converted first into {cache_dir}"),
@@ -71,6 +71,12 @@ def plan_ensemble(
     ]
 
 
+def _test_only(folds: dict[int, Member]) -> str:
+    """' (fold 0: the search's, test tiles only)' for a member on the fold that chose its config."""
+    extra = sorted(set(folds) - set(oof_folds(folds)))
+    return f" (fold {','.join(map(str, extra))}: the search's, test tiles only)" if extra else ""
+
+
 def _estimate_line(
     configs: list[tuple[str, dict[int, Member]]], n_folds: int, n_train: int, n_test: int, tile_px: int,
     views: int, actors: int, per_actor: dict[str, float],
@@ -79,7 +85,7 @@ def _estimate_line(
     once per config) and test pass (every member on every test tile), at the assumed rate, over
     the actors."""
     mpx = tile_px**2 / 1e6 * views
-    covered = min(len(folds) for _, folds in configs) / max(1, n_folds)
+    covered = min(len(oof_folds(folds)) for _, folds in configs) / max(1, n_folds)
     oof = n_train * covered * len(configs) * mpx
     test = n_test * sum(len(folds) for _, folds in configs) * mpx
     gpu = "num_gpus" in per_actor

@@ -123,8 +123,9 @@ def add_oof_scores(members: list[dict]) -> None:
     validation tiles at once, from the summed accumulators (the metric is a sum of per-city
     statistics, so this equals scoring the pooled out-of-fold predictions; no re-run). The
     search's fold (`selection_fold`, set by `add_selection`) is left out: its tiles chose the
-    config. NaN when a fold's accumulators are missing, or the config has no other fold. The ensemble job still predicts out-of-fold itself, with
-    its TTA, to fit blend weights: those need the predictions, not only their statistics."""
+    config. NaN when a fold's accumulators are missing, or the config has no other fold. The
+    ensemble job still predicts out-of-fold itself, with its TTA, to fit blend weights: those
+    need the predictions, not only their statistics."""
     by_config: dict[str, list[dict]] = {}
     for m in members:
         by_config.setdefault(m["config_id"], []).append(m)
