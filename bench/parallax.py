@@ -2,6 +2,9 @@
 several seeds, then score the test truth view by view.
 
     python bench/parallax.py --set tune-tall-256 --seeds 0,1,2 [--epochs 20] [--set-key KEY=VALUE] > RUN.jsonl
+    python bench/parallax.py --set SET --seeds 1 --views-out V   # also saves V.seed1.pkl
+    python bench/parallax.py --combine V.seed0.pkl V.seed1.pkl   # the members' D4 views averaged
+    python bench/parallax.py --set SET --rebn V.seed1.pt         # before and after precise_bn
     python bench/parallax.py --plot RUN.jsonl [RUN2.jsonl ...] --out curves.png   # seeds' curves
 
 For each seed: the single-view (identity) score, the 4 rotations alone, the 4 reflections alone,
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -121,7 +125,9 @@ def _mean(d: dict[str, float]) -> float:
     return float(np.mean(vals)) if vals else math.nan
 
 
-def run_seed(data_dir: Path, seed: int, epochs: int | None, keys: dict[str, Any]) -> dict[str, Any]:
+def run_seed(
+    data_dir: Path, seed: int, epochs: int | None, keys: dict[str, Any], views_out: Path | None = None
+) -> dict[str, Any]:
     from geopose_ray.checkpoint import inference_weights, load_weights
     from geopose_ray.models import build_model
     from geopose_ray.train_loop import fit
@@ -141,6 +147,11 @@ def run_seed(data_dir: Path, seed: int, epochs: int | None, keys: dict[str, Any]
     model = build_model(cfg.model)
     load_weights(model, inference_weights(last["state"]))
     tiles = per_view(model.eval(), data_dir, Path(cfg.data.cache_dir or data_dir / ".geopose_cache"))
+    if views_out is not None:  # for --combine: members' views averaged as the ensemble averages them
+        views_out.parent.mkdir(parents=True, exist_ok=True)
+        with open(views_out.with_name(f"{views_out.name}.seed{seed}.pkl"), "wb") as f:
+            pickle.dump(tiles, f)
+        torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, views_out.with_name(f"{views_out.name}.seed{seed}.pt"))
     return {
         "seed": seed,
         "train_s": wall,
@@ -148,6 +159,52 @@ def run_seed(data_dir: Path, seed: int, epochs: int | None, keys: dict[str, Any]
         "test": {g: score_group(tiles, names) for g, names in GROUPS.items()},
         "views": {name: direction_bias(tiles, name) for name in GROUPS["d4"]},
     }
+
+
+def combine(files: list[Path]) -> dict[str, Any]:
+    """The score of several members' D4 views averaged together (each member's 8 views, as the
+    ensemble's plain mean averages members' D4 predictions), and of each member alone."""
+    members = []
+    for f in files:
+        with open(f, "rb") as fh:
+            members.append(pickle.load(fh))
+    merged = []
+    for per_member in zip(*members):
+        views = {f"{m}:{n}": v for m, t in enumerate(per_member) for n, v in t["views"].items()}
+        merged.append({**per_member[0], "views": views})
+    names = tuple(merged[0]["views"])
+    return {
+        "members": [str(f) for f in files],
+        "each_d4": [score_group(t, GROUPS["d4"])["final"] for t in members],
+        "each_none": [score_group(t, GROUPS["none"])["final"] for t in members],
+        "mean_d4": score_group(merged, names),
+        "mean_none": score_group(merged, tuple(n for n in names if n.endswith(":identity"))),
+    }
+
+
+def rebn(model_file: Path, data_dir: Path) -> dict[str, Any]:
+    """A saved model (`--views-out`) scored as trained, then with its BatchNorm statistics
+    re-measured as `train_loop.fit` now does (`precise_bn`): no weight changed."""
+    from geopose_ray import precise_bn
+    from geopose_ray.config import Config
+    from geopose_ray.data import cache
+    from geopose_ray.models import build_model
+
+    saved = torch.load(model_file, weights_only=False)
+    cfg = Config.from_dict(saved["config"])
+    model = build_model(cfg.model)
+    model.load_state_dict(saved["model"])
+    cache_dir = Path(cfg.data.cache_dir or data_dir / ".geopose_cache")
+    out = {"model": str(model_file)}
+    for when in ("as_trained", "precise_bn"):
+        if when == "precise_bn":
+            train = cache.load_cache(cache_dir, "train")
+            side = int(np.median([min(t.height, t.width) for t in train]))
+            batches = precise_bn.bn_batches(train, cfg.data.val_crop, side, cfg.data.val_batch_size)
+            precise_bn.recompute(model, batches, torch.device("cpu"), "fp32")
+        tiles = per_view(model.eval(), data_dir, cache_dir)
+        out[when] = {g: score_group(tiles, names)["final"] for g, names in GROUPS.items()}
+    return out
 
 
 def plot(runs: list[Path], out: Path) -> None:
@@ -192,18 +249,27 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="default: the space's max_epochs")
     p.add_argument("--set-key", action="append", default=[], metavar="KEY=VALUE", help="fix a Config key")
     p.add_argument("--work", type=Path, default=None)
+    p.add_argument("--views-out", type=Path, default=None, help="save each seed's test views to PATH.seedN.pkl")
+    p.add_argument("--combine", nargs="+", type=Path, help="score the mean of these saved members' views")
+    p.add_argument("--rebn", type=Path, help="a saved model (PATH.seedN.pt): scored before and after precise_bn")
     a = p.parse_args()
     if a.plot:
         plot(a.plot, a.out)
         return
+    if a.combine:
+        print(json.dumps(sig(combine(a.combine))), flush=True)
+        return
     if not a.set:
         p.error("--set is required (or --plot)")
+    if a.rebn:
+        print(json.dumps(sig(rebn(a.rebn, generate_named(a.set, work_dir(a.work) / "family" / a.set)))), flush=True)
+        return
     keys = {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in (kv.split("=", 1) for kv in a.set_key)}
     data = generate_named(a.set, work_dir(a.work) / "family" / a.set)
     _, measured, lines = train_config(data, 0, a.epochs, keys)
     print(json.dumps({"set": a.set, "stats": measured.__dict__, "derived": lines, "keys": keys}), flush=True)
     for seed in (int(s) for s in a.seeds.split(",")):
-        print(json.dumps(sig(run_seed(data, seed, a.epochs, keys))), flush=True)
+        print(json.dumps(sig(run_seed(data, seed, a.epochs, keys, a.views_out))), flush=True)
 
 
 if __name__ == "__main__":

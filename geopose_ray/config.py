@@ -102,6 +102,9 @@ class TrainConfig:
     # test-time views of the last epoch's validation, reported as score_tta beside the single-view
     # score that ASHA compares: what the ensemble delivers (constants.TTA_NAMES; "none" = skip)
     final_tta: str = "d4"
+    # after the last epoch, BatchNorm statistics re-measured on whole training tiles
+    # (geopose_ray/precise_bn.py): the moving average of small crop batches is not them
+    precise_bn: bool = True
 
     def __post_init__(self) -> None:
         if self.sync_every < 1:

@@ -15,3 +15,11 @@ def city_index(city: str) -> int:
         return CITIES.index(city)
     except ValueError:
         raise KeyError(city) from None
+
+# BatchNorm's statistics are re-measured after the last epoch on whole training tiles
+# (geopose_ray/precise_bn.py): every one, up to BN_PX pixels (3 derived epochs' crop pixels),
+# at least MIN_BN_TILES, in batches of at least BN_BATCH (the tiles of one batch normalise
+# each other meanwhile, as in training: more tiles, statistics closer to the population's)
+BN_PX = 3 * 320 * 64 * 64
+MIN_BN_TILES = 64
+BN_BATCH = 8

@@ -22,6 +22,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from geopose_ray import precise_bn
 from geopose_ray.checkpoint import init_from_checkpoint, load_weights, make_state, restore_state, unwrap
 from geopose_ray.config import Config
 from geopose_ray.data.dataset import city_means, target_units
@@ -208,6 +209,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
+    train: list  # the training tiles (cache samples): the last model's BatchNorm statistics (precise_bn)
 
 
 def _build_run(
@@ -233,7 +235,13 @@ def _build_run(
     steps_per_epoch = math.ceil(len(train_dl) / max(1, cfg.optim.grad_accum))
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch, cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg.train.precision, device)[1])
-    return _Run(device, train_dl, val_dl, criterion, model, optimizer, scheduler, scaler)
+    return _Run(device, train_dl, val_dl, criterion, model, optimizer, scheduler, scaler, train)
+
+
+def _bn_batches(cfg: Config, train: list) -> list:
+    sides = [min(s.height, s.width) for s in train if s.height and s.width]
+    side = int(np.median(sides)) if sides else cfg.data.crop  # a cache from before sizes were kept
+    return precise_bn.bn_batches(train, cfg.data.val_crop, side, cfg.data.val_batch_size)
 
 
 def _resume(run: _Run, cfg: Config, start_state: dict[str, Any] | None, rank: int) -> tuple[int, int]:
@@ -328,6 +336,8 @@ def fit(
             step, loss_hook, ema,
         )  # fmt: skip
         done = epoch + 1
+        if done == cfg.train.epochs and cfg.train.precise_bn:  # the last model: statistics of its own weights
+            precise_bn.recompute(evaluated, _bn_batches(cfg, run.train), run.device, cfg.train.precision)
         if not val_metrics or done % cfg.train.val_every == 0 or done == cfg.train.epochs:
             val_metrics = _validate_epoch(run, evaluated, cfg, kept, last=done == cfg.train.epochs)
         nonfinite_total += int(tm["nonfinite_steps"])

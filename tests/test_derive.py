@@ -92,3 +92,29 @@ def test_agl_stats_measure_the_lean_of_built_pixels_only():
     assert row["disp_p95"] == pytest.approx(60.0) and row["built"] == pytest.approx(100 / 9999)
     assert row["agl_n"] == 9999 and (row["height"], row["width"]) == (100, 100)
     assert stats.agl_stats(np.zeros((8, 8), np.float32), 1.0)["disp_p95"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("crop", "samples", "expected"),
+    [(64, 320, 20), (128, 80, 40), (160, 52, 50), (256, 20, 60), (160, 0, 20)],
+)
+def test_refits_of_larger_crops_train_longer_within_a_bound(crop, samples, expected):
+    """An epoch of larger crops shows fewer roofs: the delivered models train longer, at most 3x;
+    a space whose epoch is a pass over the tiles keeps the search's budget."""
+    assert derive.refit_epochs(20, crop, samples).value == expected
+
+
+def test_refit_epochs_are_derived_unless_given(tmp_path):
+    from geopose_ray.tune.options import SearchOptions, resolve_refit_epochs
+    from geopose_ray.tune.space import load_space
+
+    base = load_space(ROOT / "search_spaces" / "smoke.yaml")
+    tall = base.with_data(_stats(256, 65.0))[0]
+    gentle = base.with_data(_stats(128, 13.0))[0]
+    opts = SearchOptions(space=str(base.path))
+    assert resolve_refit_epochs(opts, tall)[0] == 2.5 * base.scheduler.max_epochs
+    assert resolve_refit_epochs(opts, gentle)[0] is None  # the search's budget: its trials are reused
+    assert resolve_refit_epochs(SearchOptions(space=str(base.path), refit_epochs=7), tall) == (
+        7,
+        "--refit-epochs",
+    )

@@ -50,6 +50,7 @@ LAYERS: dict[str, int] = {
     "geopose_ray.synthetic": PARTS,
     "geopose_ray.train_loop": CORES,
     "geopose_ray.step_stats": CORES,
+    "geopose_ray.precise_bn": CORES,
     "geopose_ray.validation": CORES,
     "geopose_ray.optim": CORES,
     "geopose_ray.checkpoint": CORES,

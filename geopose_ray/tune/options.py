@@ -222,6 +222,21 @@ def resolve_resources(
     return res
 
 
+def resolve_refit_epochs(opts: SearchOptions, space: SearchSpace) -> tuple[int | None, str]:
+    """The refits' epochs and why: --refit-epochs, else derived from the crop
+    (`derive.refit_epochs`); None where that is the search's budget, so that the search's own
+    full-budget trials are reused (`refit.run_refit`)."""
+    from geopose_ray.data import derive
+
+    if opts.refit_epochs is not None:
+        return opts.refit_epochs, "--refit-epochs"
+    crop = space.fixed.get("crop")
+    if not isinstance(crop, int):  # searched, or before the data is measured
+        return None, "the search's budget (the crop is not fixed)"
+    d = derive.refit_epochs(space.scheduler.max_epochs, crop, int(space.fixed.get("epoch_samples", 0)))
+    return (None if d.value == space.scheduler.max_epochs else d.value), d.reason
+
+
 def check_capacity_options(opts: SearchOptions) -> None:
     """--pending-trials >= 0, --max-concurrent >= 1, --refit-seeds and --refit-epochs >= 1
     (checked before Ray starts)."""

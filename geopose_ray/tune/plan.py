@@ -40,6 +40,7 @@ from geopose_ray.tune.options import (
     refit_folds,
     resolve_capacity,
     resolve_experiment,
+    resolve_refit_epochs,
     resolve_resources,
     resolve_sampler,
     resolve_space,
@@ -199,7 +200,8 @@ def _refit_lines(opts: SearchOptions, space: SearchSpace, members: str, places: 
     if opts.refit_top <= 0:
         return []
     seeds = f" x {opts.refit_seeds} seeds" if opts.refit_seeds > 1 else ""
-    seeds += f", {opts.refit_epochs} epochs" if opts.refit_epochs else ""
+    epochs, why = resolve_refit_epochs(opts, space)
+    seeds += f", {epochs} epochs" if epochs else ""
     folds = refit_folds(opts, space.n_folds(), places)
     if opts.folds is None:
         how = "up to" if places is None else "as many as hold"  # before conversion: the most
@@ -208,7 +210,9 @@ def _refit_lines(opts: SearchOptions, space: SearchSpace, members: str, places: 
         f"refits:     the top {opts.refit_top} configs{seeds} on fold(s) {list(folds)}"
         f" ({selection_note(opts, space.n_folds())}) -> {mask_url(members)}"
     ]
-    if opts.fold not in folds and not opts.refit_epochs:
+    if epochs and not opts.refit_epochs:
+        lines.append(f"            {epochs} epochs: {why}")
+    if opts.fold not in folds and not epochs:
         lines.append(f"            + the search's full-budget trials on fold {opts.fold}, for the test tiles only")
     return lines
 
@@ -281,7 +285,7 @@ def _estimate_line(
     )  # trials ASHA lets run to the end, as asha_epochs counts them
     search_s = (epochs * per_epoch + space.num_samples * TRIAL_START_S + ended * tta_s) / max(1, concurrent)
     refits = opts.refit_top * opts.refit_seeds * len(refit_folds(opts, space.n_folds(), places))
-    refit_epochs = opts.refit_epochs or sched.max_epochs
+    refit_epochs = resolve_refit_epochs(opts, space)[0] or sched.max_epochs
     slots = max(1, min(concurrent, refits or 1))
     # a CPU refit alone on slots meant for more trains with their cores (refit.idle_cores)
     speedup = TWO_THREAD_SPEEDUP if res.gpus_per_worker == 0 and concurrent >= 2 * max(1, refits) else 1.0

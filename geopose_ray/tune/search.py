@@ -31,6 +31,7 @@ from geopose_ray.tune.options import (
     resolve_capacity,
     resolve_data,
     resolve_experiment,
+    resolve_refit_epochs,
     resolve_resources,
     resolve_sampler,
     resolve_space,
@@ -119,7 +120,7 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
         concurrent = capacity.limit(*ray_env.cluster_resources())  # refits: fixed, from the cluster now
         out = refit.run_refit(
             exp, space, settings, opts.refit_top, folds, concurrent, opts.resume, train_fn,
-            opts.refit_seeds, opts.refit_epochs,
+            opts.refit_seeds, resolve_refit_epochs(opts, space)[0],
         )  # fmt: skip
         result.members, result.members_path, result.refit_leaderboard = out
         result.interrupted = result.members_path is None
