@@ -199,8 +199,7 @@ def rebn(model_file: Path, data_dir: Path) -> dict[str, Any]:
     for when in ("as_trained", "precise_bn"):
         if when == "precise_bn":
             train = cache.load_cache(cache_dir, "train")
-            side = int(np.median([min(t.height, t.width) for t in train]))
-            batches = precise_bn.bn_batches(train, cfg.data.val_crop, side, cfg.data.val_batch_size)
+            batches = precise_bn.bn_batches(train, cfg.data.val_crop, cfg.data.val_batch_size)
             precise_bn.recompute(model, batches, torch.device("cpu"), "fp32")
         tiles = per_view(model.eval(), data_dir, cache_dir)
         out[when] = {g: score_group(tiles, names)["final"] for g, names in GROUPS.items()}

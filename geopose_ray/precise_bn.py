@@ -21,16 +21,17 @@ import torch
 from torch import Tensor, nn
 
 from geopose_ray.constants import BN_BATCH, BN_PX, MIN_BN_TILES
+from geopose_ray.data import stats
 from geopose_ray.data.dataset import GeoposeDataset
 from geopose_ray.device import autocast
 
 
-def bn_batches(train: list, val_crop: int, tile_px: int, batch_size: int) -> list[dict[str, Tensor]]:
+def bn_batches(train: list, val_crop: int, batch_size: int) -> list[dict[str, Tensor]]:
     """The batches the statistics are measured on, loaded once: whole training tiles (or the
     validation's centre window, `val_crop`, of large ones), spread evenly over the training list
     (it is ordered by city): every one up to BN_PX pixels, at least MIN_BN_TILES. Tiles of one
     size share a batch, so a set of mixed sizes needs no padding."""
-    side = val_crop or tile_px
+    side = val_crop or stats.from_cache(train).tile_px  # a current cache knows every tile's size
     n = min(len(train), max(MIN_BN_TILES, BN_PX // max(1, side * side)))
     ds = GeoposeDataset([train[i * len(train) // n] for i in range(n)], crop=val_crop or None, random_crop=False)
     by_shape: dict[tuple[int, ...], list[dict[str, Tensor]]] = {}

@@ -238,11 +238,6 @@ def _build_run(
     return _Run(device, train_dl, val_dl, criterion, model, optimizer, scheduler, scaler, train)
 
 
-def _bn_batches(cfg: Config, train: list) -> list:
-    sides = [min(s.height, s.width) for s in train if s.height and s.width]
-    side = int(np.median(sides)) if sides else cfg.data.crop  # a cache from before sizes were kept
-    return precise_bn.bn_batches(train, cfg.data.val_crop, side, cfg.data.val_batch_size)
-
 
 def _resume(run: _Run, cfg: Config, start_state: dict[str, Any] | None, rank: int) -> tuple[int, int]:
     """(first epoch to train, non-finite losses so far): (0, 0) for a fresh run, else what
@@ -337,7 +332,8 @@ def fit(
         )  # fmt: skip
         done = epoch + 1
         if done == cfg.train.epochs and cfg.train.precise_bn:  # the last model: statistics of its own weights
-            precise_bn.recompute(evaluated, _bn_batches(cfg, run.train), run.device, cfg.train.precision)
+            batches = precise_bn.bn_batches(run.train, cfg.data.val_crop, cfg.data.val_batch_size)
+            precise_bn.recompute(evaluated, batches, run.device, cfg.train.precision)
         if not val_metrics or done % cfg.train.val_every == 0 or done == cfg.train.epochs:
             val_metrics = _validate_epoch(run, evaluated, cfg, kept, last=done == cfg.train.epochs)
         nonfinite_total += int(tm["nonfinite_steps"])

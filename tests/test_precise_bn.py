@@ -1,5 +1,5 @@
-"""BatchNorm statistics re-measured on whole training tiles: they equal the plain mean of the
-tiles' batch statistics whatever the moving average held, nothing but the norms changes mode,
+"""BatchNorm statistics re-measured on whole training tiles: they equal the mean and the pooled
+variance of every pixel of the tiles whatever the moving average held, nothing but the norms changes mode,
 and no random number is drawn (a resumed run must match an uninterrupted one)."""
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ def test_statistics_are_those_of_every_pixel_of_the_tiles_whatever_the_moving_av
 
 def test_the_measured_tiles_span_the_training_list_and_group_by_size(synthetic_cache):
     train = cache.load_cache(synthetic_cache, "train")  # 12 tiles of 64 px, 3 per city
-    batches = precise_bn.bn_batches(train, val_crop=0, tile_px=64, batch_size=4)
+    batches = precise_bn.bn_batches(train, val_crop=0, batch_size=4)
     assert sum(len(b["city"]) for b in batches) == len(train)  # fewer than MIN_BN_TILES: every one
     assert {tuple(b["image"].shape[1:]) for b in batches} == {(3, 64, 64)}
     assert len(torch.cat([b["city"] for b in batches]).unique()) == len({s.city for s in train})  # every city
-    windows = precise_bn.bn_batches(train, val_crop=32, tile_px=64, batch_size=4)
+    windows = precise_bn.bn_batches(train, val_crop=32, batch_size=4)
     assert {tuple(b["image"].shape[1:]) for b in windows} == {(3, 32, 32)}  # the validation's centre window
