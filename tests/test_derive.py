@@ -105,16 +105,17 @@ def test_refits_of_larger_crops_train_longer_within_a_bound(crop, samples, expec
 
 
 def test_refit_epochs_are_derived_unless_given(tmp_path):
-    from geopose_ray.tune.options import SearchOptions, resolve_refit_epochs
+    from geopose_ray.tune.options import SearchOptions
+    from geopose_ray.tune.refit_plan import refit_epochs
     from geopose_ray.tune.space import load_space
 
     base = load_space(ROOT / "search_spaces" / "smoke.yaml")
     tall = base.with_data(_stats(256, 65.0))[0]
     gentle = base.with_data(_stats(128, 13.0))[0]
     opts = SearchOptions(space=str(base.path))
-    assert resolve_refit_epochs(opts, tall)[0] == 2.5 * base.scheduler.max_epochs
-    assert resolve_refit_epochs(opts, gentle)[0] is None  # the search's budget: its trials are reused
-    assert resolve_refit_epochs(SearchOptions(space=str(base.path), refit_epochs=7), tall) == (
+    assert refit_epochs(opts, tall)[0] == 2.5 * base.scheduler.max_epochs
+    assert refit_epochs(opts, gentle)[0] is None  # the search's budget: its trials are reused
+    assert refit_epochs(SearchOptions(space=str(base.path), refit_epochs=7), tall) == (
         7,
         "--refit-epochs",
     )

@@ -138,7 +138,8 @@ def test_training_split_and_the_ensembles_oof_folds_agree(synthetic_dir, synthet
 def test_refits_take_as_few_folds_as_hold_enough_places_per_city_out_of_fold():
     """One refit fold where it already shows MIN_OOF_PLACES places of every city, two where a
     fold holds only 2-3 (a small set), and never the search's own fold."""
-    from geopose_ray.tune.options import MIN_OOF_PLACES, SearchOptions, refit_folds
+    from geopose_ray.tune.options import SearchOptions
+    from geopose_ray.tune.refit_plan import MIN_OOF_PLACES, refit_folds
 
     def places(per_city: int, views: int) -> dict:
         samples = _samples(per_city * views, groups=0)

@@ -89,6 +89,7 @@ RAY_FREE = [
     "geopose_ray.tune.capacity",
     "geopose_ray.tune.progress",
     "geopose_ray.tune.options",
+    "geopose_ray.tune.refit_plan",
     "geopose_ray.tune.identity",
     "geopose_ray.tune.plan",
     "geopose_ray.tune.launch",  # a dry run and --help import no Ray

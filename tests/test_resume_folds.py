@@ -10,7 +10,7 @@ import pytest
 
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import Experiment
-from geopose_ray.tune import identity, options, plan
+from geopose_ray.tune import identity, options, plan, refit_plan
 from geopose_ray.tune.space import load_space
 
 SPACE = """
@@ -50,9 +50,9 @@ def test_the_folds_an_experiment_started_with_are_the_ones_it_resumes_with(tmp_p
 
 def test_the_refits_default_to_folds_that_did_not_choose_the_configs():
     opts = options.SearchOptions(space="x", fold=0)
-    assert options.refit_folds(opts, 5) == (1, 2) and "free of the selection" in plan.selection_note(opts, 5)
+    assert refit_plan.refit_folds(opts, 5) == (1, 2) and "free of the selection" in plan.selection_note(opts, 5)
     last = options.SearchOptions(space="x", fold=4)
-    assert options.refit_folds(last, 5) == (0, 1)
-    assert options.refit_folds(options.SearchOptions(space="x", fold=1), 2) == (0,)  # never the search's fold
+    assert refit_plan.refit_folds(last, 5) == (0, 1)
+    assert refit_plan.refit_folds(options.SearchOptions(space="x", fold=1), 2) == (0,)  # never the search's fold
     chosen = options.SearchOptions(space="x", fold=0, folds=(0, 1))
-    assert options.refit_folds(chosen, 5) == (0, 1) and "optimistic" in plan.selection_note(chosen, 5)
+    assert refit_plan.refit_folds(chosen, 5) == (0, 1) and "optimistic" in plan.selection_note(chosen, 5)

@@ -14,7 +14,6 @@ import dataclasses
 import importlib.util
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,6 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKERS = 2
 FIXED_CLUSTER_CONTROLLER_RETRIES = 5  # x 60 s worker-group start timeouts, then the trial errors
 DEFAULT_CPUS_PER_WORKER = 1.0
-REFIT_FOLDS = 2  # the most refit folds per config by default (refit_folds)
-MIN_OOF_PLACES = 5  # per city out of fold, before a second refit fold is not needed (refit_folds)
 POSTGRES_EXTRA = "pip install -c requirements.lock -e '.[postgres]'"
 
 
@@ -51,10 +48,10 @@ class SearchOptions:
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float | None = None
     fold: int = 0
-    folds: tuple[int, ...] | None = None  # refit folds; None: 1 or REFIT_FOLDS after the search's (refit_folds)
+    folds: tuple[int, ...] | None = None  # refit folds; None: 1 or 2 after the search's (refit_plan.refit_folds)
     refit_top: int = 0
     refit_seeds: int = 1  # training seeds per refit config (refit.seed_replicas)
-    refit_epochs: int | None = None  # epochs of each refit; None: the space's max_epochs (refit.with_epochs)
+    refit_epochs: int | None = None  # epochs of each refit; None: derived from the crop (refit_plan.refit_epochs)
     resume: bool = False
     seed: int = 0
     max_epochs: int | None = None
@@ -143,7 +140,7 @@ def measure_data(opts: SearchOptions, data_dir: str | Path) -> DataStats:
     conversion), else from a sample of its AGL files (a dry run converts nothing)."""
     from geopose_ray.data import cache, stats
 
-    cache_dir = _cache_dir(opts, data_dir)
+    cache_dir = cache_dir_of(opts, data_dir)
     try:
         if cache.is_current(Path(data_dir), cache_dir):
             return stats.from_cache(cache.load_cache(cache_dir, "train"))
@@ -152,7 +149,7 @@ def measure_data(opts: SearchOptions, data_dir: str | Path) -> DataStats:
         raise InputError(data_dir, str(e)) from None
 
 
-def _cache_dir(opts: SearchOptions, data_dir: str | Path) -> Path:
+def cache_dir_of(opts: SearchOptions, data_dir: str | Path) -> Path:
     return Path(opts.cache).resolve() if opts.cache else paths.default_cache_dir(data_dir)
 
 
@@ -220,21 +217,6 @@ def resolve_resources(
             raise InputError(space.path, f"{problem}; the autoscaler's largest cluster has {most}")
         log.warning("%s (waiting for the autoscaler)", problem)
     return res
-
-
-def resolve_refit_epochs(opts: SearchOptions, space: SearchSpace) -> tuple[int | None, str]:
-    """The refits' epochs and why: --refit-epochs, else derived from the crop
-    (`derive.refit_epochs`); None where that is the search's budget, so that the search's own
-    full-budget trials are reused (`refit.run_refit`)."""
-    from geopose_ray.data import derive
-
-    if opts.refit_epochs is not None:
-        return opts.refit_epochs, "--refit-epochs"
-    crop = space.fixed.get("crop")
-    if not isinstance(crop, int):  # searched, or before the data is measured
-        return None, "the search's budget (the crop is not fixed)"
-    d = derive.refit_epochs(space.scheduler.max_epochs, crop, int(space.fixed.get("epoch_samples", 0)))
-    return (None if d.value == space.scheduler.max_epochs else d.value), d.reason
 
 
 def check_capacity_options(opts: SearchOptions) -> None:
@@ -362,43 +344,3 @@ def parse_folds(spec: str) -> tuple[int, ...]:
     if not folds or min(folds) < 0 or len(set(folds)) != len(folds):
         raise InputError("--folds", f"need distinct folds >= 0, got {spec!r}")
     return folds
-
-
-def refit_folds(
-    opts: SearchOptions, n_folds: int, places: dict[int, dict[str, set[str]]] | None = None
-) -> tuple[int, ...]:
-    """--folds, else the folds after the search's own, one or `REFIT_FOLDS`: as few as hold
-    `MIN_OOF_PLACES` places of every city out of fold (`places`: `fold_places`; None, as in a
-    dry run before conversion: the most). The search chose its configs by their scores on its
-    fold's tiles, so members refit there would predict those same tiles out of fold, and the
-    blend and the member choice fitted on them would inherit that selection's optimism. On other
-    folds, the out-of-fold tiles never took part in choosing.
-
-    The search's own full-budget trial is a member anyway, for the test tiles only (`refit.py`),
-    so one refit fold already gives two models to average. A second fold buys out-of-fold
-    places: a fold of a small data set holds 2-3 places per city, whose per-city R^2 is noise
-    (docs/LEARNING.md, 'Refit folds, not seeds'); where one fold already holds enough, it would
-    cost a refit's time for little (docs/LEARNING.md, 'One refit fold where it holds enough')."""
-    if opts.folds is not None:
-        return opts.folds
-    order = tuple((opts.fold + 1 + i) % n_folds for i in range(min(REFIT_FOLDS, n_folds - 1)))
-    if places is None:
-        return order
-    from geopose_ray.data.folds import folds_to_hold
-
-    return order[: folds_to_hold(places, order, MIN_OOF_PLACES)]
-
-
-def fold_places(opts: SearchOptions, data_dir: str | Path, space: SearchSpace) -> dict[int, dict[str, set[str]]] | None:
-    """{fold: {city: places}} of the space's folds, from the data's current cache (None before
-    conversion: a dry run converts nothing)."""
-    from geopose_ray.data import cache, folds
-
-    cache_dir = _cache_dir(opts, data_dir)
-    if not cache.is_current(Path(data_dir), cache_dir):
-        return None
-    samples = cache.load_cache(cache_dir, "train")
-    with warnings.catch_warnings():  # a fold warning is the training's to give, not this count's
-        warnings.simplefilter("ignore", UserWarning)
-        fold_of = folds.config_folds(samples, space.default_config().data)
-    return folds.places_by_fold(samples, fold_of)

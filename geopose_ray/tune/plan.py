@@ -25,7 +25,6 @@ from geopose_ray.redact import mask_url
 from geopose_ray.tune.capacity import TrialResources
 from geopose_ray.tune.identity import Identity, check_resumable, identify, provenance
 from geopose_ray.tune.options import (
-    MIN_OOF_PLACES,
     SearchOptions,
     cached_weights,
     check_capacity_options,
@@ -33,18 +32,16 @@ from geopose_ray.tune.options import (
     check_optuna_storage,
     check_sampler,
     check_storage,
-    fold_places,
     load_run_space,
     measure_data,
     optuna_study,
-    refit_folds,
     resolve_capacity,
     resolve_experiment,
-    resolve_refit_epochs,
     resolve_resources,
     resolve_sampler,
     resolve_space,
 )
+from geopose_ray.tune.refit_plan import MIN_OOF_PLACES, fold_places, refit_epochs, refit_folds
 from geopose_ray.tune.sampler import describe
 from geopose_ray.tune.space import SearchSpace
 
@@ -200,7 +197,7 @@ def _refit_lines(opts: SearchOptions, space: SearchSpace, members: str, places: 
     if opts.refit_top <= 0:
         return []
     seeds = f" x {opts.refit_seeds} seeds" if opts.refit_seeds > 1 else ""
-    epochs, why = resolve_refit_epochs(opts, space)
+    epochs, why = refit_epochs(opts, space)
     seeds += f", {epochs} epochs" if epochs else ""
     folds = refit_folds(opts, space.n_folds(), places)
     if opts.folds is None:
@@ -285,11 +282,11 @@ def _estimate_line(
     )  # trials ASHA lets run to the end, as asha_epochs counts them
     search_s = (epochs * per_epoch + space.num_samples * TRIAL_START_S + ended * tta_s) / max(1, concurrent)
     refits = opts.refit_top * opts.refit_seeds * len(refit_folds(opts, space.n_folds(), places))
-    refit_epochs = resolve_refit_epochs(opts, space)[0] or sched.max_epochs
+    refit_budget = refit_epochs(opts, space)[0] or sched.max_epochs
     slots = max(1, min(concurrent, refits or 1))
     # a CPU refit alone on slots meant for more trains with their cores (refit.idle_cores)
     speedup = TWO_THREAD_SPEEDUP if res.gpus_per_worker == 0 and concurrent >= 2 * max(1, refits) else 1.0
-    refit_s = refits * (refit_epochs * per_epoch / speedup + TRIAL_START_S + tta_s) / slots
+    refit_s = refits * (refit_budget * per_epoch / speedup + TRIAL_START_S + tta_s) / slots
     device = "GPU" if res.gpus_per_worker > 0 else "CPU"
     # ASHA cuts only what its rungs can rank: where every validation is noise (few tiles per city
     # in a fold), it cut 1 of 6 trials (docs/LEARNING.md, 'Half turns end to end (added 2026-12-03)')

@@ -24,18 +24,16 @@ from geopose_ray.tune.identity import check_resumable, identify, write_options
 from geopose_ray.tune.options import (
     FIXED_CLUSTER_CONTROLLER_RETRIES,
     SearchOptions,
-    fold_places,
     measure_data,
     optuna_study,
-    refit_folds,
     resolve_capacity,
     resolve_data,
     resolve_experiment,
-    resolve_refit_epochs,
     resolve_resources,
     resolve_sampler,
     resolve_space,
 )
+from geopose_ray.tune.refit_plan import fold_places, refit_epochs, refit_folds
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +118,7 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
         concurrent = capacity.limit(*ray_env.cluster_resources())  # refits: fixed, from the cluster now
         out = refit.run_refit(
             exp, space, settings, opts.refit_top, folds, concurrent, opts.resume, train_fn,
-            opts.refit_seeds, resolve_refit_epochs(opts, space)[0],
+            opts.refit_seeds, refit_epochs(opts, space)[0],
         )  # fmt: skip
         result.members, result.members_path, result.refit_leaderboard = out
         result.interrupted = result.members_path is None
