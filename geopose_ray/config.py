@@ -105,10 +105,15 @@ class TrainConfig:
     # after the last epoch, BatchNorm statistics re-measured on whole training tiles
     # (geopose_ray/precise_bn.py): the moving average of small crop batches is not them
     precise_bn: bool = True
+    # share of the last epochs trained with BatchNorm frozen at statistics re-measured on whole
+    # training tiles (precise_bn.freeze), so the weights adapt to the statistics inference uses
+    bn_freeze: float = 0.0
 
     def __post_init__(self) -> None:
         if self.sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
+        if not 0.0 <= self.bn_freeze <= 1.0:
+            raise ValueError(f"bn_freeze must be in [0, 1], got {self.bn_freeze}")
         if self.final_tta not in TTA_NAMES:
             raise ValueError(f"final_tta must be one of {TTA_NAMES}, got {self.final_tta!r}")
 

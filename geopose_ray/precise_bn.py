@@ -17,6 +17,8 @@ Ray-free and torch-only: the train core imports it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -44,6 +46,21 @@ def bn_batches(train: list, val_crop: int, batch_size: int) -> list[dict[str, Te
         for items in by_shape.values()
         for j in range(0, len(items), size)
     ]
+
+
+def freeze_start(epochs: int, share: float) -> int:
+    """The first epoch trained with frozen statistics: the last `share` of `epochs`, rounded up
+    (at least one epoch when `share` > 0); `epochs` (never) when `share` is 0."""
+    return epochs - math.ceil(share * epochs - 1e-9) if share > 0 else epochs
+
+
+def freeze(model: nn.Module) -> None:
+    """Put every BatchNorm of a model in training mode into eval mode: it normalises by its
+    running statistics and no longer updates them, while the weights (its affine ones included)
+    still learn. Training normalises small crop batches by their own statistics, inference whole
+    tiles by the running ones; epochs trained this way let the weights adapt to the latter."""
+    for m in _norms(model):
+        m.eval()
 
 
 def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -135,6 +135,7 @@ def train_one_epoch(
     step_offset: int = 0,
     loss_hook: LossHook | None = None,
     ema: ModelEmaV3 | None = None,
+    freeze_bn: bool = False,
 ) -> dict[str, float]:
     """One pass over `loader`; returns flat metrics (train_loss, train_<part>, lr, nonfinite_steps,
     imgs_per_s, epoch_time_s).
@@ -157,6 +158,8 @@ def train_one_epoch(
     """
     tcfg, ocfg = cfg.train, cfg.optim
     model.train()
+    if freeze_bn:  # normalise by the running statistics, and keep them (precise_bn.freeze)
+        precise_bn.freeze(model)
     accum, n, every = max(1, ocfg.grad_accum), len(loader), tcfg.sync_every
     gate, stats = gate_mode(every, optimizer, scaler), StepStats(device, tcfg.max_nonfinite)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -323,16 +326,21 @@ def fit(
     metrics: dict[str, float] = {}
     val_metrics: dict[str, float] = {}
     kept: dict[str, np.ndarray] = {}  # the last validation's accumulators, saved with checkpoints
+    frozen_from = precise_bn.freeze_start(cfg.train.epochs, cfg.train.bn_freeze)
+    batches: list[dict[str, Any]] | None = None  # precise_bn's tiles, loaded when first needed
     for epoch in range(start, cfg.train.epochs):
         start_epoch(run.train_dl, cfg.train.seed, rank, epoch)
         step = epoch * len(run.train_dl)  # global step of the epoch's first batch
+        if epoch == frozen_from:  # the trained weights' own statistics, kept from here on
+            batches = batches or precise_bn.bn_batches(run.train, cfg.data.val_crop, cfg.data.val_batch_size)
+            precise_bn.recompute(run.model, batches, run.device, cfg.train.precision)
         tm = train_one_epoch(
             trained, run.train_dl, run.criterion, run.optimizer, run.scheduler, run.scaler, run.device, cfg,
-            step, loss_hook, ema,
+            step, loss_hook, ema, freeze_bn=epoch >= frozen_from,
         )  # fmt: skip
         done = epoch + 1
         if done == cfg.train.epochs and cfg.train.precise_bn:  # the last model: statistics of its own weights
-            batches = precise_bn.bn_batches(run.train, cfg.data.val_crop, cfg.data.val_batch_size)
+            batches = batches or precise_bn.bn_batches(run.train, cfg.data.val_crop, cfg.data.val_batch_size)
             precise_bn.recompute(evaluated, batches, run.device, cfg.train.precision)
         if not val_metrics or done % cfg.train.val_every == 0 or done == cfg.train.epochs:
             val_metrics = _validate_epoch(run, evaluated, cfg, kept, last=done == cfg.train.epochs)

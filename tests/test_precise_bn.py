@@ -73,3 +73,33 @@ def test_the_measured_tiles_span_the_training_list_and_group_by_size(synthetic_c
     assert len(torch.cat([b["city"] for b in batches]).unique()) == len({s.city for s in train})  # every city
     windows = precise_bn.bn_batches(train, val_crop=32, batch_size=4)
     assert {tuple(b["image"].shape[1:]) for b in windows} == {(3, 32, 32)}  # the validation's centre window
+
+
+def test_frozen_norms_normalise_by_their_statistics_and_keep_them_while_the_weights_learn():
+    """What the last `bn_freeze` share of the epochs trains with: the running statistics used
+    (a batch far from them is not re-centred) and left unchanged, the affine weights still updated,
+    the other modules still in training mode."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _Tiny().train()
+    with torch.no_grad():
+        model.conv.weight.abs_()  # every channel sees the batch's offset
+    precise_bn.freeze(model)
+    assert model.training and model.drop.training and not model.bn.training
+    before = model.bn.running_mean.clone(), model.bn.running_var.clone(), model.bn.weight.detach().clone()
+    x = _batches()[2]["image"]  # pixels near 4: a batch's own statistics would centre them
+    out = model.bn(model.conv(x))
+    assert out.mean().abs() > 1.0  # normalised by running statistics (0, 1), not the batch's
+    torch.optim.SGD(model.parameters(), lr=0.1).zero_grad()
+    out.square().mean().backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert torch.equal(model.bn.running_mean, before[0]) and torch.equal(model.bn.running_var, before[1])
+    assert not torch.equal(model.bn.weight.detach(), before[2])
+
+
+def test_the_frozen_epochs_are_the_last_share_rounded_up():
+    assert precise_bn.freeze_start(20, 0.0) == 20  # off: no epoch frozen
+    assert precise_bn.freeze_start(20, 0.2) == 16
+    assert precise_bn.freeze_start(50, 0.2) == 40
+    assert precise_bn.freeze_start(3, 0.1) == 2  # a share above 0 freezes at least one epoch
+    assert precise_bn.freeze_start(5, 1.0) == 0
