@@ -19,7 +19,18 @@ import pytest
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `bench` lives at the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import asha, asha_replay, common, concurrency, inference, loader, precision, ray_overhead, run_all
+from bench import (
+    asha,
+    asha_replay,
+    common,
+    concurrency,
+    inference,
+    loader,
+    poolings,
+    precision,
+    ray_overhead,
+    run_all,
+)
 from bench import search_value as sv
 from bench import search_value_table as svt
 from geopose_ray.config import Config
@@ -106,6 +117,30 @@ def test_asha_comparison_and_goal():
     other_best = asha.compare(_board([0.45, 0.1], [1, 1], ["b", "a"]), _board([0.5, 0.4], [3, 3], ["a", "b"]))
     assert not other_best["same_best_trial"] and other_best["best_delta"] == pytest.approx(-0.05)
     assert asha.verdict(other_best) is False  # cheap, but the best got lost
+
+
+def test_poolings_default_is_the_models_and_the_others_follow_the_tall_pixels():
+    """The default pooling is what the model computes (heads.pooled_direction); on a field whose
+    ground points one way and whose few tall pixels point the other, weighting by MAG² or keeping
+    the tallest 5 % turns the direction towards the tall pixels."""
+    import torch
+
+    from geopose_ray.models.heads import pooled_direction
+
+    flow = torch.zeros(2, 20, 20)
+    flow[0] = 1.0  # ground: (sin, cos) = (1, 0), MAG 1
+    flow[:, :2, :] = torch.tensor([0.0, 5.0])[:, None, None]  # 40 tall pixels: (0, 1), MAG 5
+    mag = torch.ones(1, 20, 20)
+    mag[:, :2, :] = 9.0  # 40 x 9 = 360 votes, as many as the ground's
+    dirs = poolings.poolings(flow, mag)
+    expected = pooled_direction(flow[None], mag[None])[0].double()
+    assert torch.allclose(dirs["mag_unit"] / mag.sum(), expected, atol=1e-4)
+
+    def angle(v):
+        return math.degrees(math.atan2(float(v[0]), float(v[1])))
+
+    assert abs(angle(dirs["mag_unit"]) - 45) < 1  # as many votes each way: halfway
+    assert angle(dirs["mag2_unit"]) < 20 and abs(angle(dirs["top5_unit"])) < 1e-6  # the tall pixels win
 
 
 def test_inference_batched_and_per_view_predict_the_same():
