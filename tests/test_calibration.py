@@ -62,3 +62,18 @@ def test_out_of_fold_scores_on_the_selection_fold_are_labelled_optimistic():
 
 def test_without_test_truth_there_is_nothing_to_calibrate_against():
     assert calibration(_report([1], test=None)) is None and calibration_lines(_report([1], test=None)) == []
+
+
+def test_the_search_figures_name_their_budget_when_the_members_train_longer():
+    """A search's trial ranks configs at its own budget; the refits the test score comes from may
+    train longer (derive.refit_epochs), which the search's lines must say."""
+    report = _report([1])
+    for c in report["configs"]:
+        c.update(search_epochs=20, epochs=60)
+    report["configs"][0]["search_score_tta"] = 0.57
+    lines = [line for line in calibration_lines(report) if "fold 0" in line]
+    assert len(lines) == 2 and all("; 20 epochs, the members 60)" in line for line in lines)
+    for c in report["configs"]:
+        c["epochs"] = 20  # the same budget: only the search's
+    assert all(line.endswith("; 20 epochs)") for line in calibration_lines(report) if "fold 0" in line)
+    assert not any("epochs" in line for line in calibration_lines(_report([1])))  # an older search: unknown

@@ -380,6 +380,7 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
         assert m["search_score"] == pytest.approx(best["score"])
         tta = m["search_score_tta"]
         assert (tta is None and pd.isna(best["score_tta"])) or tta == pytest.approx(best["score_tta"])
+        assert m["search_epochs"] == best["epochs_run"]  # the budget behind those figures
     assert all(m["config"]["epochs"] == 3 for m in members)
     refits = [m for m in members if m["source"] == "refit"]
     assert refits and all(m["experiment"].endswith("-refit") for m in refits)

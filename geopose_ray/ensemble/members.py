@@ -33,6 +33,7 @@ class Member:
     selection_fold: int = -1  # the search's fold, whose tiles chose the config (-1: unknown)
     search_score: float = math.nan  # the config's best validation score there (single view)
     search_score_tta: float = math.nan  # its last epoch's score there with test-time views (D4)
+    search_epochs: int = 0  # the epochs that trial ran (0: unknown); a refit may train more
     trial_id: str = ""
     config: dict[str, Any] = field(default_factory=dict, compare=False)  # flat Config keys
 
@@ -89,6 +90,7 @@ def _member(entry: Any, i: int, path: str | Path) -> Member:
             "selection_fold": int(entry.get("selection_fold", -1)),
             "search_score": _number(entry.get("search_score")),
             "search_score_tta": _number(entry.get("search_score_tta")),
+            "search_epochs": int(entry.get("search_epochs") or 0),
         }
     except (TypeError, ValueError):
         raise InputError(path, f"entry {i}: rank and fold must be integers, the scores numbers") from None

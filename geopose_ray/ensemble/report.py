@@ -159,6 +159,8 @@ def calibration(report: dict[str, Any]) -> dict[str, Any] | None:
         "tta": report.get("tta"),
         **figures,
         "intervals": spreads,
+        "search_epochs": max((c.get("search_epochs") or 0 for c in report["configs"]), default=0),
+        "member_epochs": (best or {}).get("epochs") or 0,
         "gaps": {k: (v - test if _finite(v) else None) for k, v in figures.items()},
         # the sd of each gap from the places drawn alone (both sides' bootstraps); NaN: unknown
         "gap_noise": {k: gap_noise(spreads.get(k), test_spread) for k in figures},
@@ -173,9 +175,10 @@ def calibration_lines(report: dict[str, Any]) -> list[str]:
     sel = ",".join(map(str, cal["selection_folds"])) or "?"
     oof = f"fold(s) {','.join(map(str, cal['oof_folds']))}, TTA {cal['tta']}"
     oof += ": includes the selection fold, optimistic" if cal["oof_optimistic"] else ": not the selection fold"
+    budget = _budget(cal.get("search_epochs"), cal.get("member_epochs"))
     labels = {
-        "search": f"search's best validation (fold {sel}, which chose the configs; single view, no TTA)",
-        "search_tta": f"the same configs' last epoch with the trials' TTA (fold {sel}; what is delivered)",
+        "search": f"search's best validation (fold {sel}, which chose the configs; single view, no TTA{budget})",
+        "search_tta": f"the same configs' last epoch with the trials' TTA (fold {sel}; what is delivered{budget})",
         "member_oof": f"best member config's OOF ({oof})",
         "blend_oof": "blend's OOF (cross-fitted over tile groups)",
     }
@@ -189,6 +192,13 @@ def calibration_lines(report: dict[str, Any]) -> list[str]:
         shown = f"{_num(cal[key]):>8}{_spread((cal.get('intervals') or {}).get(key))}"
         lines.append(f"  {shown}  gap {'-' if gap is None else f'{gap:+.4f}'}{noted}  {label}")
     return lines
+
+
+def _budget(search: int | None, members: int | None) -> str:
+    """'; 20 epochs, the members 60': why a search's figure may trail what its refits deliver."""
+    if not search:
+        return ""
+    return f"; {search} epochs" + (f", the members {members}" if members and members != search else "")
 
 
 def _folds(config_row: dict[str, Any]) -> str:
@@ -231,6 +241,8 @@ def config_rows(configs: list[tuple[str, dict[int, Member]]], fit: dict[str, Any
                 "search_score": first.search_score,  # on the selection fold, single view
                 "search_score_tta": first.search_score_tta,  # the same fold, test-time views, last epoch
                 "selection_fold": first.selection_fold,
+                "search_epochs": first.search_epochs,  # the budget behind the search's figures
+                "epochs": int(first.config.get("epochs") or 0),  # the members' budget
                 "val_score": first.score,  # the member's own fold, single view
                 "oof": score,
             }

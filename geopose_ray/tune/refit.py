@@ -107,7 +107,7 @@ def member_row(rank: int, rec: report.TrialRecord, exp: Experiment, source: str)
 def add_selection(members: list[dict], tops: list[report.TrialRecord], fold: int) -> None:
     """Each member gets what chose its config: the search's fold (`selection_fold`) and the
     config's best score there (`search_score`, single view), and, when its trial ran to the end,
-    its last epoch's score through the test-time views (`search_score_tta`). Read beside the member's own
+    its last epoch's score through the test-time views (`search_score_tta`), after `search_epochs`. Read beside the member's own
     out-of-fold score, it shows how optimistic the search's figure was (the ensemble's
     calibration lines). Seed replicas follow their config (`seed_replicas`' rank order)."""
     for m in members:
@@ -116,6 +116,7 @@ def add_selection(members: list[dict], tops: list[report.TrialRecord], fold: int
         m["search_score"] = float(top.best()[0])
         tta = top.last("score_tta")  # after the trial's last epoch, through the product's views
         m["search_score_tta"] = None if tta is None else float(tta)
+        m["search_epochs"] = int(top.last("epoch") or 0)  # the budget behind both: the members may train longer
 
 
 def add_oof_scores(members: list[dict]) -> None:
