@@ -23,6 +23,7 @@ import math
 import pickle
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +59,26 @@ def train_config(data_dir: Path, seed: int, epochs: int | None, keys: dict[str, 
     return Config.from_dict(flat), measured, lines
 
 
-def per_view(model: torch.nn.Module, data_dir: Path, cache_dir: Path) -> dict[str, Any]:
-    """Every test tile through each D4 view: the un-rotated AGL, scale and raw direction vector."""
+def read_test_tiles(data_dir: Path, cache_dir: Path) -> Iterator[tuple[Any, torch.Tensor, dict[str, Any]]]:
+    """(cache sample, image (3, H, W) in [0, 1], its truth {city, agl, scale, angle}) for every
+    test tile: what the per-view scorers (here and `bench/poolings.py`) run and score."""
     from geopose_ray.data import cache, io
-    from geopose_ray.predict import _forward_padded
-    from geopose_ray.tta import D4_VIEWS, apply_view, invert_direction, invert_view
 
-    tiles = []
     for s in cache.load_cache(cache_dir, "test"):
         truth = data_dir / "truth" / f"{s.city}_{s.id}"
         vflow = io.read_vflow(truth.with_name(truth.name + "_VFLOW.json"))
         agl = io.read_agl(truth.with_name(truth.name + "_AGL.tif"))
         x = torch.from_numpy(io.read_rgb(s.rgb)).permute(2, 0, 1).float() / 255.0
+        yield s, x, {"city": s.city, "agl": agl, "scale": vflow.scale, "angle": vflow.angle}
+
+
+def per_view(model: torch.nn.Module, data_dir: Path, cache_dir: Path) -> dict[str, Any]:
+    """Every test tile through each D4 view: the un-rotated AGL, scale and raw direction vector."""
+    from geopose_ray.predict import _forward_padded
+    from geopose_ray.tta import D4_VIEWS, apply_view, invert_direction, invert_view
+
+    tiles = []
+    for s, x, truth in read_test_tiles(data_dir, cache_dir):
         views = {}
         with torch.no_grad():
             for v in D4_VIEWS:
@@ -79,7 +88,7 @@ def per_view(model: torch.nn.Module, data_dir: Path, cache_dir: Path) -> dict[st
                     float(out["scale"][0]),
                     invert_direction(out["direction"][0], v).numpy(),
                 )
-        tiles.append({"city": s.city, "agl": agl, "scale": vflow.scale, "angle": vflow.angle, "views": views})
+        tiles.append({**truth, "views": views})
     return tiles
 
 

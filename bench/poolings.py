@@ -25,7 +25,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import sig, work_dir
-from bench.parallax import GROUPS
+from bench.parallax import GROUPS, read_test_tiles
 
 
 def poolings(flow: Tensor, mag: Tensor) -> dict[str, Tensor]:
@@ -45,14 +45,10 @@ def poolings(flow: Tensor, mag: Tensor) -> dict[str, Tensor]:
 def pooled_views(model: torch.nn.Module, data_dir: Path, cache_dir: Path) -> list[dict[str, Any]]:
     """Every test tile through each D4 view: un-rotated AGL, scale and every pooling's direction."""
     from geopose_ray.constants import city_index
-    from geopose_ray.data import cache, io
     from geopose_ray.tta import D4_VIEWS, apply_view, invert_direction, invert_view
 
     tiles = []
-    for s in cache.load_cache(cache_dir, "test"):
-        truth = data_dir / "truth" / f"{s.city}_{s.id}"
-        vflow = io.read_vflow(truth.with_name(truth.name + "_VFLOW.json"))
-        x = torch.from_numpy(io.read_rgb(s.rgb)).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+    for s, x, truth in read_test_tiles(data_dir, cache_dir):
         views = {}
         with torch.no_grad():
             for v in D4_VIEWS:
@@ -63,8 +59,7 @@ def pooled_views(model: torch.nn.Module, data_dir: Path, cache_dir: Path) -> lis
                     float(out["scale"][0]),
                     {k: invert_direction(d.float(), v).numpy() for k, d in dirs.items()},
                 )
-        agl = io.read_agl(truth.with_name(truth.name + "_AGL.tif"))
-        tiles.append({"city": s.city, "agl": agl, "scale": vflow.scale, "angle": vflow.angle, "views": views})
+        tiles.append({**truth, "views": views})
     return tiles
 
 

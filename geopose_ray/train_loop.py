@@ -241,7 +241,6 @@ def _build_run(
     return _Run(device, train_dl, val_dl, criterion, model, optimizer, scheduler, scaler, train)
 
 
-
 def _resume(run: _Run, cfg: Config, start_state: dict[str, Any] | None, rank: int) -> tuple[int, int]:
     """(first epoch to train, non-finite losses so far): (0, 0) for a fresh run, else what
     `start_state` holds, restored into the run's model, optimizer, scaler and schedule."""

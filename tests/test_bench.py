@@ -129,7 +129,7 @@ def test_poolings_default_is_the_models_and_the_others_follow_the_tall_pixels():
 
     flow = torch.zeros(2, 20, 20)
     flow[0] = 1.0  # ground: (sin, cos) = (1, 0), MAG 1
-    flow[:, :2, :] = torch.tensor([0.0, 5.0])[:, None, None]  # 40 tall pixels: (0, 1), MAG 5
+    flow[:, :2, :] = torch.tensor([0.0, 5.0])[:, None, None]  # 40 tall pixels: (0, 1)
     mag = torch.ones(1, 20, 20)
     mag[:, :2, :] = 9.0  # 40 x 9 = 360 votes, as many as the ground's
     dirs = poolings.poolings(flow, mag)
