@@ -72,6 +72,9 @@ class LossConfig:
     dir_weight: float = 10.0
     scale_weight: float = 10.0
     dir_mse_lambda: float = 1.0  # direction loss = (1 - cos) + lambda * MSE
+    # weight of 1 - cos between a crop's direction and its half turn's, turned back
+    # (losses.turn_consistency; needs half_turns): the views of one crop must agree
+    turn_weight: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,21 @@ def direction_loss(pred: Tensor, target: Tensor, mse_lambda: float) -> Tensor:
     return (1 - cos).mean() + mse_lambda * F.mse_loss(pred, target)
 
 
+def turn_consistency(direction: Tensor) -> Tensor:
+    """1 - cos between each crop's direction and its half turn's turned back: `direction` (2n, 2)
+    holds n crops, then the same crops turned 180 degrees (data.dataset.half_turn_collate), whose
+    true directions are the negatives.
+
+    Why: a single view misses the angle by far more than the D4 average of its views, so each
+    view errs its own way. The supervised loss only pulls every view towards the truth; this term
+    also pulls the two views of a crop towards each other (a consistency loss on labelled pairs,
+    as AugMix does for its augmentations), with no extra forward pass: both are in the batch.
+    """
+    n = direction.shape[0] // 2
+    d = direction.float()
+    return (1 - F.cosine_similarity(d[:n], -d[n : 2 * n], dim=1, eps=1e-8)).mean()
+
+
 def scale_loss(pred: Tensor, target: Tensor) -> Tensor:
     """MSE of the vector-flow scale, pred (B, 1) and target (B,) in px/m."""
     return F.mse_loss(pred.float().view(-1), target.float().view(-1))
@@ -154,7 +169,7 @@ class Criterion:
         dir_mse_lambda: float = 1.0,
     ):
         self.agl_loss, self.mag_loss = agl_loss, mag_loss
-        self.weights = weights  # keys: agl, mag, direction, scale
+        self.weights = weights  # keys: agl, mag, direction, scale, and turns when it is > 0
         self.dir_mse_lambda = dir_mse_lambda
 
     def __call__(self, pred: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -167,6 +182,8 @@ class Criterion:
                 "direction": direction_loss(pred["direction"], batch["direction"], self.dir_mse_lambda),
                 "scale": scale_loss(pred["scale"], batch["scale"]),
             }
+            if self.weights.get("turns", 0.0) > 0 and "half_turned" in batch:
+                parts["turns"] = turn_consistency(pred["direction"])
             total = sum(self.weights[k] * v for k, v in parts.items())
         return total, {k: v.detach() for k, v in parts.items()}
 
@@ -194,5 +211,6 @@ def build_criterion(cfg: LossConfig, city_means: dict[str, tuple[float, float]] 
         "mag": cfg.mag_weight,
         "direction": cfg.dir_weight,
         "scale": cfg.scale_weight,
+        "turns": cfg.turn_weight,
     }
     return Criterion(agl, mag, weights, dir_mse_lambda=cfg.dir_mse_lambda)

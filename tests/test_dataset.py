@@ -224,6 +224,7 @@ def test_half_turn_pairs_are_the_crops_turned_180_degrees_with_their_flow(train)
         for key in ("scale", "gsd", "city"):
             assert turned[key] == item[key]
     assert torch.allclose(batch["direction"].sum(0), torch.zeros(2), atol=1e-6)  # a batch's directions cancel
+    assert batch["half_turned"] is True  # what tells the losses that crops i and i + 3 are one crop
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 5])

@@ -178,3 +178,33 @@ def test_criterion_is_fp32_under_low_precision_preds():
         total, parts = crit(pred, batch)
     assert total.dtype == torch.float32 and torch.isfinite(total)
     assert all(p.dtype == torch.float32 for p in parts.values())
+
+
+def test_turn_consistency_is_zero_when_a_crop_and_its_half_turn_agree():
+    from geopose_ray.losses import turn_consistency
+
+    d = torch.nn.functional.normalize(torch.randn(3, 2), dim=1)
+    assert turn_consistency(torch.cat([d, -d])).item() == pytest.approx(0.0, abs=1e-6)
+    assert turn_consistency(torch.cat([d, -2.0 * d])).item() == pytest.approx(0.0, abs=1e-6)  # the norm is free
+    assert turn_consistency(torch.cat([d, d])).item() == pytest.approx(2.0, abs=1e-5)  # a frame-fixed answer
+    quarter = torch.stack([d[:, 1], -d[:, 0]], dim=1)  # each twin 90 degrees off
+    assert turn_consistency(torch.cat([d, -quarter])).item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("weight", [0.0, 4.0])
+def test_criterion_adds_the_turn_term_only_on_half_turned_batches_with_a_weight(weight):
+    from geopose_ray.data.dataset import half_turn_collate
+
+    batch, pred = _batch_and_perfect_pred(b=2)
+    items = [{k: v[i] for k, v in batch.items()} for i in range(2)]
+    turned = half_turn_collate(items)
+    pred = {k: torch.cat([v, v]) for k, v in pred.items()}  # both views answer alike: inconsistent
+    crit = build_criterion(LossConfig(turn_weight=weight))
+    _, plain = crit({k: v[:2] for k, v in pred.items()}, batch)
+    assert "turns" not in plain  # an ordinary batch has no pairs
+    total, parts = crit(pred, turned)
+    assert ("turns" in parts) == (weight > 0)
+    if weight:
+        assert parts["turns"].item() == pytest.approx(2.0, abs=1e-5)
+        rest = sum(crit.weights[k] * v for k, v in parts.items() if k != "turns")
+        assert total.item() == pytest.approx(rest.item() + weight * 2.0, rel=1e-5)

@@ -165,6 +165,7 @@ def half_turn_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             turned = value
         out[key] = torch.cat([value, turned]) if torch.is_tensor(value) else [*value, *turned]
+    out["half_turned"] = True  # the losses' marker: crops i and i + n are one crop's two views
     return out
 
 
