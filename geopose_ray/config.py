@@ -108,6 +108,11 @@ class TrainConfig:
     # after the last epoch, BatchNorm statistics re-measured on whole training tiles
     # (geopose_ray/precise_bn.py): the moving average of small crop batches is not them
     precise_bn: bool = True
+    # > 0: also re-measure them before the validation of every N-th epoch, so that a score ASHA
+    # compares mid-run is the model's, not that of its crops' moving statistics; the search sets
+    # it to ASHA's grace period (its rungs are multiples of it). The weights trained do not
+    # change (with the weights' average on; without it, frozen `bn_freeze` epochs would see them)
+    precise_bn_every: int = 0
     # share of the last epochs trained with BatchNorm frozen at statistics re-measured on whole
     # training tiles (precise_bn.freeze), so the weights adapt to the statistics inference uses
     bn_freeze: float = 0.0
@@ -115,6 +120,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
+        if self.precise_bn_every < 0:
+            raise ValueError(f"precise_bn_every must be >= 0, got {self.precise_bn_every}")
         if not 0.0 <= self.bn_freeze <= 1.0:
             raise ValueError(f"bn_freeze must be in [0, 1], got {self.bn_freeze}")
         if self.final_tta not in TTA_NAMES:

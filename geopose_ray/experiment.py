@@ -29,7 +29,9 @@ from typing import Any
 from geopose_ray import paths, storage
 
 METRIC, MODE = "score", "max"  # what ASHA, Optuna, checkpoints and members are ranked by
-RUN_KEYS = ("data_dir", "cache_dir", "weights_cache", "fold")  # where and which fold it ran: not identity
+# where and which fold it ran, and when its statistics were re-measured for a validation (the
+# weights trained are the same): not a config's identity
+RUN_KEYS = ("data_dir", "cache_dir", "weights_cache", "fold", "precise_bn_every")
 REFIT_SUFFIX = "-refit"
 REFIT_CONFIGS = "refit_configs"  # refit trials: {"refit_configs": [...], "member": {"config_rank", "fold"}}
 

@@ -298,6 +298,15 @@ def _state_fn(
     return state_fn
 
 
+def _remeasures(cfg: Config, done: int) -> bool:
+    """Whether the statistics are re-measured before epoch `done`'s validation: after the last
+    epoch, and after every `precise_bn_every`-th. Only the evaluated model's running statistics
+    change, which training in train mode never reads: with the weights' average on (the
+    evaluated model), the weights trained are the same."""
+    every = cfg.train.precise_bn_every
+    return cfg.train.precise_bn and (done == cfg.train.epochs or (every > 0 and done % every == 0))
+
+
 def fit(
     cfg: Config,
     *,
@@ -338,10 +347,11 @@ def fit(
             step, loss_hook, ema, freeze_bn=epoch >= frozen_from,
         )  # fmt: skip
         done = epoch + 1
-        if done == cfg.train.epochs and cfg.train.precise_bn:  # the last model: statistics of its own weights
+        validates = not val_metrics or done % cfg.train.val_every == 0 or done == cfg.train.epochs
+        if validates and _remeasures(cfg, done):  # the evaluated model: statistics of its own weights
             batches = batches or precise_bn.bn_batches(run.train, cfg.data.val_crop, cfg.data.val_batch_size)
             precise_bn.recompute(evaluated, batches, run.device, cfg.train.precision)
-        if not val_metrics or done % cfg.train.val_every == 0 or done == cfg.train.epochs:
+        if validates:
             val_metrics = _validate_epoch(run, evaluated, cfg, kept, last=done == cfg.train.epochs)
         nonfinite_total += int(tm["nonfinite_steps"])
         # epochs that skip validation (val_every) repeat the last validation metrics

@@ -213,3 +213,25 @@ def test_checkpoints_keep_their_folds_metric_accumulators(two_epochs, tmp_path):
         assert sums.shape == GeoposeScore().to_array().shape
         assert GeoposeScore.from_array(sums).compute()["final_present"] == pytest.approx(metrics["score"])
         np.testing.assert_array_equal(load_state(tmp_path / str(epoch))["val_score"].numpy(), sums)
+
+
+def test_statistics_re_measured_mid_run_change_the_scores_not_the_weights(two_epochs):
+    """`precise_bn_every`: the epoch-1 checkpoint and score carry statistics re-measured on whole
+    tiles (what ASHA's rung then compares), while the weights trained, and so the last epoch, are
+    those of a run that re-measures only after the last epoch."""
+    from geopose_ray.train_loop import fit
+
+    cfg, rec, _ = two_epochs
+    every = Recorder()
+    fit(cfg.replace(precise_bn_every=1), reporter=every)
+    norms = [k for k in rec.states[1]["ema"] if k.endswith("running_var")]
+    assert norms
+    changed = [k for k in norms if not torch.equal(every.states[1]["ema"][k], rec.states[1]["ema"][k])]
+    assert len(changed) == len(norms)  # epoch 1: every norm re-measured
+    assert every.metrics[0]["score"] != pytest.approx(rec.metrics[0]["score"], abs=1e-6)
+    for part in ("model", "ema"):
+        for key, value in rec.states[2][part].items():
+            torch.testing.assert_close(every.states[2][part][key], value, msg=f"{part} {key}")
+    assert every.metrics[1]["score"] == pytest.approx(rec.metrics[1]["score"], rel=1e-5)
+    with pytest.raises(ValueError, match="precise_bn_every"):
+        cfg.replace(precise_bn_every=-1)

@@ -101,6 +101,7 @@ def test_top_configs_are_distinct_finished_and_finite():
     assert [r.trial_id for r in refit.top_configs(recs, 1)] == ["t2"]
     cid = experiment.config_id(a)
     assert cid == experiment.config_id({**a, "fold": 3, "data_dir": "/elsewhere"})  # run keys excluded
+    assert cid == experiment.config_id({**a, "precise_bn_every": 5})  # a validation's statistics, not the weights
     assert refit.reusable(recs, cid, fold=0, max_epochs=2).trial_id == "t2"
     assert refit.reusable(recs, cid, fold=1, max_epochs=2) is None
     assert refit.reusable(recs, experiment.config_id(b), fold=0, max_epochs=2) is None  # stopped at 1
@@ -110,9 +111,10 @@ def test_top_configs_are_distinct_finished_and_finite():
 def test_longer_refits_are_new_configs_and_never_reuse_the_searchs_shorter_trials():
     a = {"lr": 1e-3, "fold": 0, "epochs": 2}
     recs = [record("t1", a, [0.2, 0.6])]  # the search's full-budget trial of `a` on fold 0
-    assert refit.with_epochs([a], None) == [a]
+    rung = {**a, "precise_bn_every": 1}  # the search's ASHA re-measured statistics at its rungs
+    assert refit.with_epochs([rung], None) == [{**a, "precise_bn_every": 0}]  # a refit has no rung
     (longer,) = refit.with_epochs([a], 5)
-    assert longer == {**a, "epochs": 5} and a["epochs"] == 2  # not mutated
+    assert longer == {**a, "epochs": 5, "precise_bn_every": 0} and a["epochs"] == 2  # not mutated
     assert experiment.config_id(longer) != experiment.config_id(a)  # a member of its own
     reused, jobs = refit.plan_jobs(recs, [a], (0, 1), max_epochs=2)
     assert list(reused) == [(0, 0)] and jobs == [(0, 1)]  # same budget: fold 0 is the search's trial
@@ -180,6 +182,9 @@ def test_resolve_space_and_resources(tmp_path):
     assert defaults["epochs"] == 1 and defaults["fold"] == 2 and defaults["data_dir"] == "/data"
     assert defaults["cache_dir"] == str((tmp_path / "c").resolve())
     Config.from_dict(defaults)
+    assert defaults["precise_bn_every"] == 0  # grace = max_epochs: no rung before the last epoch
+    rungs = search.resolve_space(search.SearchOptions(space=str(path)), "/data").defaults()
+    assert rungs["precise_bn_every"] == 1  # ASHA's rungs (multiples of its grace) see whole-tile statistics
     with pytest.raises(InputError, match="fold"):
         search.resolve_space(search.SearchOptions(space=str(path), fold=5), "/data")
     res = search.resolve_resources(search.SearchOptions(space=str(path)), space, {"CPU": 4.0})

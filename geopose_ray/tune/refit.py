@@ -64,8 +64,9 @@ def with_epochs(configs: list[dict], epochs: int | None) -> list[dict]:
     """The configs trained for `epochs` (None: unchanged, the space's max_epochs). On a data set
     where the search's budget leaves the model undertrained, a longer refit of the best config
     gains more than a second seed (docs/LEARNING.md: 0.251 -> 0.413 on validation for twice the
-    epochs). The epoch count is part of a config's identity, like the seed."""
-    return [dict(c) if epochs is None else {**c, "epochs": int(epochs)} for c in configs]
+    epochs). The epoch count is part of a config's identity, like the seed. A refit has no ASHA
+    rung to re-measure statistics for (`precise_bn_every`, a run key): only its last epoch does."""
+    return [{**c, "precise_bn_every": 0, **({} if epochs is None else {"epochs": int(epochs)})} for c in configs]
 
 
 def reusable(
