@@ -222,6 +222,7 @@ def test_search_dry_run_starts_no_ray_writes_nothing_and_shows_no_secret(synthet
     assert "(this machine, read without starting Ray)" in run.out
     assert re.search(r"optuna: +postgresql\+psycopg2://user:\*\*\*@db\.example/geopose  \(study smoke-[0-9a-f]{8}\)", run.out)
     assert re.search(r"estimate: +~\d+ (s|min) wall time, a rough estimate", run.out)
+    assert "ASHA grace 5, reduction factor 2.0; statistics re-measured every 5 epochs for the rungs" in run.out
     assert "\nsampler:    random  auto: no model-based sampler has beaten random search on the bench at 4 trials" in run.out
     assert not storage.exists() and not home.exists()  # no experiment folder, no weights cache
     resumed = dry("run_search.py", "--dry-run", "--resume", "--data", synthetic_dir, "--storage", storage, home=home)

@@ -17,7 +17,7 @@ from pathlib import Path
 from geopose_ray import paths
 from geopose_ray.config import Config
 from geopose_ray.console import duration
-from geopose_ray.constants import TTA_VIEWS
+from geopose_ray.constants import BN_PX, MIN_BN_TILES, TTA_VIEWS
 from geopose_ray.data import derive
 from geopose_ray.data.stats import DataStats
 from geopose_ray.experiment import MEMBERS
@@ -104,7 +104,8 @@ def plan_search(opts: SearchOptions, cluster: Cluster, where: str = "") -> list[
         + (f"({tiles['train']} train / {tiles['test']} test tiles)" if tiles else "(the embedded synthetic set)"),
         f"space:      {space.path}  searched: {', '.join(space.searched()) or '-'}",
         f"trials:     {space.num_samples} x up to {sched.max_epochs} epochs on fold {opts.fold}; "
-        f"ASHA grace {sched.grace_period}, reduction factor {sched.reduction_factor}",
+        f"ASHA grace {sched.grace_period}, reduction factor {sched.reduction_factor}"
+        + _rung_statistics(space),
         f"sampler:    {choice.name}  {choice.reason}; {describe(choice, space.conditional())}",
         *_budget_lines(space),
         f"per trial:  {resources.workers_per_trial} Train worker(s) x {resources.per_worker()}",
@@ -214,6 +215,13 @@ def _refit_lines(opts: SearchOptions, space: SearchSpace, members: str, places: 
     return lines
 
 
+def _rung_statistics(space: SearchSpace) -> str:
+    """What ASHA's rungs compare: scores with BatchNorm statistics re-measured on whole tiles
+    every `precise_bn_every` epochs (docs/LEARNING.md, 'What ASHA's rungs compare')."""
+    every = int(space.fixed.get("precise_bn_every", 0) or 0)
+    return f"; statistics re-measured every {every} epochs for the rungs" if every else ""
+
+
 def asha_epochs(trials: int, grace: int, factor: int, max_epochs: int) -> float:
     """Epochs ASHA is expected to run: every trial reaches the first rung, 1/factor of them the
     next, and so on up to max_epochs (docs/CLUSTER.md, 'Cost model')."""
@@ -261,6 +269,15 @@ def final_tta_seconds(cfg: Config, res: TrialResources, measured: DataStats) -> 
     return mpx * rate / max(1, res.workers_per_trial)
 
 
+def remeasure_seconds(cfg: Config, res: TrialResources, measured: DataStats) -> float:
+    """One re-measure of the BatchNorm statistics (`precise_bn.recompute`): a forward pass over
+    up to BN_PX pixels of whole training tiles, at least MIN_BN_TILES of them."""
+    side = cfg.data.val_crop or measured.tile_px
+    tiles = min(measured.train_tiles, max(MIN_BN_TILES, BN_PX // max(1, side * side)))
+    rate = GPU_S_PER_MPX if res.gpus_per_worker > 0 else CPU_S_PER_MPX
+    return VAL_COST * tiles * side**2 / 1e6 * rate / max(1, res.workers_per_trial)
+
+
 def _estimate_line(
     opts: SearchOptions,
     space: SearchSpace,
@@ -280,7 +297,10 @@ def _estimate_line(
     ended = space.num_samples / max(2, sched.reduction_factor) ** len(
         [r for r in _rungs(sched.grace_period, sched.reduction_factor) if r < sched.max_epochs]
     )  # trials ASHA lets run to the end, as asha_epochs counts them
-    search_s = (epochs * per_epoch + space.num_samples * TRIAL_START_S + ended * tta_s) / max(1, concurrent)
+    # statistics re-measured every `precise_bn_every` epochs a trial runs (ASHA's rungs), and after the last
+    remeasures = epochs / max(1, cfg.train.precise_bn_every or sched.max_epochs) if cfg.train.precise_bn else 0.0
+    bn_s = remeasures * remeasure_seconds(cfg, res, measured)
+    search_s = (epochs * per_epoch + space.num_samples * TRIAL_START_S + ended * tta_s + bn_s) / max(1, concurrent)
     refits = opts.refit_top * opts.refit_seeds * len(refit_folds(opts, space.n_folds(), places))
     refit_budget = refit_epochs(opts, space)[0] or sched.max_epochs
     slots = max(1, min(concurrent, refits or 1))
