@@ -46,14 +46,16 @@ def train_config(data_dir: Path, seed: int, epochs: int | None, keys: dict[str, 
     from geopose_ray.config import Config
     from geopose_ray.convert import ensure_cache, process_map
     from geopose_ray.data import cache, stats
-    from geopose_ray.tune.space import load_space
+    from geopose_ray.tune.space import SET_BY_RUN, load_space
 
     cache_dir = ensure_cache(data_dir, map_fn=process_map(), progress=False)
     measured = stats.from_cache(cache.load_cache(cache_dir, "train"))
     base = load_space(SMOKE_SPACE)
     searched = {k: v for k, v in keys.items() if k in base.searched()}  # the default trial's value moved
-    space, lines = base.with_fixed({k: v for k, v in keys.items() if k not in searched}).with_data(measured)
-    flat = {"threads": 2, **space.defaults(), **searched, "data_dir": str(data_dir), "seed": seed}
+    run = {k: v for k, v in keys.items() if k in SET_BY_RUN}  # what a search sets, e.g. precise_bn_every
+    fixed = {k: v for k, v in keys.items() if k not in searched and k not in run}
+    space, lines = base.with_fixed(fixed).with_data(measured)
+    flat = {"threads": 2, **space.defaults(), **searched, **run, "data_dir": str(data_dir), "seed": seed}
     if epochs:
         flat["epochs"] = epochs
     return Config.from_dict(flat), measured, lines

@@ -131,6 +131,7 @@ def test_sampled_values_stay_in_range(tmp_path):
         (("low: 1.0e-4, high", "low: 0.0, high"), "log scale"),
         (("fixed: {crop: 64,", "fixed: {epochs: 3, crop: 64,"), "scheduler.max_epochs"),
         (("fixed: {crop: 64,", "fixed: {fold: 1, crop: 64,"), "set by the run"),
+        (("fixed: {crop: 64,", "fixed: {precise_bn_every: 2, crop: 64,"), "scheduler.grace_period"),
         (("when: {agl_loss: huber}", "when: {lr: 0.1}"), "unknown key"),  # lr comes later
         (("when: {agl_loss: huber}", "when: {agl_loss: l1}"), "never takes"),
         (("num_samples: 5", "num_samples: 5\nsamples: 3"), "unknown key"),

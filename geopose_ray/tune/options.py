@@ -174,9 +174,9 @@ def resolve_space(opts: SearchOptions, data_dir: str, data: DataStats | None = N
     }
     if "seed" not in space.fixed and "seed" not in space.searched():
         run["seed"] = opts.seed  # the training seed of every trial (Optuna's is the same --seed)
-    if "precise_bn_every" not in space.fixed and "precise_bn_every" not in space.searched():
-        # every rung of ASHA (a multiple of its grace period) compares whole-tile statistics
-        run["precise_bn_every"] = sched.grace_period if sched.grace_period < sched.max_epochs else 0
+    # every rung of ASHA (a multiple of its grace period) compares whole-tile statistics; a run
+    # key, like the fold: the scheduler decides it, not the space
+    run["precise_bn_every"] = sched.grace_period if sched.grace_period < sched.max_epochs else 0
     n_folds = space.n_folds()
     if not 0 <= opts.fold < n_folds:
         raise InputError(space.path, f"--fold {opts.fold} is not in 0..{n_folds - 1} (n_folds {n_folds})")

@@ -245,7 +245,7 @@ def _config_key(path: Path, key: str, where: str) -> None:
     if key not in key_owners():
         raise InputError(path, f"{where} '{key}' is not a Config key")
     if key in SET_BY_RUN:
-        hint = "scheduler.max_epochs" if key == "epochs" else "the command line"
+        hint = {"epochs": "scheduler.max_epochs", "precise_bn_every": "scheduler.grace_period"}.get(key, "the command line")
         raise InputError(path, f"{where} '{key}' is set by the run; use {hint}")
 
 
