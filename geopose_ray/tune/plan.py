@@ -151,9 +151,9 @@ def _identity_lines(ident: Identity | None, measured: DataStats | None) -> list[
 # per city, 14 % built, roofs leaning up to a third of the tile), a quiet 2-core machine
 SPARSE_EXPECT = (
     "sparse, tall data: on a held-out set like it (256 px, 14 % built) the default search and "
-    "ensemble scored 0.66 in 18.5 min on 2 cores (refits of 50 epochs; before the longer refits "
-    "and re-measured BatchNorm statistics: 0.44-0.50 in 28 min; docs/LEARNING.md, 'Precise "
-    "statistics and longer refits end to end')"
+    "ensemble scored 0.61 in 23.8 min on 2 cores (refits of 50 epochs, rungs on re-measured "
+    "statistics; one run: without those rungs 0.66 in 18.5 min, another config chosen on a "
+    "fold's noise; docs/LEARNING.md, 'What the rungs of ASHA compare')"
 )
 
 
