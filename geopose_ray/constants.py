@@ -23,3 +23,9 @@ def city_index(city: str) -> int:
 BN_PX = 3 * 320 * 64 * 64
 MIN_BN_TILES = 64
 BN_BATCH = 8
+
+
+def bn_tile_count(train_tiles: int, side: int) -> int:
+    """Whole tiles of `side` px that one re-measure reads: up to BN_PX pixels, at least
+    MIN_BN_TILES, never more than the `train_tiles` there are (precise_bn and the plan's cost)."""
+    return min(train_tiles, max(MIN_BN_TILES, BN_PX // max(1, side * side)))

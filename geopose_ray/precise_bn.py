@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from geopose_ray.constants import BN_BATCH, BN_PX, MIN_BN_TILES
+from geopose_ray.constants import BN_BATCH, bn_tile_count
 from geopose_ray.data import stats
 from geopose_ray.data.dataset import GeoposeDataset
 from geopose_ray.device import autocast
@@ -34,7 +34,7 @@ def bn_batches(train: list, val_crop: int, batch_size: int) -> list[dict[str, Te
     (it is ordered by city): every one up to BN_PX pixels, at least MIN_BN_TILES. Tiles of one
     size share a batch, so a set of mixed sizes needs no padding."""
     side = val_crop or stats.from_cache(train).tile_px  # a current cache knows every tile's size
-    n = min(len(train), max(MIN_BN_TILES, BN_PX // max(1, side * side)))
+    n = bn_tile_count(len(train), side)
     ds = GeoposeDataset([train[i * len(train) // n] for i in range(n)], crop=val_crop or None, random_crop=False)
     by_shape: dict[tuple[int, ...], list[dict[str, Tensor]]] = {}
     for i in range(len(ds)):

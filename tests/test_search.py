@@ -107,7 +107,6 @@ def test_top_configs_are_distinct_finished_and_finite():
     assert refit.reusable(recs, experiment.config_id(b), fold=0, max_epochs=2) is None  # stopped at 1
 
 
-
 def test_longer_refits_are_new_configs_and_never_reuse_the_searchs_shorter_trials():
     a = {"lr": 1e-3, "fold": 0, "epochs": 2}
     recs = [record("t1", a, [0.2, 0.6])]  # the search's full-budget trial of `a` on fold 0
@@ -120,8 +119,6 @@ def test_longer_refits_are_new_configs_and_never_reuse_the_searchs_shorter_trial
     assert list(reused) == [(0, 0)] and jobs == [(0, 1)]  # same budget: fold 0 is the search's trial
     reused, jobs = refit.plan_jobs(recs, [longer], (0, 1), max_epochs=5)
     assert reused == {} and jobs == [(0, 0), (0, 1)]  # longer: both folds trained again
-
-
 
 
 def test_a_trial_is_stopped_early_only_before_its_own_epoch_budget(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 from geopose_ray import paths
 from geopose_ray.config import Config
 from geopose_ray.console import duration
-from geopose_ray.constants import BN_PX, MIN_BN_TILES, TTA_VIEWS
+from geopose_ray.constants import TTA_VIEWS, bn_tile_count
 from geopose_ray.data import derive
 from geopose_ray.data.stats import DataStats
 from geopose_ray.experiment import MEMBERS
@@ -271,9 +271,9 @@ def final_tta_seconds(cfg: Config, res: TrialResources, measured: DataStats) -> 
 
 def remeasure_seconds(cfg: Config, res: TrialResources, measured: DataStats) -> float:
     """One re-measure of the BatchNorm statistics (`precise_bn.recompute`): a forward pass over
-    up to BN_PX pixels of whole training tiles, at least MIN_BN_TILES of them."""
+    whole training tiles (`constants.bn_tile_count`)."""
     side = cfg.data.val_crop or measured.tile_px
-    tiles = min(measured.train_tiles, max(MIN_BN_TILES, BN_PX // max(1, side * side)))
+    tiles = bn_tile_count(measured.train_tiles, side)
     rate = GPU_S_PER_MPX if res.gpus_per_worker > 0 else CPU_S_PER_MPX
     return VAL_COST * tiles * side**2 / 1e6 * rate / max(1, res.workers_per_trial)
 
