@@ -79,16 +79,16 @@ def per_view(model: torch.nn.Module, data_dir: Path, cache_dir: Path) -> dict[st
     from geopose_ray.predict import _forward_padded
     from geopose_ray.tta import D4_VIEWS, apply_view, invert_direction, invert_view
 
-    tiles = []
+    tiles, device = [], next(model.parameters()).device
     for s, x, truth in read_test_tiles(data_dir, cache_dir):
         views = {}
         with torch.no_grad():
             for v in D4_VIEWS:
-                out = _forward_padded(model, apply_view(x, v)[None], s.gsd, _city(s.city), "fp32")
+                out = _forward_padded(model, apply_view(x, v)[None].to(device), s.gsd, _city(s.city), "fp32")
                 views[v.name] = (
-                    invert_view(out["agl"][0], v).numpy(),
+                    invert_view(out["agl"][0], v).cpu().numpy(),
                     float(out["scale"][0]),
-                    invert_direction(out["direction"][0], v).numpy(),
+                    invert_direction(out["direction"][0], v).cpu().numpy(),
                 )
         tiles.append({**truth, "views": views})
     return tiles
@@ -150,6 +150,7 @@ def run_seed(
 
     def reporter(metrics: dict[str, float], state_fn: Any) -> None:
         curve.append({k: metrics[k] for k in ("epoch", "score", "train_loss") if k in metrics})
+        print(f"[parallax] seed {seed} {json.dumps(sig(curve[-1]))}", file=sys.stderr, flush=True)
         if state_fn is not None:
             last["state"] = state_fn()
 
@@ -157,6 +158,7 @@ def run_seed(
     wall = time.perf_counter() - t0
     model = build_model(cfg.model)
     load_weights(model, inference_weights(last["state"]))
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # where fit trained it
     tiles = per_view(model.eval(), data_dir, Path(cfg.data.cache_dir or data_dir / ".geopose_cache"))
     if views_out is not None:  # for --combine: members' views averaged as the ensemble averages them
         views_out.parent.mkdir(parents=True, exist_ok=True)

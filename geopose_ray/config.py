@@ -94,7 +94,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 10
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    channels_last: bool = False
+    # NHWC activations: on an H200, bf16 training ran 1.98x as fast with them and bf16 alone 1.03x
+    # (docs/BENCHMARKS.md, 'Accelerator rows'); CPU kernels gain nothing. None = on for CUDA only
+    channels_last: bool | None = None
     seed: int = 0
     max_nonfinite: int = 5  # this many non-finite losses in a row stop the run
     val_every: int = 1  # epochs
@@ -185,19 +187,23 @@ def key_owners() -> dict[str, str]:
 
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+AUTO_BOOLS = frozenset({"channels_last"})  # booleans whose None ("auto") the device decides at run time
 
 
 def _coerce(section: type, key: str, value: Any) -> Any:
     """Cast YAML/Tune values to the field's type (Tune hands numpy scalars, YAML ints for floats)."""
     default = next(f for f in fields(section) if f.name == key).default
-    if value is None or default is None:
-        return value
-    if isinstance(default, bool):
+    auto = key in AUTO_BOOLS
+    if value is None or (auto and isinstance(value, str) and value.lower() == "auto"):
+        return None
+    if isinstance(default, bool) or auto:
         if isinstance(value, str) and value.lower() in BOOL_WORDS:
             return BOOL_WORDS[value.lower()]
         if not isinstance(value, str) and value in (0, 1):  # bool, numpy bool, 0 / 1
             return bool(value)
-        raise ValueError(f"{key} must be true or false, got {value!r}")
+        raise ValueError(f"{key} must be true or false{' or auto' if auto else ''}, got {value!r}")
+    if default is None:
+        return value
     if isinstance(default, int):
         if isinstance(value, numbers.Integral):  # int, numpy integers: exact, however large
             return int(value)

@@ -37,6 +37,12 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def channels_last(flag: bool | None, device: torch.device) -> bool:
+    """Whether to run in NHWC: as asked, or (None) on CUDA only, where cuDNN's NHWC convolutions
+    are what bf16 needs to pay (2x on an H200) and a CPU gains nothing."""
+    return device.type == "cuda" if flag is None else bool(flag)
+
+
 def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
     """A loader's batch with its tensors on `device` (copies that may overlap compute); the image
     in channels_last memory format when asked."""

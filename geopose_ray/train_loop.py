@@ -27,7 +27,7 @@ from geopose_ray.checkpoint import init_from_checkpoint, load_weights, make_stat
 from geopose_ray.config import Config
 from geopose_ray.data.dataset import city_means, target_units
 from geopose_ray.data.loaders import build_loaders, split_samples, start_epoch
-from geopose_ray.device import autocast, autocast_dtype, to_device
+from geopose_ray.device import autocast, autocast_dtype, channels_last, to_device
 from geopose_ray.losses import build_criterion
 from geopose_ray.models import build_model
 from geopose_ray.optim import build_optimizer, build_scheduler, is_per_epoch
@@ -163,11 +163,11 @@ def train_one_epoch(
     accum, n, every = max(1, ocfg.grad_accum), len(loader), tcfg.sync_every
     gate, stats = gate_mode(every, optimizer, scaler), StepStats(device, tcfg.max_nonfinite)
     params = [p for p in model.parameters() if p.requires_grad]
-    imgs, totals = 0, None
+    imgs, totals, nhwc = 0, None, channels_last(tcfg.channels_last, device)
     optimizer.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     for i, batch in enumerate(loader):
-        batch, step = to_device(batch, device, tcfg.channels_last), step_offset + i
+        batch, step = to_device(batch, device, nhwc), step_offset + i
         group, last = _accumulation_group(i, accum, n)
         with _grad_sync(model, last):
             loss, parts = _forward_loss(model, criterion, batch, device, tcfg.precision, step, loss_hook)
@@ -196,7 +196,7 @@ def _initial_model(
     elif start_state is None:
         model.set_target_units(*target_units(train))
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
+    return model.to(memory_format=torch.channels_last) if channels_last(cfg.train.channels_last, device) else model
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from geopose_ray.config import Config
+from geopose_ray.device import channels_last
 
 
 @pytest.mark.parametrize("value", [16, "16", 16.0, np.int64(16)])
@@ -29,8 +31,14 @@ def test_booleans(value, expected):
 
 
 def test_a_word_that_is_not_a_boolean_is_refused():
-    with pytest.raises(ValueError, match="channels_last must be true or false"):
+    with pytest.raises(ValueError, match="channels_last must be true or false or auto"):
         Config.from_dict({"channels_last": "maybe"})
+
+
+@pytest.mark.parametrize(("value", "cuda", "cpu"), [(None, True, False), ("auto", True, False), ("on", True, True), (False, False, False)])
+def test_channels_last_left_unset_is_on_for_cuda_alone(value, cuda, cpu):
+    flag = Config.from_dict({} if value is None else {"channels_last": value}).train.channels_last
+    assert (channels_last(flag, torch.device("cuda")), channels_last(flag, torch.device("cpu"))) == (cuda, cpu)
 
 
 def test_replace_returns_a_new_config():
