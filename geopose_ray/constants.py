@@ -23,9 +23,14 @@ def city_index(city: str) -> int:
 BN_PX = 3 * 320 * 64 * 64
 MIN_BN_TILES = 64
 BN_BATCH = 8
+# The re-measures before ASHA's rungs (train.precise_bn_every) only rank trials, and may read
+# fewer large tiles: on 384 px tiles, 32 of them scored within 0.011 of 64 on single views
+# (2 models x 2 subsets), while 16 moved them by up to 0.09 (docs/LEARNING.md, 'What the rungs
+# of ASHA compare')
+MIN_RUNG_BN_TILES = 32
 
 
-def bn_tile_count(train_tiles: int, side: int) -> int:
+def bn_tile_count(train_tiles: int, side: int, min_tiles: int = MIN_BN_TILES) -> int:
     """Whole tiles of `side` px that one re-measure reads: up to BN_PX pixels, at least
-    MIN_BN_TILES, never more than the `train_tiles` there are (precise_bn and the plan's cost)."""
-    return min(train_tiles, max(MIN_BN_TILES, BN_PX // max(1, side * side)))
+    `min_tiles`, never more than the `train_tiles` there are (precise_bn and the plan's cost)."""
+    return min(train_tiles, max(min_tiles, BN_PX // max(1, side * side)))

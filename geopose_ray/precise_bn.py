@@ -22,19 +22,19 @@ import math
 import torch
 from torch import Tensor, nn
 
-from geopose_ray.constants import BN_BATCH, bn_tile_count
+from geopose_ray.constants import BN_BATCH, MIN_BN_TILES, bn_tile_count
 from geopose_ray.data import stats
 from geopose_ray.data.dataset import GeoposeDataset
 from geopose_ray.device import autocast
 
 
-def bn_batches(train: list, val_crop: int, batch_size: int) -> list[dict[str, Tensor]]:
+def bn_batches(train: list, val_crop: int, batch_size: int, min_tiles: int = MIN_BN_TILES) -> list[dict[str, Tensor]]:
     """The batches the statistics are measured on, loaded once: whole training tiles (or the
     validation's centre window, `val_crop`, of large ones), spread evenly over the training list
-    (it is ordered by city): every one up to BN_PX pixels, at least MIN_BN_TILES. Tiles of one
+    (it is ordered by city): every one up to BN_PX pixels, at least `min_tiles`. Tiles of one
     size share a batch, so a set of mixed sizes needs no padding."""
     side = val_crop or stats.from_cache(train).tile_px  # a current cache knows every tile's size
-    n = bn_tile_count(len(train), side)
+    n = bn_tile_count(len(train), side, min_tiles)
     ds = GeoposeDataset([train[i * len(train) // n] for i in range(n)], crop=val_crop or None, random_crop=False)
     by_shape: dict[tuple[int, ...], list[dict[str, Tensor]]] = {}
     for i in range(len(ds)):

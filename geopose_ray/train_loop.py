@@ -25,6 +25,7 @@ from torch import nn
 from geopose_ray import precise_bn
 from geopose_ray.checkpoint import init_from_checkpoint, load_weights, make_state, restore_state, unwrap
 from geopose_ray.config import Config
+from geopose_ray.constants import MIN_BN_TILES, MIN_RUNG_BN_TILES
 from geopose_ray.data.dataset import city_means, target_units
 from geopose_ray.data.loaders import build_loaders, split_samples, start_epoch
 from geopose_ray.device import autocast, autocast_dtype, channels_last, to_device
@@ -307,6 +308,15 @@ def _remeasures(cfg: Config, done: int) -> bool:
     return cfg.train.precise_bn and (done == cfg.train.epochs or (every > 0 and done % every == 0))
 
 
+def _bn_tiles(run: _Run, cfg: Config, cached: dict[bool, list], rung: bool) -> list[dict[str, Any]]:
+    """The tiles a re-measure reads, loaded once: fewer large ones before a rung, which only
+    ranks trials (constants.MIN_RUNG_BN_TILES), than after the last epoch, which is delivered."""
+    if rung not in cached:
+        floor = MIN_RUNG_BN_TILES if rung else MIN_BN_TILES
+        cached[rung] = precise_bn.bn_batches(run.train, cfg.data.val_crop, cfg.data.val_batch_size, floor)
+    return cached[rung]
+
+
 def fit(
     cfg: Config,
     *,
@@ -335,13 +345,12 @@ def fit(
     val_metrics: dict[str, float] = {}
     kept: dict[str, np.ndarray] = {}  # the last validation's accumulators, saved with checkpoints
     frozen_from = precise_bn.freeze_start(cfg.train.epochs, cfg.train.bn_freeze)
-    batches: list[dict[str, Any]] | None = None  # precise_bn's tiles, loaded when first needed
+    batches: dict[bool, list[dict[str, Any]]] = {}  # precise_bn's tiles by "for a rung", loaded when first needed
     for epoch in range(start, cfg.train.epochs):
         start_epoch(run.train_dl, cfg.train.seed, rank, epoch)
         step = epoch * len(run.train_dl)  # global step of the epoch's first batch
         if epoch == frozen_from:  # the trained weights' own statistics, kept from here on
-            batches = batches or precise_bn.bn_batches(run.train, cfg.data.val_crop, cfg.data.val_batch_size)
-            precise_bn.recompute(run.model, batches, run.device, cfg.train.precision)
+            precise_bn.recompute(run.model, _bn_tiles(run, cfg, batches, False), run.device, cfg.train.precision)
         tm = train_one_epoch(
             trained, run.train_dl, run.criterion, run.optimizer, run.scheduler, run.scaler, run.device, cfg,
             step, loss_hook, ema, freeze_bn=epoch >= frozen_from,
@@ -349,8 +358,8 @@ def fit(
         done = epoch + 1
         validates = not val_metrics or done % cfg.train.val_every == 0 or done == cfg.train.epochs
         if validates and _remeasures(cfg, done):  # the evaluated model: statistics of its own weights
-            batches = batches or precise_bn.bn_batches(run.train, cfg.data.val_crop, cfg.data.val_batch_size)
-            precise_bn.recompute(evaluated, batches, run.device, cfg.train.precision)
+            rung = done < cfg.train.epochs
+            precise_bn.recompute(evaluated, _bn_tiles(run, cfg, batches, rung), run.device, cfg.train.precision)
         if validates:
             val_metrics = _validate_epoch(run, evaluated, cfg, kept, last=done == cfg.train.epochs)
         nonfinite_total += int(tm["nonfinite_steps"])

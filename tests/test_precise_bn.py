@@ -4,10 +4,12 @@ and no random number is drawn (a resumed run must match an uninterrupted one).""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from geopose_ray import precise_bn
+from geopose_ray.constants import MIN_RUNG_BN_TILES, bn_tile_count
 from geopose_ray.data import cache
 
 
@@ -103,3 +105,14 @@ def test_the_frozen_epochs_are_the_last_share_rounded_up():
     assert precise_bn.freeze_start(50, 0.2) == 40
     assert precise_bn.freeze_start(3, 0.1) == 2  # a share above 0 freezes at least one epoch
     assert precise_bn.freeze_start(5, 1.0) == 0
+
+
+@pytest.mark.parametrize(
+    ("train_tiles", "side", "final", "rung"),
+    [(320, 384, 64, 32), (320, 512, 64, 32), (240, 128, 240, 240), (48, 256, 48, 48), (20, 384, 20, 20)],
+)
+def test_a_rung_reads_fewer_large_tiles_than_the_last_epoch(train_tiles, side, final, rung):
+    """Small tiles: the pixel budget decides both counts. Large ones: the floor does, and a rung,
+    which only ranks trials, has the lower one. Never more tiles than there are."""
+    assert bn_tile_count(train_tiles, side) == final
+    assert bn_tile_count(train_tiles, side, MIN_RUNG_BN_TILES) == rung

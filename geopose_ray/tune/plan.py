@@ -17,7 +17,7 @@ from pathlib import Path
 from geopose_ray import paths
 from geopose_ray.config import Config
 from geopose_ray.console import duration
-from geopose_ray.constants import TTA_VIEWS, bn_tile_count
+from geopose_ray.constants import MIN_BN_TILES, MIN_RUNG_BN_TILES, TTA_VIEWS, bn_tile_count
 from geopose_ray.data import derive
 from geopose_ray.data.stats import DataStats
 from geopose_ray.experiment import MEMBERS
@@ -269,11 +269,11 @@ def final_tta_seconds(cfg: Config, res: TrialResources, measured: DataStats) -> 
     return mpx * rate / max(1, res.workers_per_trial)
 
 
-def remeasure_seconds(cfg: Config, res: TrialResources, measured: DataStats) -> float:
+def remeasure_seconds(cfg: Config, res: TrialResources, measured: DataStats, rung: bool = False) -> float:
     """One re-measure of the BatchNorm statistics (`precise_bn.recompute`): a forward pass over
-    whole training tiles (`constants.bn_tile_count`)."""
+    whole training tiles (`constants.bn_tile_count`; fewer large ones before a rung)."""
     side = cfg.data.val_crop or measured.tile_px
-    tiles = bn_tile_count(measured.train_tiles, side)
+    tiles = bn_tile_count(measured.train_tiles, side, MIN_RUNG_BN_TILES if rung else MIN_BN_TILES)
     rate = GPU_S_PER_MPX if res.gpus_per_worker > 0 else CPU_S_PER_MPX
     return VAL_COST * tiles * side**2 / 1e6 * rate / max(1, res.workers_per_trial)
 
@@ -299,7 +299,7 @@ def _estimate_line(
     )  # trials ASHA lets run to the end, as asha_epochs counts them
     # statistics re-measured every `precise_bn_every` epochs a trial runs (ASHA's rungs), and after the last
     remeasures = epochs / max(1, cfg.train.precise_bn_every or sched.max_epochs) if cfg.train.precise_bn else 0.0
-    bn_s = remeasures * remeasure_seconds(cfg, res, measured)
+    bn_s = remeasures * remeasure_seconds(cfg, res, measured, rung=True)
     search_s = (epochs * per_epoch + space.num_samples * TRIAL_START_S + ended * tta_s + bn_s) / max(1, concurrent)
     refits = opts.refit_top * opts.refit_seeds * len(refit_folds(opts, space.n_folds(), places))
     refit_budget = refit_epochs(opts, space)[0] or sched.max_epochs
