@@ -5,6 +5,7 @@ several seeds, then score the test truth view by view.
     python bench/parallax.py --set SET --seeds 1 --views-out V   # also saves V.seed1.pkl
     python bench/parallax.py --combine V.seed0.pkl V.seed1.pkl   # the members' D4 views averaged
     python bench/parallax.py --set SET --rebn V.seed1.pt         # before and after precise_bn
+    python bench/parallax.py --set SET --bn-tiles V.seed1.pt     # statistics of 64, 32, 16, 8 tiles
     python bench/parallax.py --plot RUN.jsonl [RUN2.jsonl ...] --out curves.png   # seeds' curves
 
 For each seed: the single-view (identity) score, the 4 rotations alone, the 4 reflections alone,
@@ -195,19 +196,48 @@ def combine(files: list[Path]) -> dict[str, Any]:
     }
 
 
+def _saved(model_file: Path, data_dir: Path) -> tuple[Any, torch.nn.Module, Path]:
+    """(config, model on CPU, cache folder) of a model saved by `--views-out`."""
+    from geopose_ray.config import Config
+    from geopose_ray.models import build_model
+
+    saved = torch.load(model_file, weights_only=False, map_location="cpu")
+    cfg = Config.from_dict(saved["config"])
+    model = build_model(cfg.model)
+    model.load_state_dict(saved["model"])
+    return cfg, model, Path(cfg.data.cache_dir or data_dir / ".geopose_cache")
+
+
+def bn_tiles(model_file: Path, data_dir: Path, counts: tuple[int, ...] = (64, 32, 16, 8)) -> Iterator[dict[str, Any]]:
+    """How many whole tiles a re-measure needs: a saved model's statistics re-measured on n
+    training tiles (n >= the set's tiles: all; fewer: evenly spread, up to 3 subsets shifted
+    along the list), each scored single-view and D4 on the test truth. One record per subset."""
+    import copy
+
+    from geopose_ray import precise_bn
+    from geopose_ray.data import cache
+
+    cfg, model, cache_dir = _saved(model_file, data_dir)
+    train = cache.load_cache(cache_dir, "train")
+    for n in (c for c in counts if c <= len(train)):
+        step = len(train) // n
+        for shift in range(min(3, step)):
+            subset = [train[i * step + shift] for i in range(n)]
+            m = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            precise_bn.recompute(m, precise_bn.bn_batches(subset, cfg.data.val_crop, 8, n), torch.device("cpu"), "fp32")
+            tiles = per_view(m.eval(), data_dir, cache_dir)
+            scores = {g: score_group(tiles, GROUPS[g])["final"] for g in ("none", "d4")}
+            yield {"model": str(model_file), "tiles": n, "shift": shift, "remeasure_s": time.perf_counter() - t0, **scores}
+
+
 def rebn(model_file: Path, data_dir: Path) -> dict[str, Any]:
     """A saved model (`--views-out`) scored as trained, then with its BatchNorm statistics
     re-measured as `train_loop.fit` now does (`precise_bn`): no weight changed."""
     from geopose_ray import precise_bn
-    from geopose_ray.config import Config
     from geopose_ray.data import cache
-    from geopose_ray.models import build_model
 
-    saved = torch.load(model_file, weights_only=False)
-    cfg = Config.from_dict(saved["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(saved["model"])
-    cache_dir = Path(cfg.data.cache_dir or data_dir / ".geopose_cache")
+    cfg, model, cache_dir = _saved(model_file, data_dir)
     out = {"model": str(model_file)}
     for when in ("as_trained", "precise_bn"):
         if when == "precise_bn":
@@ -263,6 +293,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--views-out", type=Path, default=None, help="save each seed's test views to PATH.seedN.pkl")
     p.add_argument("--combine", nargs="+", type=Path, help="score the mean of these saved members' views")
+    p.add_argument("--bn-tiles", type=Path, help="a saved model: scored with statistics of 64, 32, 16, 8 tiles")
     p.add_argument("--rebn", type=Path, help="a saved model (PATH.seedN.pt): scored before and after precise_bn")
     a = p.parse_args()
     if a.plot:
@@ -273,6 +304,10 @@ def main() -> None:
         return
     if not a.set:
         p.error("--set is required (or --plot)")
+    if a.bn_tiles:
+        for rec in bn_tiles(a.bn_tiles, generate_named(a.set, work_dir(a.work) / "family" / a.set)):
+            print(json.dumps(sig(rec)), flush=True)
+        return
     if a.rebn:
         print(json.dumps(sig(rebn(a.rebn, generate_named(a.set, work_dir(a.work) / "family" / a.set)))), flush=True)
         return
