@@ -297,9 +297,12 @@ def _estimate_line(
     ended = space.num_samples / max(2, sched.reduction_factor) ** len(
         [r for r in _rungs(sched.grace_period, sched.reduction_factor) if r < sched.max_epochs]
     )  # trials ASHA lets run to the end, as asha_epochs counts them
-    # statistics re-measured every `precise_bn_every` epochs a trial runs (ASHA's rungs), and after the last
-    remeasures = epochs / max(1, cfg.train.precise_bn_every or sched.max_epochs) if cfg.train.precise_bn else 0.0
-    bn_s = remeasures * remeasure_seconds(cfg, res, measured, rung=True)
+    # statistics re-measured every `precise_bn_every` epochs a trial runs (ASHA's rungs, on fewer
+    # large tiles), and after the last epoch of the trials that reach it (on the full count)
+    every = cfg.train.precise_bn_every
+    rungs_n = max(0.0, epochs / every - ended) if every > 0 else 0.0
+    bn_s = rungs_n * remeasure_seconds(cfg, res, measured, rung=True) + ended * remeasure_seconds(cfg, res, measured)
+    bn_s = bn_s if cfg.train.precise_bn else 0.0
     search_s = (epochs * per_epoch + space.num_samples * TRIAL_START_S + ended * tta_s + bn_s) / max(1, concurrent)
     refits = opts.refit_top * opts.refit_seeds * len(refit_folds(opts, space.n_folds(), places))
     refit_budget = refit_epochs(opts, space)[0] or sched.max_epochs

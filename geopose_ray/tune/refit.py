@@ -110,7 +110,8 @@ def add_selection(members: list[dict], tops: list[report.TrialRecord], fold: int
     config's best score there (`search_score`, single view), and, when its trial ran to the end,
     its last epoch's score through the test-time views (`search_score_tta`); both after the
     trial's `search_epochs`. Read beside the member's own out-of-fold score, it shows how
-    optimistic the search's figure was (the ensemble's calibration lines). Seed replicas follow their config (`seed_replicas`' rank order)."""
+    optimistic the search's figure was (the ensemble's calibration lines). Seed replicas follow
+    their config (`seed_replicas`' rank order)."""
     for m in members:
         top = tops[m["rank"] % len(tops)]
         m["selection_fold"] = fold
