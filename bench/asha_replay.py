@@ -84,14 +84,24 @@ def load_curves(path: Path) -> dict[str, Any]:
     return data
 
 
-def replay(curves: dict[str, Any], order: list[int], grace: int, rf: float) -> dict[str, Any]:
+def replay(
+    curves: dict[str, Any], order: list[int], grace: int, rf: float, signal_every: int | None = None
+) -> dict[str, Any]:
     """Run Ray's ASHAScheduler (as `tune/tuner.py` builds it) over the recorded curves, trials
-    arriving in `order` (indices into curves["trials"]); epochs trained and the best found."""
+    arriving in `order` (indices into curves["trials"]); epochs trained and the best found.
+    `signal_every`: the search's `SignalASHA` instead, its statistics re-measured every that many
+    epochs (0: all alike); the curves' epochs then carry `agl_r2`, `vflow_r2`, `angle_err_deg`."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+    from geopose_ray.tune.signal import SIGNAL_KEYS, RungGate
+    from geopose_ray.tune.tuner import SignalASHA
+
     max_t = int(curves["max_epochs"])
-    sched = ASHAScheduler(
+    asha = dict(
         metric="score", mode="max", time_attr="epoch", max_t=max_t, grace_period=grace, reduction_factor=rf
+    )
+    sched = (
+        ASHAScheduler(**asha) if signal_every is None else SignalASHA(RungGate(signal_every, max_t), **asha)
     )
     trials = curves["trials"]
     queue, events, ran, clock = list(order), [], {}, 0.0
@@ -108,7 +118,8 @@ def replay(curves: dict[str, Any], order: list[int], grace: int, rf: float) -> d
         clock, i = heapq.heappop(events)
         epochs = trials[i]["epochs"]
         ran[i] += 1
-        result = {"epoch": ran[i], "score": epochs[ran[i] - 1]["score"]}
+        row = epochs[ran[i] - 1]
+        result = {"epoch": ran[i], "score": row["score"], **{k: row[k] for k in SIGNAL_KEYS if k in row}}
         action = sched.on_trial_result(None, Trial(str(i)), result)
         if action == TrialScheduler.STOP or ran[i] >= len(epochs):
             sched.on_trial_complete(None, Trial(str(i)), result)

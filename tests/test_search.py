@@ -307,7 +307,9 @@ def _check_mlflow_runs(uri: str, recs: list[report.TrialRecord]) -> None:
 @pytest.mark.ray
 def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_path):
     opts = search.SearchOptions(
-        space=str(write_space(tmp_path, SMOKE_SPACE, "e2e")),
+        # plain ASHA: 2-epoch trials learn no target, so signal.py's gate would cut nothing
+        # (tests/test_signal.py), and this test needs stopped trials to free their CPUs
+        space=str(write_space(tmp_path, SMOKE_SPACE.replace("factor: 2}", "factor: 2, after_signal: false}"), "e2e")),
         data=str(synthetic_dir),
         storage=str(tmp_path / "storage"),
         workers_per_trial=2,
@@ -321,6 +323,7 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
     board = res.leaderboard
     assert res.trials == len(board) >= 4
     assert board["stopped_early"].any(), board
+    assert not res.after_signal
     assert (board["status"] == "TERMINATED").all()
     assert board["node_id"].notna().all()
     assert res.epochs_run == board["epochs_run"].sum() < res.epochs_budget == 2 * len(board)

@@ -137,6 +137,7 @@ def test_sampled_values_stay_in_range(tmp_path):
         (("num_samples: 5", "num_samples: 5\nsamples: 3"), "unknown key"),
         (("num_samples: 5", "num_samples: 0"), "positive integer"),
         (("max_epochs: 4, grace_period: 1", "max_epochs: 4, grace_period: 9"), "grace_period"),
+        (("max_epochs: 4, grace_period: 1", "max_epochs: 4, after_signal: maybe, grace_period: 1"), "after_signal"),
         (("fixed: {crop: 64,", "fixed: {crop: many,"), "valid Config"),
     ],
 )

@@ -216,6 +216,12 @@ def print_result(res: SearchResult) -> None:
     if res.location != str(res.experiment_dir):
         print(f"report (local copy): {res.experiment_dir}")
     print(f"trials: {res.trials}  epochs run: {res.epochs_run} of a full budget of {res.epochs_budget}")
+    if res.after_signal:
+        print(
+            f"learning signal: from epoch {res.signal_epoch}, where ASHA began to compare the trials"
+            if res.signal_epoch is not None
+            else "learning signal: none (no trial learned every target), so ASHA cut nothing"
+        )
     if res.members_path is not None:
         print(f"refit members: {len(res.members)} -> {res.members_path}")
     print(f"wall time: {res.wall_s:.0f} s")

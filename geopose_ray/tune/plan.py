@@ -43,6 +43,7 @@ from geopose_ray.tune.options import (
 )
 from geopose_ray.tune.refit_plan import MIN_OOF_PLACES, fold_places, refit_epochs, refit_folds
 from geopose_ray.tune.sampler import describe
+from geopose_ray.tune.signal import RULE
 from geopose_ray.tune.space import SearchSpace
 
 Cluster = tuple[dict[str, float], dict[str, float] | None]
@@ -105,7 +106,8 @@ def plan_search(opts: SearchOptions, cluster: Cluster, where: str = "") -> list[
         f"space:      {space.path}  searched: {', '.join(space.searched()) or '-'}",
         f"trials:     {space.num_samples} x up to {sched.max_epochs} epochs on fold {opts.fold}; "
         f"ASHA grace {sched.grace_period}, reduction factor {sched.reduction_factor}"
-        + _rung_statistics(space),
+        + _rung_statistics(space)
+        + _rung_signal(space),
         f"sampler:    {choice.name}  {choice.reason}; {describe(choice, space.conditional())}",
         *_budget_lines(space),
         f"per trial:  {resources.workers_per_trial} Train worker(s) x {resources.per_worker()}",
@@ -220,6 +222,11 @@ def _rung_statistics(space: SearchSpace) -> str:
     every `precise_bn_every` epochs (docs/LEARNING.md, 'What the rungs of ASHA compare')."""
     every = int(space.fixed.get("precise_bn_every", 0) or 0)
     return f"; statistics re-measured every {every} epochs for the rungs" if every else ""
+
+
+def _rung_signal(space: SearchSpace) -> str:
+    """When ASHA may cut (`signal.py`): only once a trial shows every target learning."""
+    return f"; no cut before the learning signal ({RULE})" if space.scheduler.after_signal else ""
 
 
 def asha_epochs(trials: int, grace: int, factor: int, max_epochs: int) -> float:

@@ -26,6 +26,7 @@ from geopose_ray.experiment import (
     trial_train_config,
 )
 from geopose_ray.redact import mask_text
+from geopose_ray.tune.signal import first_signal
 from geopose_ray.tune.space import SearchSpace
 
 
@@ -64,6 +65,13 @@ def load_trials(experiment_dir: str | Path) -> list[TrialRecord]:
     from geopose_ray.tune.tuner import read_trials
 
     return [TrialRecord(*row) for row in read_trials(experiment_dir)]
+
+
+def signal_epoch(records: list[TrialRecord], space: SearchSpace) -> int | None:
+    """The epoch from which ASHA could cut (`signal.first_signal`), read from the histories."""
+    every = int(space.fixed.get("precise_bn_every", 0) or 0)
+    rows = [r.history.dropna(subset=["epoch"]).to_dict("records") for r in records if "epoch" in r.history]
+    return first_signal(rows, every, space.scheduler.max_epochs)
 
 
 def leaderboard(records: list[TrialRecord], space: SearchSpace) -> pd.DataFrame:

@@ -47,6 +47,8 @@ class SearchResult:
     epochs_run: int  # summed over trials
     epochs_budget: int  # trials x max_epochs
     wall_s: float
+    signal_epoch: int | None = None  # the first comparable epoch showing every target learning (signal.py)
+    after_signal: bool = False  # whether ASHA waited for it
     members: list[dict[str, Any]] = field(default_factory=list)
     members_path: Path | None = None
     refit_leaderboard: pd.DataFrame | None = None
@@ -107,6 +109,8 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
         epochs_budget=len(board) * space.scheduler.max_epochs,
         wall_s=0.0,
         location=exp.location,
+        signal_epoch=report.signal_epoch(records, space),
+        after_signal=space.scheduler.after_signal,
     )
     result.interrupted = report.unfinished(board) > 0
     if result.interrupted:

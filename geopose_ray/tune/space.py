@@ -26,7 +26,7 @@ from geopose_ray.yamlio import read_yaml_mapping
 TYPES = ("choice", "uniform", "loguniform", "int")
 TOP_KEYS = {"description", "parameters", "fixed", "scheduler", "num_samples", "resources", "sampler"}
 PARAM_KEYS = {"type", "values", "low", "high", "step", "log", "default", "when"}
-SCHEDULER_KEYS = {"max_epochs", "grace_period", "reduction_factor"}
+SCHEDULER_KEYS = {"max_epochs", "grace_period", "reduction_factor", "after_signal"}
 RESOURCE_KEYS = {"workers_per_trial", "cpus_per_worker", "gpus_per_worker"}
 # Set by the run itself (CLI flags / scheduler), never by a space file.
 SET_BY_RUN = {*RUN_KEYS, "epochs"}  # a space may not fix these: the command line and scheduler do
@@ -81,6 +81,7 @@ class Scheduler:
     max_epochs: int
     grace_period: int = 1
     reduction_factor: float = 2.0
+    after_signal: bool = True  # cut only once a trial shows every target learning (signal.py)
 
 
 @dataclass(frozen=True)
@@ -348,7 +349,10 @@ def _scheduler(path: Path, raw: Any) -> Scheduler:
         max_epochs=_positive_int(path, "scheduler.max_epochs", raw["max_epochs"]),
         grace_period=_positive_int(path, "scheduler.grace_period", raw.get("grace_period", 1)),
         reduction_factor=float(raw.get("reduction_factor", 2)),
+        after_signal=raw.get("after_signal", True),
     )
+    if not isinstance(sched.after_signal, bool):
+        raise InputError(path, f"scheduler.after_signal must be true or false, not {sched.after_signal!r}")
     if sched.grace_period > sched.max_epochs or sched.reduction_factor <= 1:
         raise InputError(path, "scheduler: needs grace_period <= max_epochs and reduction_factor > 1")
     return sched

@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 import pandas as pd
 from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from geopose_ray import console, ray_env, redact, storage
@@ -27,6 +28,7 @@ from geopose_ray.experiment import METRIC, MODE, REFIT_CONFIGS, trial_dirname
 from geopose_ray.tune import sampler as samplers
 from geopose_ray.tune.capacity import Capacity
 from geopose_ray.tune.progress import STATUS_EVERY_S, columns, trial_line
+from geopose_ray.tune.signal import RungGate
 from geopose_ray.tune.space import SearchSpace, SpaceSampler
 
 log = logging.getLogger(__name__)
@@ -183,6 +185,44 @@ def _trial_folder(trial: Any) -> str:
     return trial_dirname(trial.trial_id)
 
 
+class SignalASHA(AsyncHyperBandScheduler):
+    """ASHA that judges a trial only after some trial shows every target learning, and then by
+    its latest score on re-measured statistics (`signal.RungGate`, which says why). Each
+    decision is Ray's own bracket's: the gate only chooses which (epoch, score) it sees."""
+
+    def __init__(self, gate: RungGate, **asha: Any):
+        super().__init__(**asha)
+        self.gate = gate
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if self._time_attr not in result or self._metric not in result:
+            return TrialScheduler.CONTINUE
+        epoch = int(result[self._time_attr])
+        self.gate.observe(trial.trial_id, epoch, float(result[self._metric]), result)
+        if epoch >= self._max_t:
+            return super().on_trial_result(tune_controller, trial, result)
+        judged = self.gate.ready(trial.trial_id)
+        if judged is None:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(
+            tune_controller, trial, {self._time_attr: judged[0], self._metric: judged[1]}
+        )
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        judged = self.gate.ready(trial.trial_id)
+        self.gate.forget(trial.trial_id)
+        if judged is None:  # never judged: its score enters no rung
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(
+            tune_controller, trial, {self._time_attr: judged[0], self._metric: judged[1]}
+        )
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self.gate.forget(trial.trial_id)
+        super().on_trial_remove(tune_controller, trial)
+
+
 def build_searcher(
     space: SearchSpace,
     seed: int,
@@ -226,16 +266,20 @@ def build_tuner(
     `resources_fn`); `study` and `sampler`: see `build_searcher`; `storage`: a path or a URI;
     `mlflow`: a tracking URI, every trial then is an MLflow run of the experiment `name`. Metric and mode live
     on searcher and scheduler, not on TuneConfig: rank results with them explicitly."""
-    from ray.tune.schedulers import ASHAScheduler
-
     sched = space.scheduler
-    scheduler = ASHAScheduler(
+    asha = dict(
         metric=METRIC,
         mode=MODE,
         time_attr="epoch",  # not training_iteration: that restarts at 1 after a restore
         max_t=sched.max_epochs,
         grace_period=sched.grace_period,
         reduction_factor=sched.reduction_factor,
+    )
+    every = int(space.fixed.get("precise_bn_every", 0) or 0)
+    scheduler = (
+        SignalASHA(RungGate(every, sched.max_epochs), **asha)
+        if sched.after_signal
+        else AsyncHyperBandScheduler(**asha)
     )
     searcher = build_searcher(space, seed, study, sampler)
     limiter = ElasticLimiter(searcher, capacity, resources_fn or ray_env.cluster_resources)
