@@ -35,7 +35,8 @@ DIR_WEIGHT_PER_PX2 = 0.16  # direction loss weight per px² of MAG rms: the MAG 
 # sets' 8-10 px (where 1 left the angle unlearned; docs/LEARNING.md, 'Sparse cities')
 MIN_DIR_WEIGHT, MAX_DIR_WEIGHT = 1.0, 40.0  # the range of the losses space's search
 LR_REF_BATCH = 16  # the batch a space's learning rate is for (STEP_PX in 64 px crops: the embedded set's)
-MAX_REFIT_FACTOR = 3  # the refits' epochs: at most 3 x the search's (refit_epochs), ~30 min on 2 cores at 256 px
+MAX_REFIT_FACTOR = 6  # the refits' epochs: at most 6 x the search's (refit_epochs); 120 of a 20-epoch
+# space, which brought two seeds of a tall tune set within 0.01 of each other (docs/LEARNING.md)
 FULL_TILE_VAL = 512  # px: larger tiles are validated on a centre window
 VAL_STEP_PX = 16 * 128 * 128  # validation pixels per batch
 
@@ -102,22 +103,23 @@ def derive(stats: DataStats, given: dict[str, Any] | None = None) -> list[Derive
 
 
 def refit_epochs(max_epochs: int, crop: int, epoch_samples: int) -> Derived:
-    """The refits' epochs: the search's budget x crop / MIN_CROP, at most MAX_REFIT_FACTOR x.
+    """The refits' epochs: the search's budget x (crop / MIN_CROP)², at most MAX_REFIT_FACTOR x.
 
-    A derived epoch holds the same pixels at every crop (EPOCH_PX), so a 160 px crop shows
-    (64 / 160)² = 1/6 as many crops, and as many distinct roofs, as the embedded set's 64 px
-    ones. The search only ranks configs, at its own budget; the refits are what is delivered, and
-    they train for the geometric mean of equal pixels (x 1) and equal crops (x (crop / 64)²).
-    On tall, sparse sets with 128-192 px crops the longer models learned the angle that 20 epochs
-    left half learned (docs/LEARNING.md, 'Refits that train longer'). A space whose epoch is a pass over the
-    tiles (`epoch_samples` 0) keeps its budget."""
+    A derived epoch holds the same pixels at every crop (EPOCH_PX), so a 192 px crop shows
+    (64 / 192)² = 1/9 as many crops, and as many distinct roofs, as the embedded set's 64 px ones,
+    and takes a ninth of the optimizer steps. The search only ranks configs, at its own budget;
+    the refits are what is delivered, and they see as many crops as the embedded default's
+    budget, up to 6x its epochs. On a tall tune set (192 px crops) 20 epochs left the angle
+    unlearned in single views, 60 (the geometric-mean rule before) learned it in one seed of two,
+    and 120 in both, their scores within 0.01 (docs/LEARNING.md, 'Long enough to learn the
+    angle'). A space whose epoch is a pass over the tiles (`epoch_samples` 0) keeps its budget."""
     if epoch_samples <= 0:
         return Derived("refit_epochs", max_epochs, "the search's budget: the space sets its epoch")
-    factor = min(MAX_REFIT_FACTOR, max(1.0, crop / MIN_CROP))
+    factor = min(MAX_REFIT_FACTOR, max(1.0, (crop / MIN_CROP) ** 2))
     epochs = round(max_epochs * factor)
     why = (
-        f"the search's {max_epochs} x crop {crop} / {MIN_CROP} px (at most x {MAX_REFIT_FACTOR}): "
-        "an epoch of larger crops shows fewer roofs"
+        f"the search's {max_epochs} x (crop {crop} / {MIN_CROP} px)² (at most x {MAX_REFIT_FACTOR}): "
+        "as many crops as 64 px ones would show; fewer left the angle half learned"
     )
     return Derived("refit_epochs", epochs, why)
 

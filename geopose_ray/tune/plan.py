@@ -150,12 +150,14 @@ def _identity_lines(ident: Identity | None, measured: DataStats | None) -> list[
 
 
 # Measured 2026-12-04 at f76c620 on the held-out set heldout-256-single (256 px, 12 train tiles
-# per city, 14 % built, roofs leaning up to a third of the tile), a quiet 2-core machine
+# per city, 14 % built, roofs leaning up to a third of the tile), a quiet 2-core machine; and on
+# 2026-12-04 (fifth session) three seeds of the default config on heldout-384-views at 60 and 120 epochs
 SPARSE_EXPECT = (
     "sparse, tall data: on a held-out set like it (256 px, 14 % built) the default search and "
-    "ensemble scored 0.61 in 23.8 min on 2 cores (refits of 50 epochs, rungs on re-measured "
-    "statistics; one run: without those rungs 0.66 in 18.5 min, another config chosen on a "
-    "fold's noise; docs/LEARNING.md, 'What the rungs of ASHA compare')"
+    "ensemble scored 0.61 in 23.8 min on 2 cores with refits of 50 epochs (one run); the refits "
+    "now train up to 120 epochs, which on another held-out set (384 px) raised one model's D4 "
+    "score from 0.46-0.51 to 0.61-0.68 (three seeds) and doubles their time (docs/LEARNING.md, 'Long "
+    "enough to learn the angle')"
 )
 
 
