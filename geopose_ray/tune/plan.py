@@ -222,7 +222,7 @@ def _refit_lines(opts: SearchOptions, space: SearchSpace, members: str, places: 
 def _rung_statistics(space: SearchSpace) -> str:
     """What the rungs of ASHA compare: scores with BatchNorm statistics re-measured on whole tiles
     every `precise_bn_every` epochs (docs/LEARNING.md, 'What the rungs of ASHA compare')."""
-    every = int(space.fixed.get("precise_bn_every", 0) or 0)
+    every = space.remeasure_every()
     return f"; statistics re-measured every {every} epochs for the rungs" if every else ""
 
 

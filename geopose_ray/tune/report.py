@@ -69,9 +69,8 @@ def load_trials(experiment_dir: str | Path) -> list[TrialRecord]:
 
 def signal_epoch(records: list[TrialRecord], space: SearchSpace) -> int | None:
     """The epoch from which ASHA could cut (`signal.first_signal`), read from the histories."""
-    every = int(space.fixed.get("precise_bn_every", 0) or 0)
     rows = [r.history.dropna(subset=["epoch"]).to_dict("records") for r in records if "epoch" in r.history]
-    return first_signal(rows, every, space.scheduler.max_epochs)
+    return first_signal(rows, space.remeasure_every(), space.scheduler.max_epochs)
 
 
 def leaderboard(records: list[TrialRecord], space: SearchSpace) -> pd.DataFrame:

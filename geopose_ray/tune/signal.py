@@ -30,7 +30,7 @@ from typing import Any
 
 SIGNAL_KEYS = ("agl_r2", "vflow_r2", "angle_err_deg")
 MAX_ANGLE_ERR_DEG = 45.0  # half a guess's mean error
-RULE = "AGL R2 > 0, vflow R2 > 0 and angle error < 45 deg in some trial"
+RULE = f"AGL R2 > 0, vflow R2 > 0 and angle error < {MAX_ANGLE_ERR_DEG:g} deg in some trial"
 
 
 def shows_signal(result: Mapping[str, Any]) -> bool:

@@ -142,6 +142,11 @@ class SearchSpace:
         """The folds the space's data is split into (a fixed key, else Config's default)."""
         return self.default_config().data.n_folds
 
+    def remeasure_every(self) -> int:
+        """Epochs between the BatchNorm re-measures the rungs read (`precise_bn_every`, set by the
+        run from the grace period: `tune.options.resolve_space`); 0 before that, or with no rungs."""
+        return int(self.fixed.get("precise_bn_every", 0) or 0)
+
     def with_fixed(self, overrides: dict[str, Any], source: str = "--set") -> SearchSpace:
         """The space with more fixed settings (`run_search.py --set KEY=VALUE`): Config keys that
         the space does not search and the run does not set; the defaults must still build."""

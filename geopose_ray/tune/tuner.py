@@ -275,9 +275,8 @@ def build_tuner(
         grace_period=sched.grace_period,
         reduction_factor=sched.reduction_factor,
     )
-    every = int(space.fixed.get("precise_bn_every", 0) or 0)
     scheduler = (
-        SignalASHA(RungGate(every, sched.max_epochs), **asha)
+        SignalASHA(RungGate(space.remeasure_every(), sched.max_epochs), **asha)
         if sched.after_signal
         else AsyncHyperBandScheduler(**asha)
     )
