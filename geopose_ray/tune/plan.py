@@ -50,11 +50,13 @@ Cluster = tuple[dict[str, float], dict[str, float] | None]
 # seconds per million crop pixels trained by one worker, validation included, and the fixed cost
 # of a trial (Tune's actor, Train's controller and worker, each importing torch; the data and
 # model built): measured in `make search` on 2 cores, two trials at once (docs/BENCHMARKS.md,
-# 'Trial cost in make search'); GPU assumed (not measured here)
-CPU_S_PER_MPX = 15.0
+# 'Trial cost in make search', run 5: 10.0 s per default epoch of 1.40 M pixel-equivalents,
+# start-ups of 18-30 s in runs 4-5). 15 s and 45 s, measured on slower code, had put a
+# heldout-256-single search at ~58 min that took 30 ('The plan against the clock'); GPU assumed
+CPU_S_PER_MPX = 7.0
 GPU_S_PER_MPX = 0.2
 VAL_COST = 1 / 3  # a validated pixel (forward only) against a trained one (forward + backward)
-TRIAL_START_S = 45.0
+TRIAL_START_S = 25.0
 TWO_THREAD_SPEEDUP = 12.4 / 8.9  # one default epoch alone, 1 thread against 2 (docs/BENCHMARKS.md)
 EPOCH_OVERHEAD_S = 0.2
 
@@ -153,11 +155,10 @@ def _identity_lines(ident: Identity | None, measured: DataStats | None) -> list[
 # per city, 14 % built, roofs leaning up to a third of the tile), a quiet 2-core machine; and on
 # 2026-12-04 (fifth session) three seeds of the default config on heldout-384-views at 60 and 120 epochs
 SPARSE_EXPECT = (
-    "sparse, tall data: on a held-out set like it (256 px, 14 % built) the default search and "
-    "ensemble scored 0.61 in 23.8 min on 2 cores with refits of 50 epochs (one run); the refits "
-    "now train up to 120 epochs, which on another held-out set (384 px) raised one model's D4 "
-    "score from 0.46-0.51 to 0.61-0.68 (three seeds) and doubles their time (docs/LEARNING.md, 'Long "
-    "enough to learn the angle')"
+    "sparse, tall data: on a held-out set like it (256 px, 14 % built, one view per place) the "
+    "default search and ensemble scored 0.754 in 31.5 min on 2 cores, refits of 120 epochs included "
+    "(one run, 2026-12-05); with refits of 50 epochs, 0.61-0.66 in 19-24 min. Less than 15 min has "
+    "not reached 0.6 on such data (docs/LEARNING.md, 'The default end to end on a single-view set')"
 )
 
 
