@@ -151,9 +151,9 @@ def _identity_lines(ident: Identity | None, measured: DataStats | None) -> list[
     ]
 
 
-# Measured 2026-12-04 at f76c620 on the held-out set heldout-256-single (256 px, 12 train tiles
-# per city, 14 % built, roofs leaning up to a third of the tile), a quiet 2-core machine; and on
-# 2026-12-04 (fifth session) three seeds of the default config on heldout-384-views at 60 and 120 epochs
+# Measured on the held-out set heldout-256-single (256 px, 12 train tiles per city, 14 % built,
+# roofs leaning up to a third of the tile), a quiet 2-core machine: 2026-12-05 at baaacea (refits
+# of 120 epochs); 2026-12-04 at f76c620 and after it (refits of 50 epochs)
 SPARSE_EXPECT = (
     "sparse, tall data: on a held-out set like it (256 px, 14 % built, one view per place) the "
     "default search and ensemble scored 0.754 in 31.5 min on 2 cores, refits of 120 epochs included "
