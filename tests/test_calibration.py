@@ -66,7 +66,7 @@ def test_without_test_truth_there_is_nothing_to_calibrate_against():
 
 def test_the_search_figures_name_their_budget_when_the_members_train_longer():
     """A search's trial ranks configs at its own budget; the refits the test score comes from may
-    train longer (derive.refit_epochs), which the search's lines must say."""
+    train longer (--refit-epochs), which the search's lines must say."""
     report = _report([1])
     for c in report["configs"]:
         c.update(search_epochs=20, epochs=60)

@@ -95,27 +95,33 @@ def test_agl_stats_measure_the_lean_of_built_pixels_only():
 
 
 @pytest.mark.parametrize(
-    ("crop", "samples", "expected"),
-    [(64, 320, 20), (96, 142, 45), (128, 80, 80), (160, 52, 120), (256, 20, 120), (160, 0, 20)],
+    ("crop", "samples", "expected", "grace"),
+    [(64, 320, 20, 5), (96, 142, 45, 11), (128, 80, 80, 20), (160, 52, 120, 30), (256, 20, 120, 30), (160, 0, 20, 5)],
 )
-def test_refits_of_larger_crops_train_longer_within_a_bound(crop, samples, expected):
-    """An epoch of larger crops shows fewer roofs: the delivered models see as many crops, within 6x;
-    a space whose epoch is a pass over the tiles keeps the search's budget."""
-    assert derive.refit_epochs(20, crop, samples).value == expected
+def test_larger_crops_train_longer_within_a_bound(crop, samples, expected, grace):
+    """An epoch of larger crops shows fewer roofs: trials and refits see as many crops, within 6x,
+    and ASHA's rungs move alike; a space whose epoch is a pass over the tiles keeps its budget."""
+    budget, got_grace = derive.trial_epochs(20, 5, crop, samples)
+    assert (budget.value, got_grace) == (expected, grace)
 
 
-def test_refit_epochs_are_derived_unless_given(tmp_path):
-    from geopose_ray.tune.options import SearchOptions
+def test_the_search_trains_the_delivered_budget_and_refits_reuse_it(tmp_path):
+    """On tall data the trials' budget is the delivered one: the refits train it (no longer
+    epochs of their own) and the search's full-budget trials are members; --max-epochs and
+    --refit-epochs are taken as given."""
+    from geopose_ray.tune.options import SearchOptions, resolve_space
     from geopose_ray.tune.refit_plan import refit_epochs
     from geopose_ray.tune.space import load_space
 
     base = load_space(ROOT / "search_spaces" / "smoke.yaml")
-    tall = base.with_data(_stats(256, 65.0))[0]
+    tall, lines = base.with_data(_stats(256, 65.0))
     gentle = base.with_data(_stats(128, 13.0))[0]
+    assert (tall.scheduler.max_epochs, tall.scheduler.grace_period) == (120, 30)  # 160 px crops: (160/64)² > 6
+    assert any(line.startswith("max_epochs") and "120" in line for line in lines)
+    assert gentle.scheduler == base.scheduler  # 64 px crops: the space's own budget
     opts = SearchOptions(space=str(base.path))
-    assert refit_epochs(opts, tall)[0] == 6 * base.scheduler.max_epochs  # 160 px crops: (160 / 64)² > 6
-    assert refit_epochs(opts, gentle)[0] is None  # the search's budget: its trials are reused
-    assert refit_epochs(SearchOptions(space=str(base.path), refit_epochs=7), tall) == (
-        7,
-        "--refit-epochs",
-    )
+    assert refit_epochs(opts) == (None, "the trials' budget")
+    assert refit_epochs(SearchOptions(space=str(base.path), refit_epochs=7)) == (7, "--refit-epochs")
+    given = resolve_space(SearchOptions(space=str(base.path), max_epochs=8), str(tmp_path), _stats(256, 65.0))
+    assert (given.scheduler.max_epochs, given.scheduler.grace_period) == (8, 5)
+    assert resolve_space(opts, str(tmp_path), _stats(256, 65.0)).scheduler.max_epochs == 120

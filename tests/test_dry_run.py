@@ -363,7 +363,7 @@ def test_the_plan_of_a_sparse_city_gives_the_measured_figure_of_such_data(built,
     data = DataStats(48, 48, tile_px=256, disp_p95=65.0, disp_max=85.0, built=built, mag_rms=8.6)
     lines = plan._data_lines(SimpleNamespace(derived_lines=["crop 160"]), data)
     assert any(line.startswith("derived:") for line in lines)
-    assert any(line.startswith("expect:") and "0.754 in 31.5 min" in line for line in lines) == expects
+    assert any(line.startswith("expect:") and "0.822 in 57 min" in line for line in lines) == expects
 
 
 @pytest.mark.parametrize(("trials", "expects"), [(6, True), (64, False)])

@@ -35,7 +35,7 @@ DIR_WEIGHT_PER_PX2 = 0.16  # direction loss weight per px² of MAG rms: the MAG 
 # sets' 8-10 px (where 1 left the angle unlearned; docs/LEARNING.md, 'Sparse cities')
 MIN_DIR_WEIGHT, MAX_DIR_WEIGHT = 1.0, 40.0  # the range of the losses space's search
 LR_REF_BATCH = 16  # the batch a space's learning rate is for (STEP_PX in 64 px crops: the embedded set's)
-MAX_REFIT_FACTOR = 6  # the refits' epochs: at most 6 x the search's (refit_epochs); 120 of a 20-epoch
+MAX_EPOCH_FACTOR = 6  # every trial's epochs: at most 6 x the space's (trial_epochs); 120 of a 20-epoch
 # space, which brought two seeds of a tall tune set within 0.01 of each other (docs/LEARNING.md)
 FULL_TILE_VAL = 512  # px: larger tiles are validated on a centre window
 VAL_STEP_PX = 16 * 128 * 128  # validation pixels per batch
@@ -102,26 +102,34 @@ def derive(stats: DataStats, given: dict[str, Any] | None = None) -> list[Derive
     ]
 
 
-def refit_epochs(max_epochs: int, crop: int, epoch_samples: int) -> Derived:
-    """The refits' epochs: the search's budget x (crop / MIN_CROP)², at most MAX_REFIT_FACTOR x.
+def trial_epochs(max_epochs: int, grace_period: int, crop: int, epoch_samples: int) -> tuple[Derived, int]:
+    """Every trial's budget and ASHA's grace period: the space's x (crop / MIN_CROP)², at most
+    MAX_EPOCH_FACTOR x.
 
     A derived epoch holds the same pixels at every crop (EPOCH_PX), so a 192 px crop shows
     (64 / 192)² = 1/9 as many crops, and as many distinct roofs, as the embedded set's 64 px ones,
-    and takes a ninth of the optimizer steps. The search only ranks configs, at its own budget;
-    the refits are what is delivered, and they see as many crops as the embedded default's
-    budget, up to 6x its epochs. On a tall tune set (192 px crops) 20 epochs left the angle
-    unlearned in single views, 60 (the geometric-mean rule before) learned it in one seed of two,
-    and 120 in both, their scores within 0.01 (docs/LEARNING.md, 'Long enough to learn the
-    angle'). A space whose epoch is a pass over the tiles (`epoch_samples` 0) keeps its budget."""
+    and takes a ninth of the optimizer steps. A model is delivered after as many crops as the
+    embedded default's budget shows, up to 6x its epochs: on a tall tune set (192 px crops) 20
+    epochs left the angle unlearned in single views, 60 learned it in one seed of two, and 120 in
+    both, their scores within 0.01 (docs/LEARNING.md, 'Long enough to learn the angle').
+
+    The trials train that budget too, not only the refits: a trial ranked at a sixth of it
+    predicted nothing of the delivered score (-0.69 on a single-view held-out set), so the
+    search's figure is the delivered budget's, and ASHA's rungs (the grace period scaled alike)
+    cut the weak trials on the way (docs/LEARNING.md, 'Trials at the delivered budget'). A space
+    whose epoch is a pass over the tiles (`epoch_samples` 0) keeps its budget."""
     if epoch_samples <= 0:
-        return Derived("refit_epochs", max_epochs, "the search's budget: the space sets its epoch")
-    factor = min(MAX_REFIT_FACTOR, max(1.0, (crop / MIN_CROP) ** 2))
+        return Derived("max_epochs", max_epochs, "the space's budget: the space sets its epoch"), grace_period
+    factor = min(MAX_EPOCH_FACTOR, max(1.0, (crop / MIN_CROP) ** 2))
     epochs = round(max_epochs * factor)
+    grace = max(1, min(epochs, round(grace_period * factor)))
+    if epochs == max_epochs:
+        return Derived("max_epochs", epochs, f"the space's budget: crops of {crop} px show as many crops as 64 px ones"), grace
     why = (
-        f"the search's {max_epochs} x (crop {crop} / {MIN_CROP} px)² (at most x {MAX_REFIT_FACTOR}): "
-        "as many crops as 64 px ones would show; fewer left the angle half learned"
+        f"the space's {max_epochs} x (crop {crop} / {MIN_CROP} px)² (at most x {MAX_EPOCH_FACTOR:g}), ASHA's grace "
+        f"{grace_period} alike ({grace}): as many crops as 64 px ones would show; fewer left the angle half learned"
     )
-    return Derived("refit_epochs", epochs, why)
+    return Derived("max_epochs", epochs, why), grace
 
 
 def lr_factor(batch: int) -> float:

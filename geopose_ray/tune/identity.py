@@ -82,6 +82,8 @@ def identify(opts: SearchOptions, data_dir: str | Path, measured: DataStats | No
         "folds": folds,
         "derived": derived,
     }
+    if derived_space.scheduler != space.scheduler:  # the budget scaled to the crop (derive.trial_epochs)
+        parts["budget"] = [derived_space.scheduler.max_epochs, derived_space.scheduler.grace_period]
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return Identity(digest[:FINGERPRINT_CHARS], folds, derived, lines)
 

@@ -77,7 +77,8 @@ def _search_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--space", default=str(DEFAULT_SPACE), help="search-space YAML")
     g.add_argument("--name", help="experiment name (default: the space file's name)")
     g.add_argument("--num-samples", type=int, help="trials (default: the space's num_samples)")
-    g.add_argument("--max-epochs", type=int, help="override the space's scheduler.max_epochs")
+    g.add_argument("--max-epochs", type=int, help="every trial's budget, as given (default: the "
+                   "space's scheduler.max_epochs scaled to the derived crop, as the plan prints)")  # fmt: skip
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a Config key the "
                    "space does not search, e.g. --set init_checkpoint=DIR (repeatable; VALUE is YAML)")  # fmt: skip
     g.add_argument("--sampler", metavar="{auto,random,tpe,gp}", help="Optuna's sampler (default: the space's "
@@ -89,8 +90,8 @@ def _search_args(g: argparse._ArgumentGroup) -> None:
                    "--space, else 0)")  # fmt: skip
     g.add_argument("--refit-seeds", type=int, help="train each refit config with N seeds on each "
                    "fold, N members per fold (default: 1)")  # fmt: skip
-    g.add_argument("--refit-epochs", type=int, help="train each refit for N epochs (default: the space's "
-                   "max_epochs); more than the search's budget helps when its models are undertrained")  # fmt: skip
+    g.add_argument("--refit-epochs", type=int, help="train each refit for N epochs (default: the "
+                   "trials' budget, whose full-budget trials are then members too)")  # fmt: skip
     g.add_argument("--resume", action="store_true", help="finish the interrupted experiment --name (refused "
                    "when its data, space, --set, folds or derived defaults differ: its fingerprint)")  # fmt: skip
     g.add_argument("--dry-run", action="store_true", help="check the data, space, resources, weights and "

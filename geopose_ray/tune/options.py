@@ -51,7 +51,7 @@ class SearchOptions:
     folds: tuple[int, ...] | None = None  # refit folds; None: 1 or 2 after the search's (refit_plan.refit_folds)
     refit_top: int = 0
     refit_seeds: int = 1  # training seeds per refit config (refit.seed_replicas)
-    refit_epochs: int | None = None  # epochs of each refit; None: derived from the crop (refit_plan.refit_epochs)
+    refit_epochs: int | None = None  # epochs of each refit; None: the trials' budget (refit_plan.refit_epochs)
     resume: bool = False
     seed: int = 0
     max_epochs: int | None = None
@@ -157,14 +157,15 @@ def resolve_space(opts: SearchOptions, data_dir: str, data: DataStats | None = N
     """The space with this run's settings folded in: --set overrides, data, fold, the epoch
     budget, and (with `data`, the data set's statistics) the defaults derived from the data."""
     space = load_run_space(opts)
+    given = space.scheduler  # the space's own budget, before the data scales it
     if data is not None:
         space = space.with_data(data)[0]
     sched = space.scheduler
-    if opts.max_epochs is not None:
+    if opts.max_epochs is not None:  # every trial's budget, as given: not scaled to the crop
         if opts.max_epochs < 1:
             raise InputError("--max-epochs", f"must be >= 1, got {opts.max_epochs}")
         sched = dataclasses.replace(
-            sched, max_epochs=opts.max_epochs, grace_period=min(sched.grace_period, opts.max_epochs)
+            sched, max_epochs=opts.max_epochs, grace_period=min(given.grace_period, opts.max_epochs)
         )
     run = {
         "data_dir": data_dir,

@@ -1,5 +1,5 @@
 """What the refits train, without Ray: on which folds (`refit_folds`, from the places each fold
-holds, `fold_places`) and for how many epochs (`refit_epochs`). The search (`search.py`) runs
+holds, `fold_places`) and for how many epochs (`refit_epochs`: the trials' own, unless given). The search (`search.py`) runs
 them and the plan (`plan.py`) prints them, from these same functions.
 """
 
@@ -55,16 +55,10 @@ def fold_places(opts: SearchOptions, data_dir: str | Path, space: SearchSpace) -
     return folds.places_by_fold(samples, fold_of)
 
 
-def refit_epochs(opts: SearchOptions, space: SearchSpace) -> tuple[int | None, str]:
-    """The refits' epochs and why: --refit-epochs, else derived from the crop
-    (`derive.refit_epochs`); None where that is the search's budget, so that the search's own
-    full-budget trials are reused (`refit.run_refit`)."""
-    from geopose_ray.data import derive
-
+def refit_epochs(opts: SearchOptions) -> tuple[int | None, str]:
+    """The refits' epochs and why: --refit-epochs, else None: the trials' budget, which the data
+    already scaled to the crop (`derive.trial_epochs`), so that the search's own full-budget
+    trials are reused (`refit.run_refit`)."""
     if opts.refit_epochs is not None:
         return opts.refit_epochs, "--refit-epochs"
-    crop = space.fixed.get("crop")
-    if not isinstance(crop, int):  # searched, or before the data is measured
-        return None, "the search's budget (the crop is not fixed)"
-    d = derive.refit_epochs(space.scheduler.max_epochs, crop, int(space.fixed.get("epoch_samples", 0)))
-    return (None if d.value == space.scheduler.max_epochs else d.value), d.reason
+    return None, "the trials' budget"

@@ -122,7 +122,7 @@ def run_search(opts: SearchOptions, train_fn: trainer.WorkerFn | None = None) ->
         concurrent = capacity.limit(*ray_env.cluster_resources())  # refits: fixed, from the cluster now
         out = refit.run_refit(
             exp, space, settings, opts.refit_top, folds, concurrent, opts.resume, train_fn,
-            opts.refit_seeds, refit_epochs(opts, space)[0],
+            opts.refit_seeds, refit_epochs(opts)[0],
         )  # fmt: skip
         result.members, result.members_path, result.refit_leaderboard = out
         result.interrupted = result.members_path is None

@@ -164,11 +164,21 @@ class SearchSpace:
 
     def with_data(self, data: DataStats) -> tuple[SearchSpace, list[str]]:
         """The space with the defaults derived from the data (`data.derive`) fixed where the space
-        neither fixes nor searches them, and the plan's line for each derived key. Where the batch
+        neither fixes nor searches them, its budget scaled to its crop (`derive.trial_epochs`), and
+        the plan's line for each derived key. Where the batch
         is derived, the searched learning rate's default follows it (`derive.lr_factor`): a
         space's rate is for a batch of `derive.LR_REF_BATCH`; one that sets its batch keeps it."""
         fixed, lines = derive.apply(self.fixed, self.searched(), derive.derive(data, self.fixed))
         space = dataclasses.replace(self, fixed=fixed)
+        if isinstance(fixed.get("crop"), int):  # the budget follows the crop (derive.trial_epochs)
+            sched = self.scheduler
+            budget, grace = derive.trial_epochs(
+                sched.max_epochs, sched.grace_period, fixed["crop"], int(fixed.get("epoch_samples", 0))
+            )
+            space = dataclasses.replace(
+                space, scheduler=dataclasses.replace(sched, max_epochs=budget.value, grace_period=grace)
+            )
+            lines.append(f"{'max_epochs':<16} {budget.value!s:<6} {budget.reason}")
         lr = next((p for p in self.parameters if p.name == "lr" and p.low is not None), None)
         if lr is None or "batch_size" in self.fixed or "batch_size" in self.searched():
             return space, lines
