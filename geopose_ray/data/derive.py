@@ -124,7 +124,7 @@ def trial_epochs(max_epochs: int, grace_period: int, crop: int, epoch_samples: i
     epochs = round(max_epochs * factor)
     grace = max(1, min(epochs, round(grace_period * factor)))
     if epochs == max_epochs:
-        return Derived("max_epochs", epochs, f"the space's budget: crops of {crop} px show as many crops as 64 px ones"), grace
+        return Derived("max_epochs", epochs, f"the space's budget, set for {MIN_CROP} px crops (these are {crop} px)"), grace
     why = (
         f"the space's {max_epochs} x (crop {crop} / {MIN_CROP} px)² (at most x {MAX_EPOCH_FACTOR:g}), ASHA's grace "
         f"{grace_period} alike ({grace}): as many crops as 64 px ones would show; fewer left the angle half learned"
