@@ -191,12 +191,6 @@ def test_refuses_to_overwrite_a_foreign_data_set(tmp_path: Path):
     assert (tmp_path / "geopose_train.csv").read_text() == "id,agl,json,rgb\n"
 
 
-def test_generation_is_fast(tmp_path: Path):
-    start = time.perf_counter()
-    generate(tmp_path, size=64, per_city=4, test_per_city=0)
-    assert time.perf_counter() - start < 5.0  # 16 tiles of 64 px (typically ~0.5 s)
-
-
 # ---------------------------------------------------------------- CLI
 
 
