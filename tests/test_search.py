@@ -167,6 +167,18 @@ def test_leaderboard_and_importances_from_records(tmp_path):
     assert report.unfinished(report.leaderboard([*recs, running], space)) == 1  # interrupted run
 
 
+def test_score_vs_epoch_dots_the_epochs_with_re_measured_statistics():
+    """A search trial re-measures its statistics every `precise_bn_every` epochs and after its
+    last; only those validations are what ASHA reads, so only they are dots (a trial without
+    re-measures keeps every epoch a dot)."""
+    search = record("s1", {"precise_bn_every": 3, "epochs": 7}, [0.1, -0.9, 0.4, -1.2, -0.5, 0.6, 0.7])
+    plain = record("r1", {"precise_bn_every": 0}, [0.2, 0.3])
+    fig = report.score_vs_epoch_figure([search, plain])
+    dotted = {line.get_label(): list(line.get_xdata()) for line in fig.axes[0].lines if line.get_marker() == "o"}
+    assert dotted == {"s1": [3, 6, 7], "r1": [1, 2]}
+    assert "re-measured" in fig.axes[0].get_ylabel()
+
+
 def test_resolve_space_and_resources(tmp_path):
     path = write_space(tmp_path, PLAIN_SPACE + "resources: {cpus_per_worker: 0.5}\n")
     opts = search.SearchOptions(

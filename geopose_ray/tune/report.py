@@ -26,7 +26,7 @@ from geopose_ray.experiment import (
     trial_train_config,
 )
 from geopose_ray.redact import mask_text
-from geopose_ray.tune.signal import first_signal
+from geopose_ray.tune.signal import comparable, first_signal
 from geopose_ray.tune.space import SearchSpace
 
 
@@ -151,7 +151,12 @@ def score_floor(scores: Any) -> float | None:
     return None
 
 
-def plot_score_vs_epoch(records: list[TrialRecord], path: Path) -> None:
+def score_vs_epoch_figure(records: list[TrialRecord]) -> Any:
+    """Every trial's validation per epoch. Where a trial re-measured its BatchNorm statistics on
+    whole tiles every `precise_bn_every` epochs (the search's trials, for ASHA's rungs), those
+    epochs, the ones ASHA and the ranking read (`signal.comparable`), are dots on a faint line
+    through the others: between re-measures the crops' moving statistics can read -1 where the
+    model scores 0.5 (docs/LEARNING.md, 'What the rungs of ASHA compare')."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -159,18 +164,32 @@ def plot_score_vs_epoch(records: list[TrialRecord], path: Path) -> None:
     ax = fig.subplots()
     has = [r for r in records if METRIC in r.history and "epoch" in r.history]
     floor = score_floor(np.concatenate([r.history[METRIC].to_numpy(float) for r in has]) if has else [])
+    dotted = False
     for r in has:
+        x = r.history["epoch"].to_numpy(int)
         y = r.history[METRIC].to_numpy(float)
-        ax.plot(
-            r.history["epoch"], y if floor is None else np.maximum(y, floor), marker="o", label=r.trial_id
-        )
+        y = y if floor is None else np.maximum(y, floor)
+        every = int(r.train_config.get("precise_bn_every") or 0)
+        if every <= 0:
+            ax.plot(x, y, marker="o", label=r.trial_id)
+            continue
+        last = int(r.train_config.get("epochs") or x.max())
+        (line,) = ax.plot(x, y, alpha=0.3, linewidth=1)
+        dots = np.array([comparable(int(e), every, last) for e in x], bool)
+        ax.plot(x[dots], y[dots], marker="o", color=line.get_color(), label=r.trial_id)
+        dotted = True
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation score" + ("" if floor is None else " (below -1 drawn at -1)"))
+    label = "validation score" + ("" if floor is None else " (below -1 drawn at -1)")
+    ax.set_ylabel(label + ("\ndots: statistics re-measured on whole tiles" if dotted else ""))
     if has and len(has) <= 12:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    return fig
+
+
+def plot_score_vs_epoch(records: list[TrialRecord], path: Path) -> None:
+    _save(score_vs_epoch_figure(records), path)
 
 
 def plot_score_by_param(board: pd.DataFrame, space: SearchSpace, path: Path) -> None:
