@@ -313,7 +313,9 @@ def main() -> None:
     if a.rebn:
         print(json.dumps(sig(rebn(a.rebn, generate_named(a.set, work_dir(a.work) / "family" / a.set)))), flush=True)
         return
-    keys = {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in (kv.split("=", 1) for kv in a.set_key)}
+    from geopose_ray.tune.space import parse_overrides
+
+    keys = parse_overrides(a.set_key)  # YAML values, as run_search.py --set reads them ("full" stays a string)
     data = generate_named(a.set, work_dir(a.work) / "family" / a.set)
     _, measured, lines = train_config(data, 0, a.epochs, keys)
     print(json.dumps({"set": a.set, "stats": measured.__dict__, "derived": lines, "keys": keys}), flush=True)

@@ -69,8 +69,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(synthetic_dir, tmp_path):
     assert "4 trial(s) at once" in text  # a 4-CPU cluster: 4 x (0.95 + 0.01)
     # the fixture's folds show fewer than 5 places of a city each: two refit folds, and the
     # search's own trials join for the test tiles
-    assert re.search(r"refits: +the top 2 configs \((up to|as many as hold) 5 places per city out of fold\) "
+    assert re.search(r"refits: +2 configs \((up to|as many as hold) 5 places per city out of fold\) "
                      r"on fold\(s\) \[1, 2\] \(not the search's fold 0", text), text
+    assert "then other models its fold cannot tell from it" in text  # refit_choice's rule
     assert "+ the search's full-budget trials on fold 0, for the test tiles only" in text
     assert f"-> {storage / 'smoke' / 'members.json'}" in text and "estimate:   ~" in text
     assert not storage.exists()

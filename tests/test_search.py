@@ -347,6 +347,12 @@ def test_smoke_search_then_refit_on_two_folds(ray_session, synthetic_dir, tmp_pa
     (cid,) = {m["config_id"] for m in members}
     assert cid != board["config_id"].iloc[0]  # the best config for 3 epochs: a config of its own
     assert [m["source"] for m in members] == ["refit", "refit"]
+    assert [m["chosen_as"] for m in members] == ["best", "best"]
+    # what refit_choice compares configs by: the best trial's per-city scores on the search's fold
+    exp = experiment.Experiment(opts.storage, "e2e")
+    (best_rec,) = [r for r in report.load_trials(exp.location) if r.trial_id == board["trial_id"].iloc[0]]
+    cities = refit.search_cities(exp, best_rec)
+    assert cities is not None and sum(math.isfinite(v) for v in cities.values()) >= 1
     best = board.iloc[0]  # the refits carry the figures of the search trial that chose their config
     for m in members:
         assert m["search_score"] == pytest.approx(best["score"])

@@ -210,10 +210,13 @@ def _refit_lines(opts: SearchOptions, space: SearchSpace, members: str, places: 
     if opts.folds is None:
         how = "up to" if places is None else "as many as hold"  # before conversion: the most
         seeds += f" ({how} {MIN_OOF_PLACES} places per city out of fold)"
+    which = "the best config" if opts.refit_top == 1 else f"{opts.refit_top} configs"
     lines = [
-        f"refits:     the top {opts.refit_top} configs{seeds} on fold(s) {list(folds)}"
+        f"refits:     {which}{seeds} on fold(s) {list(folds)}"
         f" ({selection_note(opts, space.n_folds())}) -> {mask_url(members)}"
     ]
+    if opts.refit_top > 1:  # refit_choice's rule, in one line
+        lines.append("            the best, then other models its fold cannot tell from it, then by score")
     if epochs and not opts.refit_epochs:
         lines.append(f"            {epochs} epochs: {why}")
     if opts.fold not in folds and not epochs:

@@ -30,7 +30,7 @@ from geopose_ray.checkpoint import VAL_SCORE_FILE
 from geopose_ray.errors import InputError
 from geopose_ray.experiment import MEMBERS, REPORT_FILES, Experiment, config_id
 from geopose_ray.metrics import GeoposeScore
-from geopose_ray.tune import report, trainer, tuner
+from geopose_ray.tune import refit_choice, report, trainer, tuner
 from geopose_ray.tune.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,15 @@ def selects(member: dict) -> bool:
     return int(member["fold"]) == int(member.get("selection_fold", -1))
 
 
+def search_cities(exp: Experiment, rec: report.TrialRecord) -> dict[str, float] | None:
+    """Per-city scores of a search trial's best checkpoint on the search's fold (its saved metric
+    accumulators), or None when it kept none: what `refit_choice` compares configs by."""
+    path, _ = trainer.best_checkpoint(exp.train_run(rec.trial_id))
+    if path is None or not storage.is_file(val := storage.join(path, VAL_SCORE_FILE)):
+        return None
+    return GeoposeScore.from_array(_load_npy(val)).compute()["cities"]
+
+
 def _load_npy(location: str) -> np.ndarray:
     """An .npy file from a path or a URI (a few hundred numbers: read directly, not cached)."""
     return np.load(io.BytesIO(storage.read_bytes(location)))
@@ -193,15 +202,20 @@ def run_refit(
     seeds: int = 1,
     epochs: int | None = None,
 ) -> tuple[list[dict], Path | None, pd.DataFrame | None]:
-    """Refit the top `k` configs of the search `exp` on `folds`, each with `seeds` training seeds
-    (`seed_replicas`) and `epochs` epochs (`with_epochs`; None: the space's max_epochs, so the
-    search's own trials on those folds are reused); write its members.json (not when the refit
-    was interrupted: then the path is None). `train_fn`: see `trainer.build_trainer`."""
+    """Refit `k` configs of the search `exp` (the best, then others as `refit_choice` picks) on
+    `folds`, each with `seeds` training seeds (`seed_replicas`) and `epochs` epochs (`with_epochs`;
+    None: the space's max_epochs, so the search's own trials on those folds are reused); write its
+    members.json (not when the refit was interrupted: then the path is None). `train_fn`: see `trainer.build_trainer`."""
     n_folds = space.n_folds()
     if max(folds) >= n_folds:
         raise InputError(space.path, f"--folds {list(folds)} needs folds < n_folds ({n_folds})")
     records = report.load_trials(exp.location)
-    tops = top_configs(records, k)
+    choice = refit_choice.choose(
+        top_configs(records, len(records)), k, lambda r: search_cities(exp, r), lambda r: r.train_config
+    )
+    for rec, why in choice:
+        log.info("refit %s (%s): %s", rec.trial_id, config_id(rec.train_config), why)
+    tops = [rec for rec, _ in choice]
     if not tops:
         raise InputError(exp.location, "no finished trial with a finite score: nothing to refit")
     configs = with_epochs(seed_replicas([t.train_config for t in tops], seeds), epochs)
@@ -233,6 +247,8 @@ def run_refit(
             members.append(member_row(rank, rec, refit, "refit"))
     members = sorted((m for m in members if m is not None), key=lambda m: (m["rank"], m["fold"]))
     add_selection(members, tops, int(space.fixed.get("fold", 0)))
+    for m in members:  # why the config was refit (seed replicas follow their config's rank)
+        m["chosen_as"] = choice[m["rank"] % len(choice)][1]
     add_oof_scores(members)
     atomic_write_json(exp.members, members)
     exp.push(MEMBERS)
