@@ -148,6 +148,16 @@ def selects(member: dict) -> bool:
     return int(member["fold"]) == int(member.get("selection_fold", -1))
 
 
+def choose_configs(exp: Experiment, records: list[report.TrialRecord], k: int) -> list[tuple[report.TrialRecord, str]]:
+    """The `k` configs to refit (`refit_choice.choose` over every finished config), each with why."""
+    choice = refit_choice.choose(
+        top_configs(records, len(records)), k, lambda r: search_cities(exp, r), lambda r: r.train_config
+    )
+    for rec, why in choice:
+        log.info("refit %s (%s): %s", rec.trial_id, config_id(rec.train_config), why)
+    return choice
+
+
 def search_cities(exp: Experiment, rec: report.TrialRecord) -> dict[str, float] | None:
     """Per-city scores of a search trial's best checkpoint on the search's fold (its saved metric
     accumulators), or None when it kept none: what `refit_choice` compares configs by."""
@@ -210,11 +220,7 @@ def run_refit(
     if max(folds) >= n_folds:
         raise InputError(space.path, f"--folds {list(folds)} needs folds < n_folds ({n_folds})")
     records = report.load_trials(exp.location)
-    choice = refit_choice.choose(
-        top_configs(records, len(records)), k, lambda r: search_cities(exp, r), lambda r: r.train_config
-    )
-    for rec, why in choice:
-        log.info("refit %s (%s): %s", rec.trial_id, config_id(rec.train_config), why)
+    choice = choose_configs(exp, records, k)
     tops = [rec for rec, _ in choice]
     if not tops:
         raise InputError(exp.location, "no finished trial with a finite score: nothing to refit")
