@@ -62,26 +62,32 @@ def train_config(data_dir: Path, seed: int, epochs: int | None, keys: dict[str, 
     return Config.from_dict(flat), measured, lines
 
 
-def read_test_tiles(data_dir: Path, cache_dir: Path) -> Iterator[tuple[Any, torch.Tensor, dict[str, Any]]]:
+def read_test_tiles(
+    data_dir: Path, cache_dir: Path, split: str = "test", keep: Any = None
+) -> Iterator[tuple[Any, torch.Tensor, dict[str, Any]]]:
     """(cache sample, image (3, H, W) in [0, 1], its truth {city, agl, scale, angle}) for every
-    test tile: what the per-view scorers (here and `bench/poolings.py`) run and score."""
+    test tile: what the per-view scorers (here and `bench/poolings.py`) run and score. `split`
+    "train": the training tiles instead (their own AGL and VFLOW files), those `keep(sample)` takes."""
     from geopose_ray.data import cache, io
 
-    for s in cache.load_cache(cache_dir, "test"):
-        truth = data_dir / "truth" / f"{s.city}_{s.id}"
+    for s in cache.load_cache(cache_dir, split):
+        if keep is not None and not keep(s):
+            continue
+        truth = data_dir / ("truth" if split == "test" else "train") / f"{s.city}_{s.id}"
         vflow = io.read_vflow(truth.with_name(truth.name + "_VFLOW.json"))
         agl = io.read_agl(truth.with_name(truth.name + "_AGL.tif"))
         x = torch.from_numpy(io.read_rgb(s.rgb)).permute(2, 0, 1).float() / 255.0
         yield s, x, {"city": s.city, "agl": agl, "scale": vflow.scale, "angle": vflow.angle}
 
 
-def per_view(model: torch.nn.Module, data_dir: Path, cache_dir: Path) -> dict[str, Any]:
-    """Every test tile through each D4 view: the un-rotated AGL, scale and raw direction vector."""
+def per_view(model: torch.nn.Module, data_dir: Path, cache_dir: Path, tiles_of: Any = None) -> dict[str, Any]:
+    """Every test tile (or those `tiles_of` yields, as `read_test_tiles` does) through each D4
+    view: the un-rotated AGL, scale and raw direction vector."""
     from geopose_ray.predict import _forward_padded
     from geopose_ray.tta import D4_VIEWS, apply_view, invert_direction, invert_view
 
     tiles, device = [], next(model.parameters()).device
-    for s, x, truth in read_test_tiles(data_dir, cache_dir):
+    for s, x, truth in tiles_of if tiles_of is not None else read_test_tiles(data_dir, cache_dir):
         views = {}
         with torch.no_grad():
             for v in D4_VIEWS:
@@ -251,6 +257,33 @@ def rebn(model_file: Path, data_dir: Path) -> dict[str, Any]:
     return out
 
 
+def seen_unseen(model_file: Path, data_dir: Path) -> dict[str, Any]:
+    """A saved model (`--views-out`) scored view by view on the tiles it trained on (the folds
+    but its validation fold), on its validation fold and on the test truth: whether a single
+    view's angle error is a fit not reached (high on the seen tiles too) or a fit that does not
+    carry to unseen places (low there, high on the others)."""
+    from geopose_ray.data import cache, folds
+
+    cfg, model, cache_dir = _saved(model_file, data_dir)
+    train = cache.load_cache(cache_dir, "train")
+    fold_of = folds.config_folds(train, cfg.data)  # id -> fold
+    sets = {
+        "seen": read_test_tiles(data_dir, cache_dir, "train", lambda s: fold_of[s.id] != cfg.data.fold),
+        "val_fold": read_test_tiles(data_dir, cache_dir, "train", lambda s: fold_of[s.id] == cfg.data.fold),
+        "test": read_test_tiles(data_dir, cache_dir),
+    }
+    out: dict[str, Any] = {"model": str(model_file)}
+    for name, tiles_of in sets.items():
+        tiles = per_view(model.eval(), data_dir, cache_dir, tiles_of)
+        angle = [direction_bias(tiles, v)["angle_err_deg"] for v in GROUPS["d4"]]
+        out[name] = {
+            "tiles": len(tiles),
+            **{g: score_group(tiles, GROUPS[g])["final"] for g in ("none", "d4")},
+            "angle_err_deg_per_view": [min(angle), max(angle)],
+        }
+    return out
+
+
 def plot(runs: list[Path], out: Path) -> None:
     """One panel per run file: every seed's validation score by epoch, its D4 and single-view
     test scores in the legend, so a reader sees where seeds part and whether they meet again."""
@@ -297,6 +330,8 @@ def main() -> None:
     p.add_argument("--combine", nargs="+", type=Path, help="score the mean of these saved members' views")
     p.add_argument("--bn-tiles", type=Path, help="a saved model: scored with statistics of 64, 32, 16, 8 tiles")
     p.add_argument("--rebn", type=Path, help="a saved model (PATH.seedN.pt): scored before and after precise_bn")
+    p.add_argument("--seen-unseen", type=Path, help="a saved model (PATH.seedN.pt): scored view by view on its "
+                   "training tiles, its validation fold and the test truth")  # fmt: skip
     a = p.parse_args()
     if a.plot:
         plot(a.plot, a.out)
@@ -309,6 +344,10 @@ def main() -> None:
     if a.bn_tiles:
         for rec in bn_tiles(a.bn_tiles, generate_named(a.set, work_dir(a.work) / "family" / a.set)):
             print(json.dumps(sig(rec)), flush=True)
+        return
+    if a.seen_unseen:
+        data = generate_named(a.set, work_dir(a.work) / "family" / a.set)
+        print(json.dumps(sig(seen_unseen(a.seen_unseen, data))), flush=True)
         return
     if a.rebn:
         print(json.dumps(sig(rebn(a.rebn, generate_named(a.set, work_dir(a.work) / "family" / a.set)))), flush=True)

@@ -169,13 +169,12 @@ def score(ctx: Context, data: Path, archive: Path) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def default_epoch_s(experiment: Path) -> float:
-    """Wall seconds per epoch of the search's first trial (the space's defaults, the config of
-    arm (a)) on its own share of the cores: the median `time_this_iter_s` after its first report
-    (which holds the trial's start-up). NaN when that trial is not found."""
-    from geopose_ray.tune.space import load_space
-
-    point = load_space(common.SMOKE_SPACE).default_point()
+def default_epoch_s(experiment: Path, data: Path) -> float:
+    """Wall seconds per epoch of the search's first trial (the space's defaults as the data
+    derives them, e.g. the learning rate scaled to the derived batch: the config of arm (a)) on
+    its own share of the cores: the median `time_this_iter_s` after its first report (which holds
+    the trial's start-up). NaN when that trial is not found."""
+    point = _derived_space(data).default_point()
     for result in sorted(experiment.glob("trial_*/result.json")):
         rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         cfg = rows[0].get("config", {}) if rows else {}
@@ -207,7 +206,7 @@ def search_record(ctx: Context, data: Path, arm: Arm, seed: int, storage: Path, 
         "sampler_reason": options["sampler"]["reason"],
         "trials": options["num_samples"] or _space_trials(),
         "best_val": float(best.get("score") or "nan"),
-        "default_epoch_s": default_epoch_s(storage / "search"),
+        "default_epoch_s": default_epoch_s(storage / "search", data),
     }
 
 
@@ -217,14 +216,20 @@ def _space_trials() -> int:
     return load_space(common.SMOKE_SPACE).num_samples
 
 
-def train_config_files(data: Path, seeds: list[int], epochs: int, out: Path) -> list[Path]:
-    """One flat config per seed: the default search's default trial on `data` (its derived
-    crop, batch and epoch size included), fold 0, `epochs` epochs."""
+def _derived_space(data: Path) -> Any:
+    """The default space with the values `data` derives (what run_search.py searches on it)."""
     from geopose_ray.data import cache, stats
     from geopose_ray.tune.space import load_space
 
     measured = stats.from_cache(cache.load_cache(paths.default_cache_dir(data), "train"))
-    flat = load_space(common.SMOKE_SPACE).with_data(measured)[0].defaults()
+    return load_space(common.SMOKE_SPACE).with_data(measured)[0]
+
+
+def train_config_files(data: Path, seeds: list[int], epochs: int, out: Path) -> list[Path]:
+    """One flat config per seed: the default search's default trial on `data` (its derived
+    crop, batch and epoch size included), fold 0, `epochs` epochs."""
+
+    flat = _derived_space(data).defaults()
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for s in seeds:
