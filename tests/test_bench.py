@@ -297,17 +297,18 @@ def test_search_value_arms_parse_and_run_search_before_config():
                        "--sampler", "tpe", "--num-samples", "3", "--max-epochs", "3", "--num-samples", "5"]  # fmt: skip
 
 
-def test_search_value_gives_the_config_arm_the_search_time_as_epochs(tmp_path):
+def test_search_value_gives_the_config_arm_the_search_time_as_epochs(synthetic_dir, tmp_path):
     assert sv.config_epochs(600.0, 10.0, seeds=2, cores=2) == int((600 - 15) / 10)
     assert sv.config_epochs(600.0, 10.0, seeds=3, cores=2) == int((600 - 2 * 15) / 20)  # two waves
     assert sv.config_epochs(10.0, 10.0, seeds=2, cores=2) == 1
-    default = load_space(common.SMOKE_SPACE).default_point()
+    # the default trial as the data derives it (on tall data the lr follows the derived batch)
+    default = sv._derived_space(synthetic_dir).default_point()
     for name, cfg, times in (("trial_a", {**default, "lr": 0.01}, [50, 1, 1]), ("trial_b", default, [40, 10, 12, 11])):
         (tmp_path / name).mkdir()
         rows = [{"config": {**cfg, "epochs": 20}, "time_this_iter_s": t, "epoch": i + 1} for i, t in enumerate(times)]
         (tmp_path / name / "result.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert sv.default_epoch_s(tmp_path) == 11.0  # the defaults' trial, its first epoch (start-up) left out
-    assert math.isnan(sv.default_epoch_s(tmp_path / "none"))
+    assert sv.default_epoch_s(tmp_path, synthetic_dir) == 11.0  # the defaults' trial, its first epoch (start-up) left out
+    assert math.isnan(sv.default_epoch_s(tmp_path / "none", synthetic_dir))
 
 
 def test_search_value_config_files_train_the_default_trial(synthetic_dir, tmp_path):
