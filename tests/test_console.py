@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from test_search import PLAIN_SPACE, write_space
 
 from geopose_ray.tune.space import load_space
@@ -75,3 +76,19 @@ def test_dry_run_prints_the_plan_and_writes_nothing(synthetic_dir, tmp_path):
     assert "+ the search's full-budget trials on fold 0, for the test tiles only" in text
     assert f"-> {storage / 'smoke' / 'members.json'}" in text and "estimate:   ~" in text
     assert not storage.exists()
+
+
+@pytest.mark.parametrize(
+    ("trials", "grace", "max_epochs", "want"),
+    [
+        (4, 5, 20, 4 * 5 + 2 * 5 + 1 * 10),  # make search: 4 trials, rungs at 5 and 10
+        (4, 11, 45, 4 * 11 + 2 * 11 + 1 * 22 + 1 * 1),  # heldout-512-low's 89, as measured (SEARCH_VALUE)
+        (1, 5, 100, 100),  # a lone trial is never cut: the plan once counted 16 of its 100 epochs
+        (6, 5, 20, 6 * 5 + 3 * 5 + 1.5 * 10),
+        (0, 5, 20, 0),
+    ],
+)
+def test_the_plan_counts_at_least_one_trial_to_the_end(trials, grace, max_epochs, want):
+    from geopose_ray.tune import plan
+
+    assert plan.asha_epochs(trials, grace, 2, max_epochs) == pytest.approx(want)

@@ -239,11 +239,12 @@ def _rung_signal(space: SearchSpace) -> str:
 
 def asha_epochs(trials: int, grace: int, factor: int, max_epochs: int) -> float:
     """Epochs ASHA is expected to run: every trial reaches the first rung, 1/factor of them the
-    next, and so on up to max_epochs (docs/CLUSTER.md, 'Cost model')."""
+    next, and so on up to max_epochs, but never fewer than one: the best trial at a rung is never
+    cut, so a lone trial, or the last of a few, runs to the end (docs/CLUSTER.md, 'Cost model')."""
     total, rung, reached, factor = 0.0, 0, float(trials), max(2, factor)
     for nxt in [*(r for r in _rungs(grace, factor) if r < max_epochs), max_epochs]:
         total += reached * (nxt - rung)
-        rung, reached = nxt, reached / factor
+        rung, reached = nxt, max(reached / factor, min(1.0, trials))
     return total
 
 
@@ -309,9 +310,9 @@ def _estimate_line(
     sched = space.scheduler
     epochs = asha_epochs(space.num_samples, sched.grace_period, sched.reduction_factor, sched.max_epochs)
     tta_s = final_tta_seconds(cfg, res, measured)
-    ended = space.num_samples / max(2, sched.reduction_factor) ** len(
+    ended = max(min(1.0, space.num_samples), space.num_samples / max(2, sched.reduction_factor) ** len(
         [r for r in _rungs(sched.grace_period, sched.reduction_factor) if r < sched.max_epochs]
-    )  # trials ASHA lets run to the end, as asha_epochs counts them
+    ))  # trials ASHA lets run to the end, as asha_epochs counts them (at least the best one)
     # statistics re-measured every `precise_bn_every` epochs a trial runs (ASHA's rungs, on fewer
     # large tiles), and after the last epoch of the trials that reach it (on the full count)
     every = cfg.train.precise_bn_every
