@@ -228,7 +228,6 @@ def _derived_space(data: Path) -> Any:
 def train_config_files(data: Path, seeds: list[int], epochs: int, out: Path) -> list[Path]:
     """One flat config per seed: the default search's default trial on `data` (its derived
     crop, batch and epoch size included), fold 0, `epochs` epochs."""
-
     flat = _derived_space(data).defaults()
     out.mkdir(parents=True, exist_ok=True)
     files = []

@@ -237,15 +237,21 @@ def _rung_signal(space: SearchSpace) -> str:
     return f"; no cut before the learning signal ({RULE})" if space.scheduler.after_signal else ""
 
 
-def asha_epochs(trials: int, grace: int, factor: int, max_epochs: int) -> float:
-    """Epochs ASHA is expected to run: every trial reaches the first rung, 1/factor of them the
-    next, and so on up to max_epochs, but never fewer than one: the best trial at a rung is never
-    cut, so a lone trial, or the last of a few, runs to the end (docs/CLUSTER.md, 'Cost model')."""
-    total, rung, reached, factor = 0.0, 0, float(trials), max(2, factor)
+def asha_segments(trials: int, grace: int, factor: int, max_epochs: int) -> list[tuple[int, int, float]]:
+    """[(from epoch, to epoch, trials expected to run them)]: every trial reaches the first rung,
+    1/factor of them the next, and so on up to max_epochs, but never fewer than one: the best
+    trial at a rung is never cut, so a lone trial, or the last of a few, runs to the end
+    (docs/CLUSTER.md, 'Cost model')."""
+    segments, rung, reached, factor = [], 0, float(trials), max(2, factor)
     for nxt in [*(r for r in _rungs(grace, factor) if r < max_epochs), max_epochs]:
-        total += reached * (nxt - rung)
+        segments.append((rung, nxt, reached))
         rung, reached = nxt, max(reached / factor, min(1.0, trials))
-    return total
+    return segments
+
+
+def asha_epochs(trials: int, grace: int, factor: int, max_epochs: int) -> float:
+    """Epochs ASHA is expected to run (`asha_segments`)."""
+    return sum(n * (b - a) for a, b, n in asha_segments(trials, grace, factor, max_epochs))
 
 
 def _rungs(grace: int, factor: int) -> list[int]:
@@ -308,11 +314,10 @@ def _estimate_line(
     cfg = Config.from_dict(space.defaults(), strict=False)
     per_epoch = epoch_seconds(cfg, res, measured)
     sched = space.scheduler
-    epochs = asha_epochs(space.num_samples, sched.grace_period, sched.reduction_factor, sched.max_epochs)
+    segments = asha_segments(space.num_samples, sched.grace_period, sched.reduction_factor, sched.max_epochs)
+    epochs = sum(n * (b - a) for a, b, n in segments)  # asha_epochs
     tta_s = final_tta_seconds(cfg, res, measured)
-    ended = max(min(1.0, space.num_samples), space.num_samples / max(2, sched.reduction_factor) ** len(
-        [r for r in _rungs(sched.grace_period, sched.reduction_factor) if r < sched.max_epochs]
-    ))  # trials ASHA lets run to the end, as asha_epochs counts them (at least the best one)
+    ended = segments[-1][2]  # trials ASHA lets run to the end (at least the best one)
     # statistics re-measured every `precise_bn_every` epochs a trial runs (ASHA's rungs, on fewer
     # large tiles), and after the last epoch of the trials that reach it (on the full count)
     every = cfg.train.precise_bn_every

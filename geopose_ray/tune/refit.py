@@ -84,13 +84,21 @@ def reusable(
     return max(done, key=lambda r: r.best()[0], default=None)
 
 
+def best_with_val_score(exp: Experiment, rec: report.TrialRecord) -> tuple[str | None, float, str | None]:
+    """(best checkpoint, its score, its fold's metric accumulators file or None) of a trial."""
+    path, score = trainer.best_checkpoint(exp.train_run(rec.trial_id))
+    if path is None:
+        return None, score, None
+    val_score = storage.join(path, VAL_SCORE_FILE)  # this fold's metric accumulators (out-of-fold)
+    return path, score, val_score if storage.is_file(val_score) else None
+
+
 def member_row(rank: int, rec: report.TrialRecord, exp: Experiment, source: str) -> dict | None:
     cfg = rec.train_config
-    path, score = trainer.best_checkpoint(exp.train_run(rec.trial_id))
+    path, score, val_score = best_with_val_score(exp, rec)
     if path is None:
         log.warning("trial %s of %s has no checkpoint: not a member", rec.trial_id, exp.name)
         return None
-    val_score = storage.join(path, VAL_SCORE_FILE)  # this fold's metric accumulators (out-of-fold)
     return {
         "rank": rank,
         "config_id": config_id(cfg),
@@ -100,7 +108,7 @@ def member_row(rank: int, rec: report.TrialRecord, exp: Experiment, source: str)
         "source": source,  # "search" (reused full-budget trial) or "refit"
         "score": score if math.isfinite(score) else rec.best()[0],
         "checkpoint": path,
-        "val_score": val_score if storage.is_file(val_score) else None,
+        "val_score": val_score,
         "config": json_safe(cfg),
     }
 
@@ -161,10 +169,8 @@ def choose_configs(exp: Experiment, records: list[report.TrialRecord], k: int) -
 def search_cities(exp: Experiment, rec: report.TrialRecord) -> dict[str, float] | None:
     """Per-city scores of a search trial's best checkpoint on the search's fold (its saved metric
     accumulators), or None when it kept none: what `refit_choice` compares configs by."""
-    path, _ = trainer.best_checkpoint(exp.train_run(rec.trial_id))
-    if path is None or not storage.is_file(val := storage.join(path, VAL_SCORE_FILE)):
-        return None
-    return GeoposeScore.from_array(_load_npy(val)).compute()["cities"]
+    val_score = best_with_val_score(exp, rec)[2]
+    return None if val_score is None else GeoposeScore.from_array(_load_npy(val_score)).compute()["cities"]
 
 
 def _load_npy(location: str) -> np.ndarray:
@@ -215,7 +221,8 @@ def run_refit(
     """Refit `k` configs of the search `exp` (the best, then others as `refit_choice` picks) on
     `folds`, each with `seeds` training seeds (`seed_replicas`) and `epochs` epochs (`with_epochs`;
     None: the space's max_epochs, so the search's own trials on those folds are reused); write its
-    members.json (not when the refit was interrupted: then the path is None). `train_fn`: see `trainer.build_trainer`."""
+    members.json (not when the refit was interrupted: then the path is None). `train_fn`: see
+    `trainer.build_trainer`."""
     n_folds = space.n_folds()
     if max(folds) >= n_folds:
         raise InputError(space.path, f"--folds {list(folds)} needs folds < n_folds ({n_folds})")
