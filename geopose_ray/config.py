@@ -99,8 +99,10 @@ class TrainConfig:
     channels_last: bool | None = None
     seed: int = 0
     max_nonfinite: int = 5  # this many non-finite losses in a row stop the run
-    val_every: int = 1  # epochs
-    checkpoint_every: int = 1  # epochs
+    # epochs between validations (and the last); the search sets it to ASHA's grace period, the
+    # spacing of the only epochs its rungs read (tune.options.resolve_space)
+    val_every: int = 1
+    checkpoint_every: int = 1  # epochs; only validated epochs are checkpointed
     threads: int = 0  # torch intra-op threads per worker; 0 = leave torch's default
     ema_decay: float = 0.9999  # cap of the weight EMA's warming-up decay (train_loop.build_ema); 0 = off
     sync_every: int = 16  # micro-batches between host reads of the loss sums (1 = every one, the old loop)

@@ -332,7 +332,7 @@ def fit(
     """Train `cfg.train.epochs` epochs (from `start_state` when given); returns the last metrics.
 
     After every epoch `reporter(metrics, state_fn)` is called on every rank; `state_fn()` builds
-    the checkpoint state, and is None on epochs that `checkpoint_every` skips. `loss_hook`: see
+    the checkpoint state, and is None on epochs that `checkpoint_every` or `val_every` skips. `loss_hook`: see
     `train_one_epoch`.
     """
     setup_worker(cfg, rank)
@@ -365,7 +365,9 @@ def fit(
         nonfinite_total += int(tm["nonfinite_steps"])
         # epochs that skip validation (val_every) repeat the last validation metrics
         metrics = {"epoch": float(done), **tm, **val_metrics, "nonfinite_total": float(nonfinite_total)}
-        is_ckpt = done % cfg.train.checkpoint_every == 0 or done == cfg.train.epochs
+        # a checkpoint only where its weights were validated: the score it is kept and chosen by
+        # (and the accumulators saved with it) are then its own, not an earlier epoch's
+        is_ckpt = validates and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.epochs)
         if reporter is not None:
             reporter(metrics, _state_fn(run, cfg, ema, done, nonfinite_total, kept) if is_ckpt else None)
     return metrics

@@ -235,3 +235,23 @@ def test_statistics_re_measured_mid_run_change_the_scores_not_the_weights(two_ep
     assert every.metrics[1]["score"] == pytest.approx(rec.metrics[1]["score"], rel=1e-5)
     with pytest.raises(ValueError, match="precise_bn_every"):
         cfg.replace(precise_bn_every=-1)
+
+
+def test_epochs_between_validations_repeat_the_figures_and_keep_no_checkpoint(two_epochs):
+    """`val_every`: the first, every N-th and the last epoch are validated, and only those are
+    checkpointed, so a checkpoint's score is its own weights' (the search sets N to ASHA's grace
+    period); the weights trained are those of a run that validates every epoch."""
+    from geopose_ray.train_loop import fit
+
+    cfg, _, _ = two_epochs
+    spaced = Recorder()
+    fit(cfg.replace(epochs=4, val_every=3), reporter=spaced)
+    assert [m["epoch"] for m in spaced.metrics] == [1.0, 2.0, 3.0, 4.0]
+    assert sorted(spaced.states) == [1, 3, 4]
+    assert spaced.metrics[1]["score"] == spaced.metrics[0]["score"]  # epoch 2 repeats epoch 1's
+    assert spaced.metrics[2]["score"] != spaced.metrics[1]["score"]
+    every = Recorder()
+    fit(cfg.replace(epochs=4), reporter=every)
+    for key, value in every.states[4]["model"].items():
+        torch.testing.assert_close(spaced.states[4]["model"][key], value, msg=key)
+    assert spaced.metrics[-1]["score"] == pytest.approx(every.metrics[-1]["score"], rel=1e-5)

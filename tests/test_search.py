@@ -177,6 +177,10 @@ def test_score_vs_epoch_dots_the_epochs_with_re_measured_statistics():
     dotted = {line.get_label(): list(line.get_xdata()) for line in fig.axes[0].lines if line.get_marker() == "o"}
     assert dotted == {"s1": [3, 6, 7], "r1": [1, 2]}
     assert "re-measured" in fig.axes[0].get_ylabel()
+    # epochs that skipped validation (val_every 3) repeat the last figures: neither line nor dot
+    spaced = record("s2", {"precise_bn_every": 3, "val_every": 3, "epochs": 7}, [0.1, 0.1, 0.4, 0.4, 0.4, 0.6, 0.7])
+    fig = report.score_vs_epoch_figure([spaced])
+    assert {tuple(line.get_xdata()) for line in fig.axes[0].lines} == {(1, 3, 6, 7), (3, 6, 7)}
 
 
 def test_resolve_space_and_resources(tmp_path):
@@ -194,6 +198,7 @@ def test_resolve_space_and_resources(tmp_path):
     assert defaults["precise_bn_every"] == 0  # grace = max_epochs: no rung before the last epoch
     rungs = search.resolve_space(search.SearchOptions(space=str(path)), "/data").defaults()
     assert rungs["precise_bn_every"] == 1  # ASHA's rungs (multiples of its grace) see whole-tile statistics
+    assert rungs["val_every"] == 1 and "val_every" not in defaults  # validated where the rungs read
     with pytest.raises(InputError, match="fold"):
         search.resolve_space(search.SearchOptions(space=str(path), fold=5), "/data")
     res = search.resolve_resources(search.SearchOptions(space=str(path)), space, {"CPU": 4.0})
@@ -208,6 +213,22 @@ def test_resolve_space_and_resources(tmp_path):
         )
     grows = search.SearchOptions(space=str(path), gpus_per_worker=1, fixed_cluster=False)  # autoscaler
     assert search.resolve_resources(grows, space, {"CPU": 4.0}).gpus_per_worker == 1.0
+
+
+@pytest.mark.parametrize(
+    ("grace", "extra", "expected"),
+    [
+        (3, "", 3),  # the trials validate at the epochs ASHA and the signal gate read: its grace's multiples
+        (3, "  val_every: 2\n", 2),  # a space's own value wins
+        (3, "  schedule: plateau\n", None),  # steps on every epoch's score: validates every epoch
+        (12, "", None),  # no rung before the last epoch (grace = max_epochs): nothing to space by
+    ],
+)
+def test_trials_validate_only_where_the_rungs_read(tmp_path, grace, extra, expected):
+    space = PLAIN_SPACE.replace("{max_epochs: 2, grace_period: 1,", f"{{max_epochs: 12, grace_period: {grace},")
+    path = write_space(tmp_path, space.replace("fixed: {crop: 64}\n", "fixed:\n  crop: 64\n" + extra))
+    defaults = search.resolve_space(search.SearchOptions(space=str(path)), "/data").defaults()
+    assert defaults.get("val_every") == expected
 
 
 # --- Optuna + ASHA with a plain Tune function (seconds) -----------------------------------------

@@ -86,7 +86,13 @@ def build_loaders(
         persistent_workers=d.loader_workers > 0,
         **common,
     )
-    val_dl = torch.utils.data.DataLoader(val_ds, batch_size=d.val_batch_size, shuffle=False, **common)
+    # its own generator: a loader's iterator draws its workers' base seed from it, and from the
+    # global RNG without one, which would move the next epoch's shuffle whenever a validation ran
+    # (so `val_every` would change the weights trained)
+    val_gen = torch.Generator().manual_seed(seed)
+    val_dl = torch.utils.data.DataLoader(
+        val_ds, batch_size=d.val_batch_size, shuffle=False, generator=val_gen, **common
+    )
     return train_dl, val_dl
 
 

@@ -177,7 +177,12 @@ def resolve_space(opts: SearchOptions, data_dir: str, data: DataStats | None = N
         run["seed"] = opts.seed  # the training seed of every trial (Optuna's is the same --seed)
     # every rung of ASHA (a multiple of its grace period) compares whole-tile statistics; a run
     # key, like the fold: the scheduler decides it, not the space
-    run["precise_bn_every"] = sched.grace_period if sched.grace_period < sched.max_epochs else 0
+    run["precise_bn_every"] = every = sched.grace_period if sched.grace_period < sched.max_epochs else 0
+    if every and "val_every" not in space.fixed and "plateau" not in space.values_of("schedule"):
+        # a validation only where something reads it: the rungs and the signal gate read the
+        # re-measured epochs alone, and the others cost 30-60 % of a trial (docs/BENCHMARKS.md,
+        # 'Validations that nobody reads'); a plateau schedule steps on every epoch's score
+        run["val_every"] = every
     n_folds = space.n_folds()
     if not 0 <= opts.fold < n_folds:
         raise InputError(space.path, f"--fold {opts.fold} is not in 0..{n_folds - 1} (n_folds {n_folds})")

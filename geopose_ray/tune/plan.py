@@ -264,12 +264,13 @@ def _rungs(grace: int, factor: int) -> list[int]:
 
 def epoch_seconds(cfg: Config, res: TrialResources, measured: DataStats) -> float:
     """An epoch of one trial at the space's defaults: its crops trained and its fold's tiles
-    validated, at the assumed rate, shared by its workers."""
+    validated every `val_every` epochs, at the assumed rate, shared by its workers."""
     d = cfg.data
     train_tiles = measured.train_tiles * (d.n_folds - 1) / d.n_folds
     crops = d.epoch_samples or train_tiles * max(1, d.repeat)
     val_side = d.val_crop or measured.tile_px
-    mpx = (crops * d.crop**2 + VAL_COST * (measured.train_tiles / d.n_folds) * val_side**2) / 1e6
+    val_px = VAL_COST * (measured.train_tiles / d.n_folds) * val_side**2 / max(1, cfg.train.val_every)
+    mpx = (crops * d.crop**2 + val_px) / 1e6
     rate = GPU_S_PER_MPX if res.gpus_per_worker > 0 else CPU_S_PER_MPX
     return mpx * rate / max(1, res.workers_per_trial) + EPOCH_OVERHEAD_S
 

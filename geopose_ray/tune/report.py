@@ -152,7 +152,7 @@ def score_floor(scores: Any) -> float | None:
 
 
 def score_vs_epoch_figure(records: list[TrialRecord]) -> Any:
-    """Every trial's validation per epoch. Where a trial re-measured its BatchNorm statistics on
+    """Every trial's validation at the epochs it validated. Where a trial re-measured its BatchNorm statistics on
     whole tiles every `precise_bn_every` epochs (the search's trials, for ASHA's rungs), those
     epochs, the ones ASHA and the ranking read (`signal.comparable`), are dots on a faint line
     through the others: between re-measures the crops' moving statistics can read -1 where the
@@ -169,11 +169,15 @@ def score_vs_epoch_figure(records: list[TrialRecord]) -> Any:
         x = r.history["epoch"].to_numpy(int)
         y = r.history[METRIC].to_numpy(float)
         y = y if floor is None else np.maximum(y, floor)
+        last = int(r.train_config.get("epochs") or x.max())
+        # epochs that skip validation (`val_every`) repeat the last one's figures: not drawn
+        val_every = int(r.train_config.get("val_every") or 1)
+        shown = np.array([e == x[0] or comparable(int(e), val_every, last) for e in x], bool)
+        x, y = x[shown], y[shown]
         every = int(r.train_config.get("precise_bn_every") or 0)
         if every <= 0:
             ax.plot(x, y, marker="o", label=r.trial_id)
             continue
-        last = int(r.train_config.get("epochs") or x.max())
         (line,) = ax.plot(x, y, alpha=0.3, linewidth=1)
         dots = np.array([comparable(int(e), every, last) for e in x], bool)
         ax.plot(x[dots], y[dots], marker="o", color=line.get_color(), label=r.trial_id)
