@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -172,14 +173,15 @@ def score(ctx: Context, data: Path, archive: Path) -> dict[str, Any]:
 def default_epoch_s(experiment: Path, data: Path) -> float:
     """Wall seconds per epoch of the search's first trial (the space's defaults as the data
     derives them, e.g. the learning rate scaled to the derived batch: the config of arm (a)) on
-    its own share of the cores: the median `time_this_iter_s` after its first report (which holds
-    the trial's start-up). NaN when that trial is not found."""
+    its own share of the cores: the mean `time_this_iter_s` after its first report (which holds
+    the trial's start-up), so that its validations, every `val_every` epochs, count at their
+    share. NaN when that trial is not found."""
     point = _derived_space(data).default_point()
     for result in sorted(experiment.glob("trial_*/result.json")):
         rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         cfg = rows[0].get("config", {}) if rows else {}
         if rows and all(cfg.get(k) == v for k, v in point.items()) and len(rows) > 1:
-            return common.median([r["time_this_iter_s"] for r in rows[1:]])
+            return statistics.fmean([r["time_this_iter_s"] for r in rows[1:]])
     return math.nan
 
 
@@ -227,8 +229,11 @@ def _derived_space(data: Path) -> Any:
 
 def train_config_files(data: Path, seeds: list[int], epochs: int, out: Path) -> list[Path]:
     """One flat config per seed: the default search's default trial on `data` (its derived
-    crop, batch and epoch size included), fold 0, `epochs` epochs."""
-    flat = _derived_space(data).defaults()
+    crop, batch and epoch size included), fold 0, `epochs` epochs, validated as the search's
+    trials are (every grace period's epochs, and the last)."""
+    space = _derived_space(data)
+    grace = space.scheduler.grace_period
+    flat = {**space.defaults(), **({"val_every": grace} if grace < space.scheduler.max_epochs else {})}
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for s in seeds:

@@ -303,11 +303,12 @@ def test_search_value_gives_the_config_arm_the_search_time_as_epochs(synthetic_d
     assert sv.config_epochs(10.0, 10.0, seeds=2, cores=2) == 1
     # the default trial as the data derives it (on tall data the lr follows the derived batch)
     default = sv._derived_space(synthetic_dir).default_point()
-    for name, cfg, times in (("trial_a", {**default, "lr": 0.01}, [50, 1, 1]), ("trial_b", default, [40, 10, 12, 11])):
+    for name, cfg, times in (("trial_a", {**default, "lr": 0.01}, [50, 1, 1]), ("trial_b", default, [40, 10, 10, 16])):
         (tmp_path / name).mkdir()
         rows = [{"config": {**cfg, "epochs": 20}, "time_this_iter_s": t, "epoch": i + 1} for i, t in enumerate(times)]
         (tmp_path / name / "result.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert sv.default_epoch_s(tmp_path, synthetic_dir) == 11.0  # the defaults' trial, its first epoch (start-up) left out
+    # the defaults' trial, its first epoch (start-up) left out, its validated epoch (16 s) at its share
+    assert sv.default_epoch_s(tmp_path, synthetic_dir) == 12.0
     assert math.isnan(sv.default_epoch_s(tmp_path / "none", synthetic_dir))
 
 
@@ -321,8 +322,10 @@ def test_search_value_config_files_train_the_default_trial(synthetic_dir, tmp_pa
     from geopose_ray.data import cache, stats
 
     measured = stats.from_cache(cache.load_cache(synthetic_dir / ".geopose_cache", "train"))
-    derived = load_space(common.SMOKE_SPACE).with_data(measured)[0].fixed  # as the search's trials
+    space = load_space(common.SMOKE_SPACE).with_data(measured)[0]
+    derived = space.fixed  # as the search's trials
     assert (cfg.data.crop, cfg.data.epoch_samples) == (derived["crop"], derived["epoch_samples"])
+    assert cfg.train.val_every == space.scheduler.grace_period  # validated where the trials are
 
 
 def _row(arm: str, seed: int, score: float, **more) -> dict:
