@@ -153,12 +153,14 @@ def _identity_lines(ident: Identity | None, measured: DataStats | None) -> list[
 
 # Measured on the held-out set heldout-256-single (256 px, 12 train tiles per city, 14 % built,
 # roofs leaning up to a third of the tile), a quiet 2-core machine, 2026-12-05: every model at the
-# delivered 120 epochs (trials included); at baaacea, trials of 20 epochs and refits of 120
+# delivered 120 epochs (trials included; the second run at 9e58786); at baaacea, trials of 20
+# epochs and refits of 120; at f76c620, refits of 50
 SPARSE_EXPECT = (
     "sparse, tall data: on a held-out set like it (256 px, 14 % built, one view per place) the "
-    "default search and ensemble scored 0.822 in 57 min on 2 cores (one run, 2026-12-05; the search's "
-    "figure 0.14 below it); --max-epochs 20 --refit-epochs 120 scored 0.754 in 31.5 min, its search's "
-    "figure noise. Less than 15 min has not reached 0.6 on such data (docs/LEARNING.md, 'Trials at the "
+    "default search and ensemble scored 0.822 in 57 min and 0.820 in 53 min on 2 cores (two runs, "
+    "2026-12-05; the search's figure 0.12-0.14 below them); --max-epochs 20 --refit-epochs 120 scored "
+    "0.754 in 31.5 min and --max-epochs 20 --refit-epochs 50 0.657 in 18.5 min, their search's figure "
+    "noise. Less than 15 min has not reached 0.6 on such data (docs/LEARNING.md, 'Trials at the "
     "delivered budget')"
 )
 
