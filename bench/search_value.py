@@ -42,6 +42,7 @@ from bench import common
 from bench.search_value_table import render
 from geopose_ray import paths
 from geopose_ray.errors import InputError, run_cli
+from geopose_ray.tune.options import validation_spacing
 from geopose_ray.tune.sampler import REGISTRY
 
 SETS = ("heldout-128-many", "heldout-384-views", "heldout-512-low")  # never the tune-* sets
@@ -232,8 +233,7 @@ def train_config_files(data: Path, seeds: list[int], epochs: int, out: Path) -> 
     crop, batch and epoch size included), fold 0, `epochs` epochs, validated as the search's
     trials are (every grace period's epochs, and the last)."""
     space = _derived_space(data)
-    grace = space.scheduler.grace_period
-    flat = {**space.defaults(), **({"val_every": grace} if grace < space.scheduler.max_epochs else {})}
+    flat = {**space.defaults(), **validation_spacing(space)}
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for s in seeds:

@@ -177,12 +177,8 @@ def resolve_space(opts: SearchOptions, data_dir: str, data: DataStats | None = N
         run["seed"] = opts.seed  # the training seed of every trial (Optuna's is the same --seed)
     # every rung of ASHA (a multiple of its grace period) compares whole-tile statistics; a run
     # key, like the fold: the scheduler decides it, not the space
-    run["precise_bn_every"] = every = sched.grace_period if sched.grace_period < sched.max_epochs else 0
-    if every and "val_every" not in space.fixed and "plateau" not in space.values_of("schedule"):
-        # a validation only where something reads it: the rungs and the signal gate read the
-        # re-measured epochs alone, and the others cost 30-60 % of a trial (docs/BENCHMARKS.md,
-        # 'Validations that nobody reads'); a plateau schedule steps on every epoch's score
-        run["val_every"] = every
+    run["precise_bn_every"] = sched.grace_period if sched.grace_period < sched.max_epochs else 0
+    run.update(validation_spacing(dataclasses.replace(space, scheduler=sched)))
     n_folds = space.n_folds()
     if not 0 <= opts.fold < n_folds:
         raise InputError(space.path, f"--fold {opts.fold} is not in 0..{n_folds - 1} (n_folds {n_folds})")
@@ -192,6 +188,18 @@ def resolve_space(opts: SearchOptions, data_dir: str, data: DataStats | None = N
         scheduler=sched,
         num_samples=opts.num_samples or space.num_samples,
     )
+
+
+def validation_spacing(space: SearchSpace) -> dict[str, int]:
+    """{"val_every": ASHA's grace period} for a space with rungs before its last epoch, or {}.
+    A validation only where something reads it: the rungs and the signal gate read the
+    re-measured epochs alone (multiples of the grace period, and the last), and the others cost
+    30-60 % of a trial (docs/BENCHMARKS.md, 'Validations that nobody reads'). A space's own value
+    wins, and a plateau schedule, which steps on every epoch's score, validates every epoch."""
+    sched = space.scheduler
+    if sched.grace_period >= sched.max_epochs or "val_every" in space.fixed:
+        return {}
+    return {} if "plateau" in space.values_of("schedule") else {"val_every": sched.grace_period}
 
 
 def resolve_resources(
